@@ -1,0 +1,23 @@
+"""fastgradstats: per-layer gradient statistics and clipping in one fused read of every gradient.
+
+Public API (nothing else is exported here):
+
+* :func:`clip_grad_norm_`, :func:`clip_grad_value_`, :func:`get_total_norm`,
+  :func:`clip_grads_with_norm_` -- drop-ins for ``torch.nn.utils``;
+* :func:`grad_stats` / :class:`GradStats` -- named per-tensor stats that stay on the device.
+"""
+
+from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .stats import GradStats, grad_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradStats",
+    "__version__",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_stats",
+]

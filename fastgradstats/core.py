@@ -1,0 +1,280 @@
+"""The single-pass engine behind the public functions.
+
+Input normalisation (tensors, generators, ``named_parameters()`` pairs), validation, the
+(device, dtype) grouping, one backend call per group, and the device-side finalize
+(total norm, clip coefficient). Nothing here syncs with the device unless a caller asks
+for an error check that needs a host decision (``error_if_nonfinite``).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from . import torch_backend
+from .dispatch import backend_for
+from .torch_backend import GroupStats, acc_dtype
+
+CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
+
+
+@dataclass
+class GradList:
+    """Gradients gathered from the user's input, in input order (``None`` grads dropped)."""
+
+    names: list[str]
+    params: list[Tensor]  # the tensors whose .grad is in ``grads`` (the grads themselves
+    grads: list[Tensor]  # when the caller passed gradients directly)
+
+
+def _is_named_pair(item: Any) -> bool:
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], Tensor)
+    )
+
+
+def _materialize(items: Any, arg_name: str, warn_empty_generator: bool) -> list[Any]:
+    if isinstance(items, Tensor):
+        return [items]
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"{arg_name} must be a Tensor, an iterable of Tensors or of (name, Tensor) pairs; "
+            f"got {type(items).__name__}"
+        )
+    is_generator = isinstance(items, types.GeneratorType)
+    items = list(items)
+    if warn_empty_generator and is_generator and not items:
+        warnings.warn(
+            f"`{arg_name}` is an empty generator, no gradient clipping will occur.",
+            stacklevel=4,
+        )
+    return items
+
+
+def _name_and_tensor(item: Any, index: int, arg_name: str) -> tuple[str, Tensor]:
+    if _is_named_pair(item):
+        return item
+    if isinstance(item, Tensor):
+        return str(index), item
+    raise TypeError(
+        f"{arg_name}[{index}] must be a Tensor or a (name, Tensor) pair, got {type(item).__name__}"
+    )
+
+
+def check_grad(grad: Tensor, name: str) -> None:
+    """Raise ``TypeError`` for a gradient no backend can handle, naming its parameter."""
+    if grad.layout != torch.strided:
+        raise TypeError(
+            f"gradient of parameter {name!r} has layout {grad.layout}; fastgradstats supports "
+            "dense (strided) gradients only"
+        )
+    if not (grad.is_floating_point() or grad.is_complex()):
+        raise TypeError(
+            f"gradient of parameter {name!r} has dtype {grad.dtype}; a floating point "
+            "gradient is required"
+        )
+
+
+def collect(
+    items: Any,
+    *,
+    arg_name: str = "parameters",
+    use_grad: bool = True,
+    warn_empty_generator: bool = False,
+) -> GradList:
+    """Normalise ``items`` into names, parameters and gradients, validating each gradient.
+
+    ``use_grad=True`` takes ``p.grad`` of each tensor (parameters); ``False`` takes the
+    tensors themselves (``get_total_norm`` receives gradients directly).
+    """
+    names: list[str] = []
+    params: list[Tensor] = []
+    grads: list[Tensor] = []
+    for index, item in enumerate(_materialize(items, arg_name, warn_empty_generator)):
+        name, tensor = _name_and_tensor(item, index, arg_name)
+        grad = tensor.grad if use_grad else tensor
+        if grad is None:
+            continue
+        check_grad(grad, name)
+        names.append(name)
+        params.append(tensor)
+        grads.append(grad)
+    return GradList(names, params, grads)
+
+
+def check_norm_type(norm_type: Any) -> float:
+    """``float(norm_type)`` or a ``ValueError`` naming the argument (NaN is refused)."""
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"norm_type must be a number or 'inf', got {norm_type!r}"
+        ) from None
+    if math.isnan(value):
+        raise ValueError("norm_type must not be NaN")
+    return value
+
+
+def check_max_norm(max_norm: Any, arg_name: str = "max_norm") -> float:
+    """``float(max_norm)``, refusing negative and NaN values with a ``ValueError``."""
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{arg_name} must be a real number, got {max_norm!r}") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{arg_name} must be a non-negative number, got {value}")
+    return value
+
+
+def result_dtype(grads: list[Tensor]) -> torch.dtype:
+    """The dtype torch.nn.utils returns the total norm in: the promotion of the grad dtypes."""
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        if g.dtype != dtype:
+            dtype = torch.promote_types(dtype, g.dtype)
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+@dataclass
+class Groups:
+    """The (device, dtype) groups of a gradient list and how to put results back in order."""
+
+    keys: list[tuple[torch.device, torch.dtype]]
+    tensors: list[list[Tensor]]
+    indices: list[list[int]]
+    device: torch.device  # the first gradient's device: where combined results live
+    acc: torch.dtype
+
+    @property
+    def in_order(self) -> bool:
+        return len(self.keys) == 1
+
+
+def group(grads: list[Tensor]) -> Groups:
+    """Split ``grads`` by (device, dtype), remembering each tensor's input position."""
+    grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
+    keys, tensors, indices = [], [], []
+    for key, ([group_tensors], group_indices) in grouped.items():
+        keys.append(key)
+        tensors.append(group_tensors)
+        indices.append(group_indices)
+    acc = torch.float64 if any(acc_dtype(k[1]) == torch.float64 for k in keys) else torch.float32
+    return Groups(keys, tensors, indices, grads[0].device, acc)
+
+
+def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
+    """Concatenate per-group [n_i] results on the first device, back in input order."""
+    parts = [p.to(groups.device) for p in parts]
+    if groups.in_order:
+        return parts[0]
+    flat = torch.cat([p.to(parts[0].dtype) for p in parts])
+    order = torch.tensor([i for idx in groups.indices for i in idx], device=groups.device)
+    out = torch.empty(n, dtype=flat.dtype, device=groups.device)
+    out[order] = flat
+    return out
+
+
+def per_tensor_norms(
+    groups: Groups, n: int, norm_type: float, backend: str | None, foreach: bool | None
+) -> Tensor:
+    """Per-tensor ``norm_type``-norms, shape [n], accumulation dtype, input order."""
+    parts = []
+    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
+        impl = backend_for(device, dtype, norm_type, backend)
+        parts.append(impl.group_norms(tensors, norm_type, foreach).to(groups.acc))
+    return _merge(groups, parts, n)
+
+
+def per_tensor_stats(
+    groups: Groups, n: int, norm_type: float, backend: str | None, foreach: bool | None
+) -> GroupStats:
+    """Per-tensor norm, max |g|, NaN and Inf counts, each [n], input order, first device."""
+    fields: list[list[Tensor]] = [[], [], [], []]
+    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
+        impl = backend_for(device, dtype, norm_type, backend)
+        stats = impl.group_stats(tensors, norm_type, foreach)
+        fields[0].append(stats.norms.to(groups.acc))
+        fields[1].append(stats.max_abs.to(groups.acc))
+        fields[2].append(stats.nan_count)
+        fields[3].append(stats.inf_count)
+    return GroupStats(*(_merge(groups, parts, n) for parts in fields))
+
+
+def total_norm(norms: Tensor, norm_type: float) -> Tensor:
+    """The norm of the per-tensor norms: the norm of all gradients seen as one vector.
+
+    Reduced the way torch.nn.utils reduces it (``vector_norm`` of the per-tensor norms), so
+    float32 results match torch's bit for bit when the per-tensor norms do.
+    """
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+def clip_coefficient(max_norm: float, total: Tensor) -> Tensor:
+    """``min(max_norm / (total + 1e-6), 1)`` on the device, as torch computes it."""
+    return torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
+
+
+def scale_groups_(
+    groups: Groups, coef: Tensor, backend: str | None, foreach: bool | None
+) -> None:
+    """Multiply every gradient by ``coef`` in place, one backend call per group."""
+    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
+        impl = backend_for(device, dtype, 2.0, backend)
+        impl.scale_(tensors, coef.to(device), foreach)
+
+
+def clamp_groups_(
+    groups: Groups, clip_value: float, backend: str | None, foreach: bool | None
+) -> None:
+    """Clamp every gradient in place to ``[-clip_value, clip_value]``."""
+    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
+        impl = backend_for(device, dtype, 2.0, backend)
+        impl.clamp_(tensors, clip_value, foreach)
+
+
+def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> str:
+    """A human sentence naming the tensors that hold NaN/Inf (syncs once)."""
+    nan = stats.nan_count.tolist()
+    inf = stats.inf_count.tolist()
+    bad = [
+        f"{name} ({n_nan} NaN, {n_inf} Inf)"
+        for name, n_nan, n_inf in zip(names, nan, inf)
+        if n_nan or n_inf
+    ]
+    if not bad:
+        return "no gradient holds a NaN or Inf: the norm itself overflowed the accumulator"
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return "non-finite values in " + ", ".join(bad[:limit]) + more
+
+
+__all__ = [
+    "GradList",
+    "Groups",
+    "check_grad",
+    "check_max_norm",
+    "check_norm_type",
+    "clamp_groups_",
+    "clip_coefficient",
+    "collect",
+    "group",
+    "nonfinite_report",
+    "per_tensor_norms",
+    "per_tensor_stats",
+    "result_dtype",
+    "scale_groups_",
+    "total_norm",
+    "torch_backend",
+]

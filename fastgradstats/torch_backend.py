@@ -1,0 +1,151 @@
+"""Pure-PyTorch backend: the readable specification of the backend contract.
+
+Every backend module exposes the same four functions, each working on ONE group of
+gradients that share a device and a dtype (the grouping is done by ``fastgradstats.core``):
+
+``group_norms(grads, norm_type, foreach)``
+    -> Tensor [n] in the accumulation dtype (see :func:`acc_dtype`): per-tensor p-norms.
+``group_stats(grads, norm_type, foreach)``
+    -> ``GroupStats``: per-tensor p-norm, max |g|, NaN count, Inf count, all shape [n].
+``scale_(grads, coef, foreach)``
+    multiply every gradient in place by the 0-d device tensor ``coef``; gradient memory is
+    left untouched when ``coef >= 1`` wherever the backend can tell without a host sync.
+``clamp_(grads, clip_value, foreach)``
+    clamp every gradient in place to ``[-clip_value, clip_value]``.
+
+Conventions shared by all backends:
+  * accumulation in float32 for 16/32-bit floats, float64 for float64 (complex: its real
+    counterpart), whatever the gradient dtype;
+  * the max |g| and the inf-norm of an empty tensor are 0 (torch raises there);
+  * NaN propagates: a tensor holding a NaN has NaN norm and NaN max |g|.
+
+This backend runs anywhere torch runs. It reads each gradient once for the norms; the
+full statistics cost a second read (max |g|) and, only for tensors whose max |g| is not
+finite, a third (the NaN/Inf counts). On CUDA it never syncs, at the price of always
+counting NaN/Inf; the Triton backend does everything in one read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+INF = math.inf
+
+
+class GroupStats(NamedTuple):
+    """Per-tensor statistics of one (device, dtype) group; every field has shape [n]."""
+
+    norms: Tensor  # p-norm of each tensor, accumulation dtype
+    max_abs: Tensor  # max |g| of each tensor (0 for empty tensors), accumulation dtype
+    nan_count: Tensor  # int64
+    inf_count: Tensor  # int64
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated and returned in for gradients of ``dtype``."""
+    if dtype in (torch.float64, torch.complex128):
+        return torch.float64
+    return torch.float32
+
+
+def _use_foreach(grads: list[Tensor], foreach: bool | None) -> bool:
+    if foreach is False:
+        return False
+    device = grads[0].device
+    supported = torch.utils._foreach_utils._device_has_foreach_support(device)
+    if foreach and not supported:
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+    return supported
+
+
+def _norm_list(grads: list[Tensor], ord: float, foreach: bool | None) -> list[Tensor]:
+    acc = acc_dtype(grads[0].dtype)
+    # Asking for dtype=acc only when it differs keeps fp32/fp64 on torch's own code path,
+    # so those results are bit-identical to torch.nn.utils; complex norms are real already.
+    kwargs = {} if grads[0].dtype == acc or grads[0].is_complex() else {"dtype": acc}
+    if _use_foreach(grads, foreach):
+        return list(torch._foreach_norm(grads, ord, **kwargs))
+    return [torch.linalg.vector_norm(g, ord, **kwargs) for g in grads]
+
+
+def _inf_norms(grads: list[Tensor], foreach: bool | None) -> Tensor:
+    """max |g| per tensor, with 0 for empty tensors (torch refuses the inf-norm of those)."""
+    nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]
+    acc = acc_dtype(grads[0].dtype)
+    if len(nonempty) == len(grads):
+        return torch.stack(_norm_list(grads, INF, foreach)).to(acc)
+    out = torch.zeros(len(grads), dtype=acc, device=grads[0].device)
+    if nonempty:
+        values = torch.stack(_norm_list([grads[i] for i in nonempty], INF, foreach)).to(acc)
+        out[torch.tensor(nonempty, device=out.device)] = values
+    return out
+
+
+def group_norms(grads: list[Tensor], norm_type: float, foreach: bool | None = None) -> Tensor:
+    """Per-tensor ``norm_type``-norms of a same-device, same-dtype list, shape [n]."""
+    if norm_type == INF:
+        return _inf_norms(grads, foreach)
+    return torch.stack(_norm_list(grads, norm_type, foreach)).to(acc_dtype(grads[0].dtype))
+
+
+def _count_nonfinite(grads: list[Tensor], max_abs: Tensor) -> tuple[Tensor, Tensor]:
+    n, device = len(grads), grads[0].device
+    if device.type == "cpu":
+        # On the host the check is free: only tensors whose max |g| is not finite can hold
+        # a NaN or an Inf, so the common all-finite case costs no extra pass.
+        suspects = (~torch.isfinite(max_abs)).nonzero().flatten().tolist()
+    else:
+        suspects = range(n)  # deciding which to skip would need a sync; count them all
+    nan_count = torch.zeros(n, dtype=torch.int64, device=device)
+    inf_count = torch.zeros(n, dtype=torch.int64, device=device)
+    if suspects:
+        idx = list(suspects)
+        sel = [grads[i] for i in idx]
+        index = torch.tensor(idx, device=device)
+        nan_count[index] = torch.stack([torch.isnan(g).sum() for g in sel])
+        inf_count[index] = torch.stack([torch.isinf(g).sum() for g in sel])
+    return nan_count, inf_count
+
+
+def group_stats(grads: list[Tensor], norm_type: float, foreach: bool | None = None) -> GroupStats:
+    """Per-tensor p-norm, max |g|, NaN and Inf counts of a same-device, same-dtype list."""
+    max_abs = _inf_norms(grads, foreach)
+    norms = max_abs if norm_type == INF else group_norms(grads, norm_type, foreach)
+    nan_count, inf_count = _count_nonfinite(grads, max_abs)
+    return GroupStats(norms, max_abs, nan_count, inf_count)
+
+
+def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
+    """Multiply each gradient in place by the 0-d tensor ``coef`` (on the grads' device).
+
+    On the CPU reading ``coef`` is free, so when it is >= 1 (nothing to clip) the gradients
+    are not written at all. A NaN coefficient is applied, as torch applies it.
+    """
+    if coef.device.type == "cpu" and bool(coef >= 1.0):
+        return
+    if _use_foreach(grads, foreach):
+        torch._foreach_mul_(grads, coef)
+    else:
+        for g in grads:
+            g.mul_(coef)
+
+
+def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None = None) -> None:
+    """Clamp each gradient in place to ``[-clip_value, clip_value]`` (NaN stays NaN)."""
+    if _use_foreach(grads, foreach):
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
+    else:
+        for g in grads:
+            g.clamp_(min=-clip_value, max=clip_value)
+
+
+def supports(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
+    """The torch backend handles every device, dtype and norm type torch does."""
+    return True
