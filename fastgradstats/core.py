@@ -118,9 +118,7 @@ def check_norm_type(norm_type: Any) -> float:
     try:
         value = float(norm_type)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"norm_type must be a number or 'inf', got {norm_type!r}"
-        ) from None
+        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
     if math.isnan(value):
         raise ValueError("norm_type must not be NaN")
     return value
@@ -227,9 +225,7 @@ def clip_coefficient(max_norm: float, total: Tensor) -> Tensor:
     return torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
 
 
-def scale_groups_(
-    groups: Groups, coef: Tensor, backend: str | None, foreach: bool | None
-) -> None:
+def scale_groups_(groups: Groups, coef: Tensor, backend: str | None, foreach: bool | None) -> None:
     """Multiply every gradient by ``coef`` in place, one backend call per group."""
     for (device, dtype), tensors in zip(groups.keys, groups.tensors):
         impl = backend_for(device, dtype, 2.0, backend)
@@ -275,6 +271,6 @@ __all__ = [
     "per_tensor_stats",
     "result_dtype",
     "scale_groups_",
-    "total_norm",
     "torch_backend",
+    "total_norm",
 ]

@@ -103,9 +103,8 @@ class GradStats:
         data = self.to_dict()
         rows = list(data["tensors"].items())[:limit]
         width = max([len("name"), *(len(name) for name, _ in rows)])
-        lines = [
-            f"{'name':<{width}}  {'norm':>11}  {'max|g|':>11}  {'NaN':>6}  {'Inf':>6}  {'numel':>11}"
-        ]
+        header = f"{'norm':>11}  {'max|g|':>11}  {'NaN':>6}  {'Inf':>6}  {'numel':>11}"
+        lines = [f"{'name':<{width}}  {header}"]
         for name, row in rows:
             lines.append(
                 f"{name:<{width}}  {row['norm']:>11.4e}  {row['max_abs']:>11.4e}  "

@@ -14,9 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from fastgradstats import dispatch  # noqa: E402
+from fastgradstats import dispatch
 
 
 def _backends() -> list[str]:
@@ -24,7 +24,9 @@ def _backends() -> list[str]:
     if forced and forced != "auto":
         return [forced]
     names = ["torch"]
-    if dispatch.triton_available() and (torch.cuda.is_available() or dispatch.triton_interpreter_on()):
+    if dispatch.triton_available() and (
+        torch.cuda.is_available() or dispatch.triton_interpreter_on()
+    ):
         names.append("triton")
     return names
 

@@ -1,0 +1,74 @@
+"""Test helpers: random gradient lists, float64 references, torch comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ODD_SIZES = [0, 1, 7, 13, 127, 1023, 1031]  # 13, 127, 1031 are primes
+
+
+def make_params(
+    sizes: list[int],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[torch.nn.Parameter]:
+    """Parameters of the given sizes with fresh random gradients (N(0, scale^2))."""
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        g = torch.randn(n, generator=generator, dtype=torch.float64) * scale
+        p.grad = g.to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def clone_grads(params) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def set_grads(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+def ref_norm(tensors, norm_type: float) -> float:
+    """The exact-as-possible norm of all tensors as one vector, in float64."""
+    flat = [t.detach().to(torch.float64).flatten() for t in tensors if t is not None]
+    if not flat:
+        return 0.0
+    v = torch.cat(flat)
+    if v.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(v, norm_type))
+
+
+def ref_tensor_norm(t: torch.Tensor, norm_type: float) -> float:
+    t = t.detach().to(torch.float64).flatten()
+    if t.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(t, norm_type))
+
+
+def rel_err(value: float, reference: float) -> float:
+    if math.isinf(reference) or math.isnan(reference):
+        return (
+            0.0
+            if (value == reference or (math.isnan(value) and math.isnan(reference)))
+            else math.inf
+        )
+    return abs(value - reference) / max(abs(reference), 1e-30)
+
+
+def assert_same_tensors(actual, expected, msg: str = "") -> None:
+    """Bit-for-bit equality, NaN positions included."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{msg} tensor {i}"
+        assert torch.equal(
+            a.view(-1).view(torch.uint8) if a.numel() else a,
+            e.view(-1).view(torch.uint8) if e.numel() else e,
+        ), f"{msg} tensor {i} differs"
