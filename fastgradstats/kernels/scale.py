@@ -57,7 +57,10 @@ def clamp_kernel(
     base, offsets, numel, full = block_location(table_ptr, pid, n_tensors, DTYPE, BLOCK, ALIGNED)
     pointers = base + offsets
     in_tensor = offsets < numel
-    x = tl.load(pointers, mask=in_tensor, other=0.0).to(tl.float32)
+    if full:  # unmasked load: vectorizable
+        x = tl.load(pointers).to(tl.float32)
+    else:
+        x = tl.load(pointers, mask=in_tensor, other=0.0).to(tl.float32)
     too_big = x > clip_value
     too_small = x < -clip_value
     bound = tl.where(too_big, clip_value, -clip_value).to(DTYPE)

@@ -163,4 +163,10 @@ def group_stats(table: TensorTable, norm_type: float) -> tuple[Tensor, Tensor]:
     return floats, counts
 
 
-__all__ = ["NORM_CODES", "block_location", "block_partials_kernel", "finalize_kernel", "group_stats"]
+__all__ = [
+    "NORM_CODES",
+    "block_location",
+    "block_partials_kernel",
+    "finalize_kernel",
+    "group_stats",
+]
