@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core
+from . import core, distributed
 from .stats import GradStats, compute, empty_stats
 
 
@@ -40,11 +40,12 @@ def _raise_if_nonfinite(
     backend: str | None,
     foreach: bool | None,
     stats: GradStats | None,
+    sharding: distributed.Sharding | None = None,
 ) -> None:
     if bool(torch.isfinite(total)):  # the one host sync this option costs, as in torch
         return
     if stats is None:
-        stats = compute(grads, norm_type, backend, foreach, groups)
+        stats = compute(grads, norm_type, backend, foreach, groups, sharding)
     per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
     raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
 
@@ -57,6 +58,7 @@ def get_total_norm(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     """Norm of all ``tensors`` seen as one vector (the tensors themselves, not their .grad).
 
@@ -65,13 +67,16 @@ def get_total_norm(
     """
     p = core.check_norm_type(norm_type)
     grads = core.collect(tensors, arg_name="tensors", use_grad=False)
+    sharding = distributed.localize(grads, process_group)
     if not grads.grads:
         return torch.tensor(0.0)
     groups = core.group(grads.grads)
     norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
+    if sharding is not None:  # sharded grads: global per-tensor norms, one all-reduce
+        norms = sharding.reduce_norms(norms, p)
     total = core.total_norm(norms, p)
     if error_if_nonfinite:
-        _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None)
+        _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None, sharding)
     return total.to(core.result_dtype(grads.grads))
 
 
@@ -92,10 +97,12 @@ def clip_grads_with_norm_(
     """
     max_norm = core.check_max_norm(max_norm)
     grads = core.collect(parameters)
+    distributed.localize(grads)  # DTensor grads -> their local shards (aliases)
     if not grads.grads:
         return
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
+    total_norm = distributed.local_tensor(total_norm)
     coef = core.clip_coefficient(max_norm, total_norm)
     core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
 
@@ -110,6 +117,7 @@ def clip_grad_norm_(
     *,
     return_stats: bool = False,
     backend: str | None = None,
+    process_group: Any = None,
 ) -> Tensor | tuple[Tensor, GradStats]:
     """Clip the gradient norm of ``parameters`` in place; drop-in for torch's.
 
@@ -122,6 +130,9 @@ def clip_grad_norm_(
         foreach: accepted for compatibility; only the torch backend looks at it.
         return_stats: also return :class:`GradStats`, computed in the same pass.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        process_group: the torch.distributed group plain-tensor gradients are shards over;
+            the norm is then that of the full parameters (DTensor gradients need nothing;
+            see :mod:`fastgradstats.distributed`).
 
     Returns:
         The total norm (0-d tensor, first gradient's device, promoted grad dtype), or
@@ -130,6 +141,7 @@ def clip_grad_norm_(
     max_norm = core.check_max_norm(max_norm)
     p = core.check_norm_type(norm_type)
     grads = core.collect(parameters, warn_empty_generator=True)
+    sharding = distributed.localize(grads, process_group)
     if not grads.grads:
         total = torch.tensor(0.0)
         return (total, empty_stats(p)) if return_stats else total
@@ -137,13 +149,15 @@ def clip_grad_norm_(
     groups = core.group(grads.grads)
     stats: GradStats | None = None
     if return_stats:
-        stats = compute(grads, p, backend, foreach, groups)
+        stats = compute(grads, p, backend, foreach, groups, sharding)
         total = stats.total_norm
     else:
         norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
+        if sharding is not None:  # sharded grads: global per-tensor norms, one all-reduce
+            norms = sharding.reduce_norms(norms, p)
         total = core.total_norm(norms, p)
     if error_if_nonfinite:
-        _raise_if_nonfinite(total, grads, groups, p, backend, foreach, stats)
+        _raise_if_nonfinite(total, grads, groups, p, backend, foreach, stats, sharding)
 
     coef = core.clip_coefficient(max_norm, total)
     core.scale_groups_(groups, coef, backend, foreach)
@@ -165,6 +179,7 @@ def clip_grad_value_(
     """Clamp every gradient of ``parameters`` in place to ``[-clip_value, clip_value]``."""
     clip_value = core.check_max_norm(clip_value, "clip_value")
     grads = core.collect(parameters)
+    distributed.localize(grads)  # DTensor grads -> their local shards (aliases)
     if not grads.grads:
         return
     core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)

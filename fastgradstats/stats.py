@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core
+from . import core, distributed
 
 
 @dataclass
@@ -127,6 +127,7 @@ def compute(
     backend: str | None = None,
     foreach: bool | None = None,
     groups: core.Groups | None = None,
+    sharding: distributed.Sharding | None = None,
 ) -> GradStats:
     """Per-tensor stats and total norm of already collected gradients (no host sync)."""
     if not grads.grads:
@@ -134,6 +135,9 @@ def compute(
     groups = groups if groups is not None else core.group(grads.grads)
     n = len(grads.grads)
     per_tensor = core.per_tensor_stats(groups, n, norm_type, backend, foreach)
+    numels = [g.numel() for g in grads.grads]
+    if sharding is not None:  # sharded grads: combine the partials across ranks
+        per_tensor, numels = sharding.reduce_stats(per_tensor, norm_type)
     total = core.total_norm(per_tensor.norms, norm_type)
     return GradStats(
         names=grads.names,
@@ -143,13 +147,17 @@ def compute(
         inf_count=per_tensor.inf_count,
         total_norm=total,
         norm_type=norm_type,
-        numels=[g.numel() for g in grads.grads],
+        numels=numels,
     )
 
 
 @torch.no_grad()
 def grad_stats(
-    parameters: Any, norm_type: float | str = 2.0, *, backend: str | None = None
+    parameters: Any,
+    norm_type: float | str = 2.0,
+    *,
+    backend: str | None = None,
+    process_group: Any = None,
 ) -> GradStats:
     """Per-tensor gradient norm, max |g|, NaN/Inf counts and the total norm, in one pass.
 
@@ -159,6 +167,9 @@ def grad_stats(
         norm_type: the p of the norms (any p torch accepts; 1, 2 and inf run fused).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; default ``$FASTGRADSTATS_BACKEND``
             or ``"auto"``.
+        process_group: for plain tensors that are shards of parameters sharded over this
+            torch.distributed group; DTensor gradients need nothing (see
+            :mod:`fastgradstats.distributed`). Stats are then those of the full parameters.
 
     Returns:
         :class:`GradStats` holding device tensors; nothing is synced until you ask for
@@ -166,7 +177,8 @@ def grad_stats(
     """
     p = core.check_norm_type(norm_type)
     grads = core.collect(parameters)
-    return compute(grads, p, backend)
+    sharding = distributed.localize(grads, process_group)
+    return compute(grads, p, backend, sharding=sharding)
 
 
 __all__ = ["GradStats", "empty_stats", "grad_stats"]
