@@ -1,0 +1,106 @@
+"""``python -m benchmarks``: the summary table of fastgradstats against torch.
+
+Examples::
+
+    python -m benchmarks                       # every workload and op, CUDA if present
+    python -m benchmarks --device cpu --workloads gpt2-124m-fp32
+    python -m benchmarks --quick --out /tmp/b  # tiny sizes, seconds (CI)
+    python -m benchmarks --sweep               # also the size / tensor-count sweeps + PNGs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ops import OP_NAMES
+from .suite import (
+    REPO_ROOT,
+    Settings,
+    default_device,
+    format_table,
+    results_path,
+    run_suite,
+    write_json,
+)
+from .workloads import WORKLOAD_NAMES
+
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time fastgradstats against torch on model-shaped gradients.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats (seconds; for CI)")  # fmt: skip
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")  # fmt: skip
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOAD_NAMES,
+                        default=list(WORKLOAD_NAMES), metavar="NAME",
+                        help=f"subset of {', '.join(WORKLOAD_NAMES)}")  # fmt: skip
+    parser.add_argument("--ops", nargs="+", choices=OP_NAMES, default=list(OP_NAMES),
+                        metavar="OP", help=f"subset of {', '.join(OP_NAMES)}")  # fmt: skip
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
+                        help="fastgradstats backend (default: $FASTGRADSTATS_BACKEND or auto)")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timing per workload x op (default 3, quick 0.05)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the results JSON (default {DEFAULT_OUT}; "
+                             "--quick writes JSON only when --out is given)")  # fmt: skip
+    parser.add_argument("--sweep", action="store_true",
+                        help="also run the size and tensor-count sweeps and plot them")  # fmt: skip
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the correctness check against torch before timing")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the suite from command-line arguments; print the table; return the result."""
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    settings = Settings(
+        device=device,
+        workloads=args.workloads,
+        ops=args.ops,
+        quick=args.quick,
+        backend=args.backend,
+        budget_s=args.budget,
+        verify=args.verify,
+    )
+    result = run_suite(settings, log=sys.stderr)
+    out_dir = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    suffix = "-quick" if args.quick else ""
+    if args.sweep:
+        from .sweep import plot_sweep, run_sweep
+
+        result["sweep"] = run_sweep(settings, log=sys.stderr)
+        if out_dir is not None:
+            prefix = results_path(out_dir, result, suffix).with_suffix("")
+            pictures = plot_sweep(
+                result["sweep"],
+                result["copy_bandwidth"]["gbps"],
+                f"{result['meta']['device_name']}, {result['meta']['date_utc'][:10]}",
+                Path(f"{prefix}-sweep"),
+            )
+            result["sweep"]["plots"] = [p.name for p in pictures]
+    print(format_table(result))
+    if out_dir is not None:
+        path = write_json(result, results_path(out_dir, result, suffix))
+        print(f"results written to {path}")
+    failed = [r for r in result["results"] if r["check"] is not None and not r["check"]["ok"]]
+    if failed:
+        names = ", ".join(f"{r['workload']}/{r['op']}" for r in failed)
+        print(f"CORRECTNESS CHECK FAILED for {names}: these timings measure a wrong result",
+              file=sys.stderr)  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    outcome = main()
+    sys.exit(1 if any(r["check"] and not r["check"]["ok"] for r in outcome["results"]) else 0)
