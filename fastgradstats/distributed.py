@@ -261,7 +261,10 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
             f"this rank is not part of the device mesh of parameter {mesh_owner!r} ({mesh})"
         )
     if process_group is not None:
-        ranks = sorted(_group_ranks(process_group, "process_group"))
+        if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+            ranks = []  # this rank is outside the group: it cannot match any mesh it is in
+        else:
+            ranks = sorted(_group_ranks(process_group, "process_group"))
         if ranks != _mesh_ranks(mesh):
             raise ValueError(
                 f"process_group spans ranks {ranks}, but the gradient of parameter "
