@@ -19,15 +19,33 @@ from .tables import TensorTable
 
 
 @triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even in ``DTYPE``.
+
+    bfloat16 is rounded with integer ops: the Triton interpreter truncates fp32 -> bf16 casts,
+    which would make CPU tests disagree with torch (and with the GPU) by one ulp.
+    """
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr, not a constant)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def scale_kernel(
     table_ptr,  # int64 table of the group (see tables.py for its layout)
-    coef_ptr,  # 0-d float tensor: the factor, read on the device (float32 math)
+    coef_ptr,  # 0-d float tensor: the factor, read on the device
     n_tensors,  # tensors in the group
     DTYPE: tl.constexpr,  # element type of the gradients
     BLOCK: tl.constexpr,  # elements per block (the table's block size)
     ALIGNED: tl.constexpr,  # every data_ptr is 16-byte aligned (enables vector access)
 ):
-    coef = tl.load(coef_ptr).to(tl.float32)
+    coef = tl.load(coef_ptr)
+    # Multiply in float32 by the float32 factor, as torch's mul_ does for 16-bit grads.
+    factor = coef.to(tl.float32)
     # "not (coef >= 1)": a NaN coefficient must still be applied.
     if (coef < 1.0) | (coef != coef):
         pid = tl.program_id(0).to(tl.int64)
@@ -37,11 +55,11 @@ def scale_kernel(
         pointers = base + offsets
         if full:
             x = tl.load(pointers)
-            tl.store(pointers, (x.to(tl.float32) * coef).to(DTYPE))
+            tl.store(pointers, round_to(x.to(tl.float32) * factor, DTYPE))
         else:
             mask = offsets < numel
             x = tl.load(pointers, mask=mask, other=0.0)
-            tl.store(pointers, (x.to(tl.float32) * coef).to(DTYPE), mask=mask)
+            tl.store(pointers, round_to(x.to(tl.float32) * factor, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -63,7 +81,7 @@ def clamp_kernel(
         x = tl.load(pointers, mask=in_tensor, other=0.0).to(tl.float32)
     too_big = x > clip_value
     too_small = x < -clip_value
-    bound = tl.where(too_big, clip_value, -clip_value).to(DTYPE)
+    bound = round_to(tl.where(too_big, clip_value, -clip_value), DTYPE)
     # Only changed elements are stored: NaN compares false and stays NaN, as in torch.
     tl.store(pointers, bound, mask=in_tensor & (too_big | too_small))
 
@@ -102,4 +120,4 @@ def clamp_(table: TensorTable, clip_value: float) -> None:
     )
 
 
-__all__ = ["clamp_", "clamp_kernel", "scale_", "scale_kernel"]
+__all__ = ["clamp_", "clamp_kernel", "round_to", "scale_", "scale_kernel"]
