@@ -97,7 +97,7 @@ def clip_grads_with_norm_(
     """
     max_norm = core.check_max_norm(max_norm)
     grads = core.collect(parameters)
-    distributed.localize(grads)  # DTensor grads -> their local shards (aliases)
+    distributed.to_local_(grads)  # DTensor grads -> their local shards (aliases)
     if not grads.grads:
         return
     if not isinstance(total_norm, Tensor):
@@ -179,7 +179,7 @@ def clip_grad_value_(
     """Clamp every gradient of ``parameters`` in place to ``[-clip_value, clip_value]``."""
     clip_value = core.check_max_norm(clip_value, "clip_value")
     grads = core.collect(parameters)
-    distributed.localize(grads)  # DTensor grads -> their local shards (aliases)
+    distributed.to_local_(grads)  # DTensor grads -> their local shards (aliases)
     if not grads.grads:
         return
     core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)

@@ -224,7 +224,8 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
     on different meshes, ``Partial`` placements, or a ``process_group`` whose ranks are
     not those of the DTensors' mesh, naming the parameter.
     """
-    has_dtensor = any(is_dtensor(g) for g in grads.grads)
+    dtensor = _dtensor_class()
+    has_dtensor = dtensor is not None and any(isinstance(g, dtensor) for g in grads.grads)
     if not has_dtensor and process_group is None:
         return None
     _require_initialized("process_group=" if not has_dtensor else "DTensor gradients")
@@ -285,6 +286,17 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
         groups = [mesh.get_group(d) for d in dims]
     contributes = [all(k[d] or coordinate[d] == 0 for d in dims) for k in kinds_full]
     return Sharding(groups, contributes, known, local)
+
+
+def to_local_(grads: core.GradList) -> None:
+    """Replace DTensor gradients in ``grads.grads`` by their local shards (aliases), unchecked.
+
+    For the element-wise operations (scaling by a given norm, clamping), which need no
+    reduction and so accept DTensors on any mix of meshes and placements.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is not None:
+        grads.grads[:] = [g.to_local() if isinstance(g, dtensor) else g for g in grads.grads]
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -379,4 +391,5 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "localize",
+    "to_local_",
 ]

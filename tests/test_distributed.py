@@ -56,6 +56,7 @@ def results(tmp_path_factory) -> list[dict]:
     if hung:
         pytest.fail(f"distributed workers hung for {SPAWN_TIMEOUT_S} s (seed {seed})")
     codes = [proc.exitcode for proc in procs]
+    print(f"distributed workers: seed {seed}")  # shown by pytest when a test fails
     assert codes == [0] * WORLD, f"workers exited with {codes} (seed {seed})"
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
@@ -230,6 +231,8 @@ def test_errors_name_the_parameter(results):
         assert r["not_a_group"].startswith("TypeError") and "process_group" in r["not_a_group"]
         assert r["partial"].startswith("ValueError") and "'attn.bias'" in r["partial"]
         assert r["unchanged"]
+        for got in r["scaled_on_mixed_meshes"]:
+            torch.testing.assert_close(got, r["want_scaled"], rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------- single process
