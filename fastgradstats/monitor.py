@@ -304,7 +304,11 @@ class Diagnosis:
     """What the recorded history says, in numbers and in words.
 
     Attributes:
-        verdict: ``"exploding"``, ``"vanishing"`` or ``"healthy"``.
+        verdict: ``"exploding"`` (gradients grow across depth or over time, overflow to
+            Inf, or are held at ``max_norm`` by clipping from far above), ``"vanishing"``
+            (earliest layers get far smaller gradients than the latest), ``"nonfinite"``
+            (NaN without signs of explosion), or ``"healthy"``.
+        contained: exploding, but clipping kept every step finite.
         findings: plain-language sentences, most important first.
         depth_slope: decades of gradient RMS per layer from the first (input side) to
             the last layer (least-squares fit; < 0: shrinking toward the input).
@@ -319,6 +323,7 @@ class Diagnosis:
     """
 
     verdict: str
+    contained: bool
     findings: list[str]
     steps: int
     depth_slope: float | None
@@ -339,7 +344,8 @@ class Diagnosis:
 
     def summary(self) -> str:
         """A few lines for a console or a log file."""
-        lines = [f"verdict: {self.verdict.upper()}  ({self.steps} recorded steps)"]
+        note = " (contained by clipping)" if self.contained else ""
+        lines = [f"verdict: {self.verdict.upper()}{note}  ({self.steps} recorded steps)"]
         lines += [f"  - {text}" for text in self.findings]
         return "\n".join(lines)
 
@@ -358,6 +364,7 @@ class Diagnosis:
         return clean(
             {
                 "verdict": self.verdict,
+                "contained_by_clipping": self.contained,
                 "findings": self.findings,
                 "steps": self.steps,
                 "depth_slope_decades_per_layer": self.depth_slope,
@@ -471,27 +478,49 @@ def diagnose(
             )
 
     growth = None
-    finite_total = history.total_norm[np.isfinite(history.total_norm)]
-    if events.nonfinite_total_steps:
-        growth = math.inf
-    elif len(finite_total) >= 2:
+    finite = np.isfinite(history.total_norm)
+    finite_total = history.total_norm[finite]
+    if len(finite_total) >= 2:
         head = finite_total[: max(1, len(finite_total) // 10)]
         base = float(np.median(head))
-        growth = float(finite_total.max() / base) if base > 0 else math.inf
-    if growth is not None and growth >= 10**growth_decades and math.isfinite(growth):
+        growth = float(finite_total.max() / base) if base > 0 else None
+    grew = growth is not None and growth >= 10**growth_decades
+    if grew:
         findings.append(
             f"EXPLODING over time: the total gradient norm grew {growth:.3g}x during the "
             "recorded steps."
         )
+    if events.overflow_steps:
+        last = f" (last finite value {finite_total[-1]:.3g})" if len(finite_total) else ""
+        findings.append(
+            f"EXPLODING: gradients overflowed to Inf on {events.overflow_steps} step(s){last}. "
+            "Lower the learning rate or the init scale, and clip the gradient norm."
+        )
+    contained = False
+    clip_share = events.clipped_steps / events.recorded if events.recorded else 0.0
+    if history.max_norm is not None and history.max_norm > 0 and len(finite_total):
+        typical = float(np.median(finite_total))
+        far_above = typical >= 10.0 * history.max_norm and clip_share >= 0.5
+        if far_above and not events.nonfinite_steps:
+            contained = True
+            findings.append(
+                f"Contained by clipping: the raw total norm is typically {typical:.3g} "
+                f"({typical / history.max_norm:.3g}x max_norm) and no NaN/Inf appeared; "
+                "without clipping these updates would blow up. The scale is still wrong: "
+                "check the init and the learning rate."
+            )
 
     if events.first_nonfinite_step is not None:
         ordered = sorted(events.first_nonfinite.items(), key=lambda kv: kv[1][0])
         listed = ", ".join(f"{n} (step {s})" for n, (s, _, _) in ordered[:5])
         more = f" and {len(ordered) - 5} more" if len(ordered) > 5 else ""
+        first = events.first_nonfinite_step
+        overflow_first = not ordered or ordered[0][1][0] > first
+        how = " (the total norm overflowed first)" if overflow_first and ordered else ""
         findings.insert(
             0,
             f"NaN/Inf gradients on {events.nonfinite_steps} step(s), first at step "
-            f"{events.first_nonfinite_step}: {listed or 'total norm overflowed'}{more}.",
+            f"{first}{how}: {listed or 'total norm overflowed'}{more}.",
         )
     if events.skipped_steps:
         findings.append(
@@ -499,10 +528,9 @@ def diagnose(
             "were not finite."
         )
     if history.max_norm is not None and events.recorded:
-        share = events.clipped_steps / events.recorded
         findings.append(
             f"Clipping at max_norm={history.max_norm:g} scaled the gradients on "
-            f"{events.clipped_steps} of {events.recorded} steps ({share:.0%})."
+            f"{events.clipped_steps} of {events.recorded} steps ({clip_share:.0%})."
         )
     if events.spikes:
         total_spikes = [s for s in events.spikes if s[1] == "total"]
@@ -512,15 +540,21 @@ def diagnose(
             f"({len(total_spikes)} on the total norm{': ' + shown if shown else ''})."
         )
 
-    exploding = (ratio is not None and math.log10(ratio) >= decades) or (
-        growth is not None and growth >= 10**growth_decades
-    )
+    deep_exploding = ratio is not None and math.log10(ratio) >= decades
+    exploding = deep_exploding or grew or bool(events.overflow_steps) or contained
     vanishing = ratio is not None and math.log10(ratio) <= -decades
-    verdict = "exploding" if exploding else ("vanishing" if vanishing else "healthy")
-    if verdict == "healthy" and events.first_nonfinite_step is None:
+    if exploding:
+        verdict = "exploding"
+    elif vanishing:
+        verdict = "vanishing"
+    elif events.nonfinite_steps:
+        verdict = "nonfinite"
+    else:
+        verdict = "healthy"
         findings.insert(0, "No NaN/Inf, no runaway growth, no vanishing profile.")
     return Diagnosis(
         verdict=verdict,
+        contained=contained,
         findings=findings,
         steps=events.recorded,
         depth_slope=slope,
@@ -545,6 +579,7 @@ class _Events:
     recorded: int = 0
     nonfinite_steps: int = 0
     nonfinite_total_steps: int = 0
+    overflow_steps: int = 0
     skipped_steps: int = 0
     clipped_steps: int = 0
     spike_count: int = 0
@@ -559,6 +594,8 @@ class _Events:
         self.skipped_steps += int(chunk.skipped.sum())
         self.clipped_steps += int((chunk.clip_coef < 1.0).sum())
         bad = (chunk.nan_count + chunk.inf_count) > 0
+        overflow = (chunk.inf_count > 0).any(axis=1) | (chunk.total_norm == np.inf)
+        self.overflow_steps += int(overflow.sum())
         for t in np.flatnonzero(chunk.nonfinite):
             step = int(chunk.steps[t])
             if self.first_nonfinite_step is None:
