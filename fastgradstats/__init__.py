@@ -8,11 +8,13 @@ Public API (nothing else is exported here):
 """
 
 from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .monitor import GradMonitor
 from .stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradMonitor",
     "GradStats",
     "__version__",
     "clip_grad_norm_",
