@@ -64,6 +64,8 @@ def get_total_norm(
 
     Returns a 0-d tensor on the first tensor's device, in the promoted dtype of the inputs
     (``tensor(0.)`` for no tensors). Same contract as ``torch.nn.utils.get_total_norm``.
+    DTensors and ``process_group=`` shards give the norm of the full tensors, as in
+    :func:`clip_grad_norm_`.
     """
     p = core.check_norm_type(norm_type)
     grads = core.collect(tensors, arg_name="tensors", use_grad=False)

@@ -99,6 +99,15 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _host_to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a device tensor. On CUDA through pinned memory and
+    ``non_blocking``: a pageable copy would wait for all queued GPU work (a host sync)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _to_partial(norms: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
     """Per-shard p-norms -> the additive quantity ``sum |g|^p`` (the count of nonzeros for p=0)."""
     wide = norms.to(dtype)
@@ -143,7 +152,7 @@ class Sharding:
     def _sum(self, rows: Tensor) -> Tensor:
         """SUM-reduce a [k, n] buffer of per-tensor additive partials."""
         if self.contributes is not None and not all(self.contributes):
-            keep = torch.tensor(self.contributes, dtype=torch.bool).to(rows.device)
+            keep = _host_to_device(self.contributes, torch.bool, rows.device)
             # where, not a multiply: a NaN in a replica must not leak in as NaN * 0 = NaN
             rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
         return self._all_reduce(rows.contiguous(), dist.ReduceOp.SUM)
@@ -181,7 +190,7 @@ class Sharding:
         if norm_type != INF:
             rows.append(_to_partial(stats.norms, norm_type, dtype))
         if need_numels:
-            rows.append(torch.tensor(self.local_numels, dtype=dtype).to(device))
+            rows.append(_host_to_device(self.local_numels, dtype, device))
         sums = self._sum(torch.stack(rows))
         max_abs = self._max(stats.max_abs)
         if norm_type == INF:
