@@ -74,15 +74,42 @@ def _norm_list(grads: list[Tensor], ord: float, foreach: bool | None) -> list[Te
     return [torch.linalg.vector_norm(g, ord, **kwargs) for g in grads]
 
 
+# On the CPU, torch's inf-norm kernel is ~15x slower than aminmax on large tensors
+# (GPT-2-124M fp32 grads, one thread: 670 ms vs 40 ms), and asking it for an fp32 result
+# on bf16 input converts first; tensors from this size on take the aminmax route.
+_CPU_AMINMAX_MIN_NUMEL = 1 << 15
+
+
+def _max_abs_list(grads: list[Tensor], foreach: bool | None) -> list[Tensor]:
+    """max |g| of each (non-empty) tensor as 0-d tensors; exact, NaN propagates.
+
+    CPU results are in the accumulation dtype; elsewhere in torch's inf-norm dtype."""
+    if grads[0].device.type != "cpu" or grads[0].is_complex():
+        return _norm_list(grads, INF, foreach)
+    acc = acc_dtype(grads[0].dtype)
+    out: list[Tensor | None] = [None] * len(grads)
+    small = []
+    for i, g in enumerate(grads):
+        if g.numel() >= _CPU_AMINMAX_MIN_NUMEL:
+            lo, hi = torch.aminmax(g)
+            out[i] = torch.maximum(hi, lo.neg()).to(acc)
+        else:
+            small.append(i)
+    if small:
+        for i, value in zip(small, _norm_list([grads[i] for i in small], INF, foreach)):
+            out[i] = value
+    return out  # type: ignore[return-value]
+
+
 def _inf_norms(grads: list[Tensor], foreach: bool | None) -> Tensor:
     """max |g| per tensor, with 0 for empty tensors (torch refuses the inf-norm of those)."""
     nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]
     acc = acc_dtype(grads[0].dtype)
     if len(nonempty) == len(grads):
-        return torch.stack(_norm_list(grads, INF, foreach)).to(acc)
+        return torch.stack(_max_abs_list(grads, foreach)).to(acc)
     out = torch.zeros(len(grads), dtype=acc, device=grads[0].device)
     if nonempty:
-        values = torch.stack(_norm_list([grads[i] for i in nonempty], INF, foreach)).to(acc)
+        values = torch.stack(_max_abs_list([grads[i] for i in nonempty], foreach)).to(acc)
         out[torch.tensor(nonempty, device=out.device)] = values
     return out
 
