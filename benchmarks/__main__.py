@@ -47,9 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ops", nargs="+", choices=OP_NAMES, default=list(OP_NAMES),
                         metavar="OP", help=f"subset of {', '.join(OP_NAMES)}")  # fmt: skip
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
-                        help="fastgradstats backend (default: $FASTGRADSTATS_BACKEND or auto)")  # fmt: skip
+                        help="fastgradstats backend (default: env or auto)")  # fmt: skip
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timing per workload x op (default 3, quick 0.05)")  # fmt: skip
+                        help="timing seconds per workload x op (3; quick 0.05)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for the results JSON (default {DEFAULT_OUT}; "
                              "--quick writes JSON only when --out is given)")  # fmt: skip

@@ -235,9 +235,7 @@ def run_workload(name: str, settings: Settings, copy_gbps: float) -> list[dict[s
         check = check_op(op_name, cases[0].grads, settings.backend) if settings.verify else None
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the check's clones back before timing
-        fns = {
-            impl: (lambda i, f=fn: f(cases[i % len(cases)])) for impl, fn in op.impls.items()
-        }
+        fns = {impl: (lambda i, f=fn: f(cases[i % len(cases)])) for impl, fn in op.impls.items()}
         times = timing.time_fns(device, fns, **settings.timing_kwargs())
         fgs_s = times[FGS].median_s
         base_s = times[op.baseline].median_s
@@ -268,7 +266,7 @@ def run_workload(name: str, settings: Settings, copy_gbps: float) -> list[dict[s
                 "check": check,
             }
         )
-    del cases
+    cases.clear()
     _free(device)
     return rows
 
@@ -280,8 +278,12 @@ def _row(rows: list[dict[str, Any]], workload: str, op: str) -> dict[str, Any] |
 def cpu_targets(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Issue 2's CPU ratios on GPT-2-124M fp32 (None when that workload was not run)."""
     w = "gpt2-124m-fp32"
-    noclip, clip, stats = _row(rows, w, "clip_noclip"), _row(rows, w, "clip"), _row(rows, w, "grad_stats")
-    out: dict[str, Any] = {"workload": w, "baseline": "torch.nn.utils.clip_grad_norm_(foreach=True)"}
+    noclip, clip = _row(rows, w, "clip_noclip"), _row(rows, w, "clip")
+    stats = _row(rows, w, "grad_stats")
+    out: dict[str, Any] = {
+        "workload": w,
+        "baseline": "torch.nn.utils.clip_grad_norm_(foreach=True)",
+    }
     if noclip:
         r = noclip["fgs_s"] / noclip["times"][TORCH_FOREACH]["median_s"]
         out["clip_noclip"] = {"ratio": r, "target": CPU_TARGETS["clip_noclip"]}
@@ -310,13 +312,16 @@ def gpu_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["op"] == "clip":
             checks.append(("speedup", r["speedup"], GPU_TARGETS["clip_speedup"]))
         if r["op"] == "grad_stats":
-            key = "tiny10k_grad_stats_speedup" if r["workload"].startswith("tiny10k") else (
-                "grad_stats_speedup"
+            key = (
+                "tiny10k_grad_stats_speedup"
+                if r["workload"].startswith("tiny10k")
+                else ("grad_stats_speedup")
             )
             checks.append(("speedup", r["speedup"], GPU_TARGETS[key]))
-        if r["op"] in ("clip_noclip", "grad_stats") and r["numel"] >= GPU_TARGETS[
-            "pct_copy_min_numel"
-        ]:
+        if (
+            r["op"] in ("clip_noclip", "grad_stats")
+            and r["numel"] >= GPU_TARGETS["pct_copy_min_numel"]
+        ):
             checks.append(("pct_copy", r["pct_copy"], GPU_TARGETS["pct_copy_min"]))
         for what, value, target in checks:
             out.append(
@@ -354,8 +359,12 @@ def run_suite(settings: Settings, log: Any = None) -> dict[str, Any]:
         rows += new
         if log:
             for r in new:
-                print(f"  {r['workload']:<15} {r['op']:<12} {_fmt_ms(r['fgs_s'])} ms "
-                      f"vs {_fmt_ms(r['torch_s'])} ms", file=log, flush=True)
+                print(
+                    f"  {r['workload']:<15} {r['op']:<12} {_fmt_ms(r['fgs_s'])} ms "
+                    f"vs {_fmt_ms(r['torch_s'])} ms",
+                    file=log,
+                    flush=True,
+                )
     if hasattr(os, "getloadavg"):
         meta["host"]["loadavg_end"] = list(os.getloadavg())
     result = {"meta": meta, "copy_bandwidth": bandwidth, "results": rows}
@@ -383,7 +392,9 @@ COLUMNS = (
 def format_table(result: dict[str, Any]) -> str:
     """The summary table: one line per workload x op (ratio = fgs time / torch time)."""
     meta, bw = result["meta"], result["copy_bandwidth"]
-    head = "  ".join(f"{name:>{w}}" if i > 1 else f"{name:<{w}}" for i, (name, w) in enumerate(COLUMNS))
+    head = "  ".join(
+        f"{name:>{w}}" if i > 1 else f"{name:<{w}}" for i, (name, w) in enumerate(COLUMNS)
+    )
     lines = [
         f"fastgradstats benchmark on {meta['device_name']}, {meta['date_utc']}, "
         f"torch {meta['torch_version']}, commit {(meta['git_commit'] or '?')[:10]}",

@@ -66,9 +66,7 @@ def _measure(settings: Settings, shapes: list[tuple[int, ...]]) -> dict[str, Any
     kwargs["budget_s"] = min(kwargs["budget_s"], 1.0)
     for op_name in SWEEP_OPS:
         op = OPS[op_name]
-        fns = {
-            impl: (lambda _i, f=op.impls[impl]: f(case)) for impl in (FGS, op.baseline)
-        }
+        fns = {impl: (lambda _i, f=op.impls[impl]: f(case)) for impl in (FGS, op.baseline)}
         times = timing.time_fns(device, fns, **kwargs)
         out[op_name] = {
             "fgs_s": times[FGS].median_s,
@@ -76,7 +74,7 @@ def _measure(settings: Settings, shapes: list[tuple[int, ...]]) -> dict[str, Any
             "baseline": op.baseline,
             "gbps": op.min_bytes(nbytes) / times[FGS].median_s / 1e9,
         }
-    del grads, case
+    grads.clear()
     _free(device)
     return out
 

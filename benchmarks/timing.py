@@ -188,7 +188,6 @@ def copy_bandwidth(
     dst = torch.empty_like(src)
     timing = time_fns(device, {"copy": lambda _i: dst.copy_(src)}, budget_s=budget_s)["copy"]
     moved = 2 * numel * 4
-    del src, dst
     return {
         "buffer_bytes": numel * 4,
         "bytes_moved": moved,

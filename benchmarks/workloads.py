@@ -151,8 +151,8 @@ def memory_budget_bytes(device: torch.device) -> float:
     """Bytes a memory-sized workload may take on ``device``.
 
     CUDA: a quarter of the free device memory: the correctness check clones the
-    gradients twice (clip ops), and the baselines need temporaries. CPU: a tenth of the available RAM, at most 1 GiB, so a
-    full CPU run stays within minutes on a small machine.
+    gradients twice (clip ops), and the baselines need temporaries. CPU: a tenth of the
+    available RAM, at most 1 GiB, so a full CPU run stays within minutes on a small machine.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -204,7 +204,9 @@ def make_workload(name: str, device: torch.device | str, scale: float = 1.0) -> 
 
 
 def make_grads(
-    workload: Workload | list[Shape], device: torch.device | str, dtype: torch.dtype | None = None,
+    workload: Workload | list[Shape],
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> list[Tensor]:
     """Random normal gradients for ``workload``, total 2-norm about 1.
