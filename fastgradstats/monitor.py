@@ -311,7 +311,8 @@ class Diagnosis:
         contained: exploding, but clipping kept every step finite.
         findings: plain-language sentences, most important first.
         depth_slope: decades of gradient RMS per layer from the first (input side) to
-            the last layer (least-squares fit; < 0: shrinking toward the input).
+            the last layer (least-squares fit of log10 RMS against layer index; > 0:
+            gradients shrink going backward toward the input, i.e. vanishing).
         depth_ratio: RMS of the earliest layers / RMS of the latest layers (median over
             finite steps; the first and last quarter of the weight tensors).
         time_growth: largest total norm / median total norm of the first 10% of steps
@@ -459,7 +460,7 @@ def diagnose(
         if log_ratio <= -decades:
             findings.append(
                 f"VANISHING across depth: the earliest layers get {1 / ratio:.3g}x smaller "
-                f"gradients than the latest ({-slope:.2f} decades lost per layer going "
+                f"gradients than the latest ({slope:.2f} decades lost per layer going "
                 f"backward, {where}). The first layers barely learn: use ReLU/GELU instead "
                 "of sigmoid/tanh, residual connections, normalization layers, or a "
                 "variance-preserving init (Kaiming/Xavier)."
@@ -467,7 +468,8 @@ def diagnose(
         elif log_ratio >= decades:
             findings.append(
                 f"EXPLODING across depth: the earliest layers get {ratio:.3g}x larger "
-                f"gradients than the latest ({slope:.2f} decades per layer, {where}). "
+                f"gradients than the latest ({-slope:.2f} decades gained per layer going "
+                f"backward, {where}). "
                 "Each layer amplifies the backward signal: reduce the init scale, add "
                 "normalization, lower the learning rate, and clip the gradient norm."
             )

@@ -72,8 +72,7 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
     else:
         half = 0.5 * (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else 0.5
         extent = (steps[0] - half, steps[-1] + half, len(history.names) - 0.5, -0.5)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     image = ax.imshow(
         np.ma.masked_invalid(logs if logs.size else np.zeros((len(history.names), 1))),
         aspect="auto",
@@ -133,7 +132,8 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
         )
         clipped = history.clip_coef < 1.0
         if clipped.any() and finite.any():
-            after = np.where(finite, total * np.minimum(history.clip_coef, 1.0), np.nan)
+            with np.errstate(invalid="ignore", over="ignore"):
+                after = np.where(finite, total * np.minimum(history.clip_coef, 1.0), np.nan)
             ax.plot(steps, after, color="tab:green", lw=0.8, alpha=0.7, label="after clipping")
     spikes = history.spike_total & finite
     if spikes.any():
