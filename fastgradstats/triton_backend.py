@@ -78,13 +78,93 @@ def _bump_versions(tensors: list[Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def _fused_stats(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
-    _check_group(grads)
+def _split_dense(grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    dense, other = [], []
+    for g in grads:
+        (dense if tables.is_dense(g) else other).append(g)
+    return dense, other
+
+
+def _fused_stats_eager(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
     dense = [g if tables.is_dense(g) else g.contiguous() for g in grads]
     cacheable = all(d is g for d, g in zip(dense, grads))
     with _on_device(grads[0].device):
         table = tables.table_for(dense, kernels.block_size(), cache=cacheable)
         return stats_kernels.group_stats(table, norm_type)
+
+
+def _scale_eager(grads: list[Tensor], coef: Tensor) -> None:
+    dense, other = _split_dense(grads)
+    if dense:
+        with _on_device(coef.device):
+            scale_kernels.scale_(tables.table_for(dense, kernels.block_size()), coef)
+        _bump_versions(dense)
+    if other:
+        # Same rule as the kernel, decided on the device: coef >= 1 leaves values as they are.
+        effective = torch.where(coef >= 1.0, torch.ones_like(coef), coef)
+        for g in other:
+            g.mul_(effective)
+
+
+def _clamp_eager(grads: list[Tensor], clip_value: float) -> None:
+    dense, other = _split_dense(grads)
+    if dense:
+        with _on_device(grads[0].device):
+            scale_kernels.clamp_(tables.table_for(dense, kernels.block_size()), clip_value)
+        _bump_versions(dense)
+    for g in other:
+        g.clamp_(min=-clip_value, max=clip_value)
+
+
+# torch.compile cannot trace Triton launches over raw pointer tables (nor the interpreter):
+# while compiling, the same work goes through opaque custom ops with shape-only fake
+# implementations. Eager calls skip the op layer and its dispatch overhead.
+
+
+@torch.library.custom_op("fastgradstats::triton_group_stats", mutates_args=())
+def _group_stats_op(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    floats, counts = _fused_stats_eager(grads, norm_type)
+    return floats, counts
+
+
+@_group_stats_op.register_fake
+def _(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    n = len(grads)
+    return (
+        grads[0].new_empty((2, n), dtype=torch.float32),
+        grads[0].new_empty((2, n), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("fastgradstats::triton_scale_", mutates_args=("grads",))
+def _scale_op(grads: list[Tensor], coef: Tensor) -> None:
+    _scale_eager(grads, coef)
+
+
+@_scale_op.register_fake
+def _(grads: list[Tensor], coef: Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("fastgradstats::triton_clamp_", mutates_args=("grads",))
+def _clamp_op(grads: list[Tensor], clip_value: float) -> None:
+    _clamp_eager(grads, clip_value)
+
+
+@_clamp_op.register_fake
+def _(grads: list[Tensor], clip_value: float) -> None:
+    return None
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _fused_stats(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    _check_group(grads)
+    if _compiling():
+        return _group_stats_op(grads, float(norm_type))
+    return _fused_stats_eager(grads, norm_type)
 
 
 def group_norms(grads: list[Tensor], norm_type: float, foreach: bool | None = None) -> Tensor:
@@ -106,13 +186,6 @@ def group_stats(grads: list[Tensor], norm_type: float, foreach: bool | None = No
     return GroupStats(floats[0], floats[1], counts[0], counts[1])
 
 
-def _split_dense(grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    dense, other = [], []
-    for g in grads:
-        (dense if tables.is_dense(g) else other).append(g)
-    return dense, other
-
-
 def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
     """Multiply each gradient in place by the 0-d device tensor ``coef`` (float32 math).
 
@@ -126,28 +199,19 @@ def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> No
     if coef.numel() != 1:
         raise ValueError(f"coef must hold a single number, got shape {tuple(coef.shape)}")
     coef = coef.to(device).reshape(())
-    dense, other = _split_dense(grads)
-    if dense:
-        with _on_device(device):
-            scale_kernels.scale_(tables.table_for(dense, kernels.block_size()), coef)
-        _bump_versions(dense)
-    if other:
-        # Same rule as the kernel, decided on the device: coef >= 1 leaves values as they are.
-        effective = torch.where(coef >= 1.0, torch.ones_like(coef), coef)
-        for g in other:
-            g.mul_(effective)
+    if _compiling():
+        _scale_op(grads, coef)
+    else:
+        _scale_eager(grads, coef)
 
 
 def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None = None) -> None:
     """Clamp each gradient in place to ``[-clip_value, clip_value]`` (NaN stays NaN)."""
     _check_group(grads)
-    dense, other = _split_dense(grads)
-    if dense:
-        with _on_device(grads[0].device):
-            scale_kernels.clamp_(tables.table_for(dense, kernels.block_size()), clip_value)
-        _bump_versions(dense)
-    for g in other:
-        g.clamp_(min=-clip_value, max=clip_value)
+    if _compiling():
+        _clamp_op(grads, float(clip_value))
+    else:
+        _clamp_eager(grads, float(clip_value))
 
 
 __all__ = ["clamp_", "group_norms", "group_stats", "scale_", "supports"]
