@@ -1,0 +1,82 @@
+"""The `fastgradstats demo` main job and the command line around it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastgradstats import cli
+
+
+def test_demo_writes_the_report(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert cli.main(["demo", "--out", str(out), "--steps", "40", "--seed", "1"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"summary.json", "summary.md", "exploding.png", "clipped.png", "vanishing.png"} <= names
+    for png in ("exploding.png", "clipped.png", "vanishing.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {r["key"]: r["diagnosis"] for r in summary["runs"]}
+    assert runs["exploding"]["verdict"] == "exploding"
+    assert runs["exploding"]["first_nonfinite_step"] is not None
+    assert runs["clipped"]["nonfinite_steps"] == 0
+    assert runs["clipped"]["contained_by_clipping"] is True
+    assert runs["vanishing"]["verdict"] == "vanishing"
+    markdown = (out / "summary.md").read_text()
+    assert "![vanishing](vanishing.png)" in markdown and "| exploding |" in markdown
+    captured = capsys.readouterr()
+    assert "verdict: VANISHING" in captured.out and "wrote" in captured.out
+
+
+def test_demo_quiet_prints_nothing(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "12", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_progress_bar_on_a_non_terminal_prints_one_line():
+    stream = io.StringIO()
+    bar = cli.ProgressBar(50, "run", stream=stream)
+    bar.update(10, "loss 1")
+    bar.close("done", done=30)
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and "30/50" in text and "done" in text
+
+
+def test_bad_steps_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["demo", "--out", str(tmp_path), "--steps", "0"])
+    assert excinfo.value.code == 2
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_bench_without_benchmarks_explains(monkeypatch, capsys):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["bench"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fastgradstats", "demo", "--out", str(tmp_path), "--steps", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "verdict" in result.stdout
+    assert (tmp_path / "summary.md").exists()
