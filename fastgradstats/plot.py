@@ -121,7 +121,15 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
         _, ax = plt.subplots(figsize=(10, 3.5))
     steps, total = history.steps, history.total_norm
     finite = np.isfinite(total) & (total > 0)
-    ax.plot(steps[finite], total[finite], color="tab:blue", lw=1.2, label="total norm (pre-clip)")
+    ax.plot(
+        steps[finite],
+        total[finite],
+        color="tab:blue",
+        lw=1.2,
+        marker="o" if len(steps) <= 50 else None,
+        ms=3,
+        label="total norm (pre-clip)",
+    )
     if history.max_norm is not None:
         ax.axhline(
             history.max_norm,
@@ -164,7 +172,7 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
     if len(steps):
         ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     return ax
 
 
