@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--quick writes JSON only when --out is given)")  # fmt: skip
     parser.add_argument("--sweep", action="store_true",
                         help="also run the size and tensor-count sweeps and plot them")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the correctness check against torch before timing")  # fmt: skip
     return parser.parse_args(argv)
@@ -63,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the suite from command-line arguments; print the table; return the result."""
     args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     settings = Settings(
         device=device,
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     result = run_suite(settings, log=sys.stderr)
     out_dir = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + (f"-{args.threads}thread" if args.threads else "")
     if args.sweep:
         from .sweep import plot_sweep, run_sweep
 
