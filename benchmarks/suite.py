@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import fastgradstats
 from fastgradstats import dispatch
 
 from . import timing
@@ -142,7 +143,7 @@ def metadata(settings: Settings) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "triton_version": _version("triton"),
-        "fastgradstats_version": _version("fastgradstats"),
+        "fastgradstats_version": fastgradstats.__version__,
         "python_version": platform.python_version(),
         "host": {
             "platform": platform.platform(),
@@ -236,7 +237,10 @@ def run_workload(name: str, settings: Settings, copy_gbps: float) -> list[dict[s
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the check's clones back before timing
         fns = {impl: (lambda i, f=fn: f(cases[i % len(cases)])) for impl, fn in op.impls.items()}
-        times = timing.time_fns(device, fns, **settings.timing_kwargs())
+        reset = None
+        if op.reset is not None:
+            reset = lambda i, r=op.reset: r(cases[i % len(cases)])  # noqa: E731
+        times = timing.time_fns(device, fns, reset=reset, **settings.timing_kwargs())
         fgs_s = times[FGS].median_s
         base_s = times[op.baseline].median_s
         min_bytes = op.min_bytes(workload.nbytes)

@@ -64,10 +64,12 @@ def _measure(settings: Settings, shapes: list[tuple[int, ...]]) -> dict[str, Any
     out: dict[str, Any] = {"numel": nbytes // 4, "tensors": len(shapes), "bytes": nbytes}
     kwargs = settings.timing_kwargs()
     kwargs["budget_s"] = min(kwargs["budget_s"], 1.0)
+    kwargs["min_rounds"] = 3  # the 100,000-tensor baselines take seconds per call
     for op_name in SWEEP_OPS:
         op = OPS[op_name]
         fns = {impl: (lambda _i, f=op.impls[impl]: f(case)) for impl in (FGS, op.baseline)}
-        times = timing.time_fns(device, fns, **kwargs)
+        reset = None if op.reset is None else (lambda _i, r=op.reset: r(case))
+        times = timing.time_fns(device, fns, reset=reset, **kwargs)
         out[op_name] = {
             "fgs_s": times[FGS].median_s,
             "torch_s": times[op.baseline].median_s,

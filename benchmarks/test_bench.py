@@ -54,15 +54,14 @@ def test_bench(benchmark, bench_case, bench_device, request):
     op = OPS[op_name]
     fn = op.impls[impl]
     counter = itertools.count()
-    if bench_device.type == "cuda":
+    last: list[Any] = []  # the case the latest call used (the reset restores that one)
 
-        def target() -> None:
-            fn(cases[next(counter) % len(cases)])
+    def target() -> None:
+        case = cases[next(counter) % len(cases)]
+        last[:] = [case]
+        fn(case)
+        if bench_device.type == "cuda":
             torch.cuda.synchronize()
-    else:
-
-        def target() -> None:
-            fn(cases[next(counter) % len(cases)])
 
     benchmark.group = f"{workload_name} | {op_name}"
     benchmark.extra_info.update(
@@ -73,7 +72,19 @@ def test_bench(benchmark, bench_case, bench_device, request):
         min_bytes=op.min_bytes(workload.nbytes),
         device=str(bench_device),
     )
-    benchmark(target)
+    if op.reset is None:
+        benchmark(target)
+        return
+
+    def reset() -> None:  # untimed: doubles the grads the previous call clipped
+        if last:
+            op.reset(last[0])
+            if bench_device.type == "cuda":
+                torch.cuda.synchronize()
+
+    rounds = 5 if quick else 15
+    benchmark.pedantic(target, setup=reset, rounds=rounds, warmup_rounds=1, iterations=1)
+    reset()  # leave the shared inputs at their initial norm for the next implementation
 
 
 def test_fastgradstats_matches_baseline(bench_case, bench_device, request):
@@ -81,8 +92,7 @@ def test_fastgradstats_matches_baseline(bench_case, bench_device, request):
     workload_name, op_name, impl = bench_case
     if impl != FGS:
         pytest.skip("checked once per op, on the fastgradstats case")
-    _workload, cases = _cases(
-        workload_name, bench_device, request.config.getoption("--bench-quick")
-    )
+    quick = request.config.getoption("--bench-quick")
+    _workload, cases = _cases(workload_name, bench_device, quick)
     result = check_op(op_name, cases[0].grads)
     assert result["ok"], result

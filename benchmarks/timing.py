@@ -66,6 +66,7 @@ def rotation_count(nbytes: int, budget_bytes: float | None = None) -> int:
 
 
 Fn = Callable[[int], Any]  # fn(i) runs one call on input copy i % n_copies
+Reset = Callable[[int], Any] | None  # reset(i), untimed, right after fn(i)
 
 
 def time_cpu(
@@ -75,11 +76,13 @@ def time_cpu(
     min_rounds: int = 5,
     max_rounds: int = 200,
     warmup: int = 2,
+    reset: Reset = None,
 ) -> dict[str, Timing]:
     """Median wall time per call of each ``fns[name]``, implementations interleaved.
 
     Runs ``warmup`` untimed rounds, then as many timed rounds as fit in ``budget_s``
     (within ``[min_rounds, max_rounds]``); in round r the order starts at name r mod k.
+    ``reset(i)``, when given, runs untimed after each call.
     """
     names = list(fns)
     call = 0
@@ -87,6 +90,8 @@ def time_cpu(
     for _ in range(warmup):
         for name in names:
             fns[name](call)
+            if reset is not None:
+                reset(call)
             call += 1
     per_round = (time.perf_counter() - started) / max(1, warmup)
     rounds = min_rounds if per_round <= 0 else int(budget_s / per_round)
@@ -98,6 +103,8 @@ def time_cpu(
             t0 = time.perf_counter()
             fns[name](call)
             samples[name].append(time.perf_counter() - t0)
+            if reset is not None:
+                reset(call)
             call += 1
     return {name: summarize(s) for name, s in samples.items()}
 
@@ -110,13 +117,15 @@ def time_cuda(
     max_calls: int = 2000,
     blocks: int = 3,
     warmup_s: float = 0.025,
+    reset: Reset = None,
 ) -> dict[str, Timing]:
     """Median device time per call of each ``fns[name]``, measured with CUDA events.
 
     Per implementation: warm up for ``warmup_s`` (at least 3 calls: compilation, table
     building and allocator growth stay out), estimate the time per call, then time
     ``n`` calls in each of ``blocks`` blocks, the implementations interleaved by block.
-    Calls run back to back, an event pair around each, one sync per block.
+    Calls run back to back, an event pair around each, one sync per block; ``reset(i)``,
+    when given, is enqueued after the end event of call i, so its work is not timed.
     """
     names = list(fns)
     call = 0
@@ -128,19 +137,25 @@ def time_cuda(
         n = 0
         while n < 3 or time.perf_counter() - t0 < warmup_s:
             fn(call)
+            if reset is not None:
+                reset(call)
             call += 1
             n += 1
             if n % 8 == 0 or n < 4:
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        estimate = 0.0
         for _ in range(5):
+            start.record()
             fn(call)
+            end.record()
+            end.synchronize()
+            estimate += start.elapsed_time(end)
+            if reset is not None:
+                reset(call)
             call += 1
-        end.record()
-        end.synchronize()
-        per_call[name] = max(start.elapsed_time(end) / 5e3, 1e-7)
+        per_call[name] = max(estimate / 5e3, 1e-7)
     samples: dict[str, list[float]] = {name: [] for name in names}
     share = budget_s / (blocks * len(names))
     for b in range(blocks):
@@ -154,17 +169,25 @@ def time_cuda(
             for i in range(n):
                 starts[i].record()
                 fn(call)
-                call += 1
                 ends[i].record()
+                if reset is not None:
+                    reset(call)
+                call += 1
             torch.cuda.synchronize()
             samples[name] += [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
     return {name: summarize(s) for name, s in samples.items()}
 
 
 def time_fns(device: torch.device, fns: dict[str, Fn], **kwargs: Any) -> dict[str, Timing]:
-    """:func:`time_cuda` on a CUDA device, else :func:`time_cpu` (``kwargs``: budget_s)."""
+    """:func:`time_cuda` on a CUDA device, else :func:`time_cpu` (``kwargs`` of time_cpu;
+    on CUDA ``budget_s`` is used, and ``min_rounds`` as the minimum calls per block)."""
     if device.type == "cuda":
-        return time_cuda(fns, budget_s=kwargs.get("budget_s", 1.0))
+        return time_cuda(
+            fns,
+            budget_s=kwargs.get("budget_s", 1.0),
+            min_calls=kwargs.get("min_rounds", 10),
+            reset=kwargs.get("reset"),
+        )
     return time_cpu(fns, **kwargs)
 
 

@@ -192,7 +192,7 @@ def make_workload(name: str, device: torch.device | str, scale: float = 1.0) -> 
     if model == "gpt2-124m":
         return Workload(name, gpt2_124m_shapes(scale), dtype, "GPT-2 small, 148 tensors")
     if model == "llama7b":
-        budget = memory_budget_bytes(device)
+        budget = memory_budget_bytes(device) * scale**2  # shrunk dims: shrink the budget too
         shapes, note = llama_7b_shapes(budget, dtype, scale)
         return Workload(name, shapes, dtype, f"Llama-7B-like, {note}")
     if model == "tiny10k":

@@ -20,7 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # plain `pytest` f
 
 from benchmarks import suite
 from benchmarks.__main__ import main
-from benchmarks.ops import FGS, OP_NAMES, OPS, check_op, rel_err, tolerance
+from benchmarks.ops import (
+    FGS,
+    OP_NAMES,
+    OPS,
+    check_op,
+    make_case,
+    rel_err,
+    tolerance,
+    total_norm_f64,
+)
+from benchmarks.timing import time_cpu
 from benchmarks.workloads import (
     WORKLOAD_NAMES,
     gpt2_124m_shapes,
@@ -144,6 +154,25 @@ def test_benchmarked_calls_match_torch_on_each_backend(backend):
     for op in OP_NAMES:
         result = check_op(op, grads, backend=backend)
         assert result["ok"], (backend, op, result)
+
+
+@pytest.mark.parametrize("op_name", ["clip", "stats_clip"])
+def test_every_timed_clip_call_clips(op_name):
+    """The reset between calls keeps the clip case a clip case (coefficient ~0.5)."""
+    grads = make_grads(make_workload("resnet50-fp32", "cpu", 1 / 32), "cpu", seed=3)
+    case = make_case(grads)
+    op = OPS[op_name]
+    seen = []
+    fns = {
+        impl: (lambda _i, f=fn: seen.append(total_norm_f64(case.grads)) or f(case))
+        for impl, fn in op.impls.items()
+    }
+    time_cpu(
+        fns, budget_s=0.0, min_rounds=4, max_rounds=4, warmup=1, reset=lambda _i: op.reset(case)
+    )
+    assert len(seen) == 5 * len(fns)
+    for before in seen:  # every call starts at ~the initial norm: twice max_norm_clip
+        assert before == pytest.approx(2 * case.max_norm_clip, rel=1e-4)
 
 
 def test_check_catches_a_wrong_result():
