@@ -308,4 +308,5 @@ __all__ = [
     "restore_after_clip",
     "tolerance",
     "torch_user_stats",
+    "total_norm_f64",
 ]
