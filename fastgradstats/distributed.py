@@ -136,13 +136,17 @@ class Sharding:
         contributes: list[bool] | None = None,
         known_numels: list[int] | None = None,
         local_numels: list[int] | None = None,
+        sum_numels: bool = False,
     ) -> None:
         self.groups = groups
         self.contributes = contributes
         # Full-parameter element counts: DTensors know theirs; plain shards need a SUM of
         # their local counts (``local_numels`` holds those, 0 where the count is known).
+        # ``sum_numels`` must agree on all ranks (it sets the buffer size), so it comes from
+        # the kinds of gradients, never from local counts, which can all be 0 on one rank.
         self.known_numels = known_numels or []
         self.local_numels = local_numels or []
+        self.sum_numels = sum_numels
 
     def _all_reduce(self, buf: Tensor, op: Any) -> Tensor:
         for group in self.groups:
@@ -185,11 +189,10 @@ class Sharding:
         if not self.groups:
             return stats, self.known_numels
         device, dtype = stats.norms.device, _wide_dtype(stats.norms.device)
-        need_numels = any(self.local_numels)
         rows = [stats.nan_count.to(dtype), stats.inf_count.to(dtype)]
         if norm_type != INF:
             rows.append(_to_partial(stats.norms, norm_type, dtype))
-        if need_numels:
+        if self.sum_numels:
             rows.append(_host_to_device(self.local_numels, dtype, device))
         sums = self._sum(torch.stack(rows))
         max_abs = self._max(stats.max_abs)
@@ -198,7 +201,7 @@ class Sharding:
         else:
             norms = _from_partial(sums[2], norm_type).to(stats.norms.dtype)
         numels = self.known_numels
-        if need_numels:
+        if self.sum_numels:
             summed = sums[-1].to(torch.int64).tolist()  # the documented host sync
             numels = [known + int(extra) for known, extra in zip(numels, summed)]
         counts = sums[:2].round().to(torch.int64)
@@ -241,7 +244,7 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
     if not has_dtensor:
         _group_ranks(process_group, "process_group")
         local = [g.numel() for g in grads.grads]
-        return Sharding([process_group], None, [0] * len(local), local)
+        return Sharding([process_group], None, [0] * len(local), local, sum_numels=True)
 
     mesh, mesh_owner = None, ""
     kinds: list[tuple[bool, ...] | None] = []
@@ -294,7 +297,8 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
     else:
         groups = [mesh.get_group(d) for d in dims]
     contributes = [all(k[d] or coordinate[d] == 0 for d in dims) for k in kinds_full]
-    return Sharding(groups, contributes, known, local)
+    plain_shards = process_group is not None and any(k is None for k in kinds)
+    return Sharding(groups, contributes, known, local, sum_numels=plain_shards)
 
 
 def to_local_(grads: core.GradList) -> None:

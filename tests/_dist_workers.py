@@ -11,6 +11,7 @@ stores its traceback under ``"error"``.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import itertools
 import os
 import traceback
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 WORLD = 2
+TIMEOUT = timedelta(seconds=30)  # a desynchronised collective fails instead of hanging
+WORKER_LIMIT_S = 100  # after this a worker prints where it is stuck and exits
 NORM_TYPES = (2.0, 1.0, float("inf"), 3.0)
 
 
@@ -290,7 +293,7 @@ def scenario_process_group(rank: int, seed: int) -> dict[str, Any]:
     import fastgradstats as fgs
 
     gen = torch.Generator().manual_seed(seed + 2)
-    group = dist.new_group(list(range(WORLD)))
+    group = dist.new_group(list(range(WORLD)), timeout=TIMEOUT)
     full = {
         n: (torch.randn(shape, generator=gen) * 2).to(dtype)
         for n, (shape, dtype) in SHARD_SPECS.items()
@@ -303,6 +306,8 @@ def scenario_process_group(rank: int, seed: int) -> dict[str, Any]:
     named = list(params.items())
     out: dict[str, Any] = {"want_stats": ref_stats(list(full.items()))}
     out["stats"] = fgs.grad_stats(named, process_group=group).to_dict()
+    # rank 1 holds only empty shards here: the ranks must still agree on the buffer size
+    out["one_stats"] = fgs.grad_stats(named[:2], process_group=group).to_dict()
     shards = [p.grad for p in params.values()]
     out["totals"] = {
         p: fgs.get_total_norm(shards, p, process_group=group).item() for p in NORM_TYPES
@@ -406,7 +411,7 @@ def scenario_errors(rank: int, seed: int) -> dict[str, Any]:
 
     mesh_a = init_device_mesh("cpu", (WORLD,))
     mesh_b = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("other",))
-    only_rank0 = dist.new_group([0])
+    only_rank0 = dist.new_group([0], timeout=TIMEOUT)
 
     def param(mesh: Any, grad: torch.Tensor) -> torch.Tensor:
         p = distribute_tensor(torch.zeros(8, 3), mesh, [Shard(0)])
@@ -451,12 +456,13 @@ def main(rank: int, world_size: int, seed: int, out_dir: str) -> None:
     # the torch backend by default: the Triton interpreter is too slow for a 1-minute budget
     os.environ["FASTGRADSTATS_BACKEND"] = os.environ.get("FASTGRADSTATS_DIST_BACKEND", "torch")
     torch.set_num_threads(1)  # 2 ranks on 2 cores
+    faulthandler.dump_traceback_later(WORKER_LIMIT_S, exit=True)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{os.path.join(out_dir, 'store')}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=60),
+        timeout=TIMEOUT,
     )
     from fastgradstats.dispatch import backend_for
 
@@ -467,7 +473,9 @@ def main(rank: int, world_size: int, seed: int, out_dir: str) -> None:
             try:
                 results[name] = scenario(rank, seed)
             except Exception:
+                # the other rank may now wait in a collective this one never joins: stop here
                 results[name] = {"error": traceback.format_exc()}
+                break
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

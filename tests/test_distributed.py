@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 WORLD = 2
-SPAWN_TIMEOUT_S = 150  # the whole module normally takes ~15 s; this only stops a hang
+SPAWN_TIMEOUT_S = 120  # the whole module normally takes ~15 s; this only stops a hang
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def results(tmp_path_factory) -> list[dict]:
 
 
 def scenario(results: list[dict], name: str) -> list[dict]:
-    per_rank = [r[name] for r in results]
+    per_rank = [r.get(name, {"error": "not run: an earlier scenario failed"}) for r in results]
     for rank, r in enumerate(per_rank):
         if "error" in r:
             pytest.fail(f"rank {rank}, scenario {name} (seed {results[0]['seed']}):\n{r['error']}")
@@ -169,6 +169,8 @@ def test_dtensor_replicated_counted_once_sharded_summed(results, mesh):
 def test_process_group_shards_give_full_parameter_stats(results):
     for r in scenario(results, "process_group"):
         assert_stats(r["stats"], r["want_stats"], rtol=2e-6)
+        want_first_two = dict(list(r["want_stats"].items())[:2])
+        assert_stats(r["one_stats"], want_first_two, rtol=2e-6)
         assert_totals(r["totals"], r["want_totals"], rtol=2e-6)
         assert r["local_total"] < r["want_totals"][2.0]  # why the group is needed
 
