@@ -177,7 +177,8 @@ def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
     if groups.in_order:
         return parts[0]
     flat = torch.cat([p.to(parts[0].dtype) for p in parts])
-    order = torch.tensor([i for idx in groups.indices for i in idx], device=groups.device)
+    order = [i for idx in groups.indices for i in idx]
+    order = torch_backend.host_to_device(order, torch.int64, groups.device)
     out = torch.empty(n, dtype=flat.dtype, device=groups.device)
     out[order] = flat
     return out

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import core
-from .torch_backend import GroupStats
+from .torch_backend import GroupStats, host_to_device
 
 if TYPE_CHECKING:
     from .stats import GradStats
@@ -99,15 +99,6 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _host_to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host list as a device tensor. On CUDA through pinned memory and
-    ``non_blocking``: a pageable copy would wait for all queued GPU work (a host sync)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def _to_partial(norms: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
     """Per-shard p-norms -> the additive quantity ``sum |g|^p`` (the count of nonzeros for p=0)."""
     wide = norms.to(dtype)
@@ -156,7 +147,7 @@ class Sharding:
     def _sum(self, rows: Tensor) -> Tensor:
         """SUM-reduce a [k, n] buffer of per-tensor additive partials."""
         if self.contributes is not None and not all(self.contributes):
-            keep = _host_to_device(self.contributes, torch.bool, rows.device)
+            keep = host_to_device(self.contributes, torch.bool, rows.device)
             # where, not a multiply: a NaN in a replica must not leak in as NaN * 0 = NaN
             rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
         return self._all_reduce(rows.contiguous(), dist.ReduceOp.SUM)
@@ -193,7 +184,7 @@ class Sharding:
         if norm_type != INF:
             rows.append(_to_partial(stats.norms, norm_type, dtype))
         if self.sum_numels:
-            rows.append(_host_to_device(self.local_numels, dtype, device))
+            rows.append(host_to_device(self.local_numels, dtype, device))
         sums = self._sum(torch.stack(rows))
         max_abs = self._max(stats.max_abs)
         if norm_type == INF:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import core, distributed
+from .torch_backend import host_to_device
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GradStats:
     @property
     def numel(self) -> Tensor:
         """Element count of each gradient, int64 [n], on the stats' device."""
-        return torch.tensor(self.numels, dtype=torch.int64).to(self.norms.device)
+        return host_to_device(self.numels, torch.int64, self.norms.device)
 
     @property
     def nonfinite(self) -> Tensor:

@@ -45,6 +45,18 @@ class GroupStats(NamedTuple):
     inf_count: Tensor  # int64
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a tensor on ``device``, without a host sync.
+
+    On CUDA the copy goes through pinned memory with ``non_blocking=True``: a copy from
+    pageable memory would wait for all queued GPU work first.
+    """
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are accumulated and returned in for gradients of ``dtype``."""
     if dtype in (torch.float64, torch.complex128):
@@ -110,7 +122,7 @@ def _inf_norms(grads: list[Tensor], foreach: bool | None) -> Tensor:
     out = torch.zeros(len(grads), dtype=acc, device=grads[0].device)
     if nonempty:
         values = torch.stack(_max_abs_list([grads[i] for i in nonempty], foreach)).to(acc)
-        out[torch.tensor(nonempty, device=out.device)] = values
+        out[host_to_device(nonempty, torch.int64, out.device)] = values
     return out
 
 
@@ -131,10 +143,12 @@ def _count_nonfinite(grads: list[Tensor], max_abs: Tensor) -> tuple[Tensor, Tens
         suspects = range(n)  # deciding which to skip would need a sync; count them all
     nan_count = torch.zeros(n, dtype=torch.int64, device=device)
     inf_count = torch.zeros(n, dtype=torch.int64, device=device)
-    if suspects:
-        idx = list(suspects)
-        sel = [grads[i] for i in idx]
-        index = torch.tensor(idx, device=device)
+    if len(suspects) == n:
+        nan_count = torch.stack([torch.isnan(g).sum() for g in grads])
+        inf_count = torch.stack([torch.isinf(g).sum() for g in grads])
+    elif suspects:
+        sel = [grads[i] for i in suspects]
+        index = host_to_device(list(suspects), torch.int64, device)
         nan_count[index] = torch.stack([torch.isnan(g).sum() for g in sel])
         inf_count[index] = torch.stack([torch.isinf(g).sum() for g in sel])
     return nan_count, inf_count
