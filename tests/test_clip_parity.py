@@ -177,7 +177,8 @@ def test_none_grads_are_skipped_and_named_parameters_accepted(backend):
     model[0].bias.grad = None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     expected = torch.nn.utils.get_total_norm(grads)
-    assert torch.equal(fgs.get_total_norm(grads), expected)
+    # the fused kernels add in another order than torch: equal to rounding, not bitwise
+    torch.testing.assert_close(fgs.get_total_norm(grads), expected, rtol=2e-6, atol=0)
     total = fgs.clip_grad_norm_(model.named_parameters(), 1e9)
     torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
     _, stats = fgs.clip_grad_norm_(model.named_parameters(), 1e9, return_stats=True)
