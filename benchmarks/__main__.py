@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true",
                         help="also run the size and tensor-count sweeps and plot them")  # fmt: skip
     parser.add_argument(
+        "--tag", default="", help="appended to the results file name: <device>-<date>-<tag>.json"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_suite(settings, log=sys.stderr)
     out_dir = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     suffix = ("-quick" if args.quick else "") + (f"-{args.threads}thread" if args.threads else "")
+    if args.tag:
+        if not args.tag.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
+        suffix += f"-{args.tag}"
     if args.sweep:
         from .sweep import plot_sweep, run_sweep
 

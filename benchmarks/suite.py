@@ -443,6 +443,24 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: dict[str, Any]) -> str:
+    """The summary as a markdown table (for benchmarks/README.md)."""
+    lines = [
+        "| workload | op | fastgradstats ms | torch ms | baseline | ratio | torch loop ms "
+        "| GB/s | % copy |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["results"]:
+        loop = r["times"].get(TORCH_LOOP)
+        lines.append(
+            f"| {r['workload']} | {r['op']} | {_fmt_ms(r['fgs_s'])} | {_fmt_ms(r['torch_s'])} "
+            f"| {r['baseline']} | {r['ratio']:.2f} | "
+            f"{_fmt_ms(loop['median_s']) if loop else '-'} | {r['gbps']:.1f} "
+            f"| {r['pct_copy']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def results_path(out_dir: Path, result: dict[str, Any], suffix: str = "") -> Path:
     """``<out_dir>/<device>-<YYYY-MM-DD><suffix>.json``."""
     meta = result["meta"]
@@ -476,6 +494,7 @@ __all__ = [
     "Settings",
     "cpu_targets",
     "default_device",
+    "format_markdown",
     "format_table",
     "gpu_targets",
     "metadata",
