@@ -270,3 +270,36 @@ def test_nan_and_inf_totals_scale_like_torch(backend):
         total = fgs.clip_grad_norm_(params, 1.0)
         assert_same_tensors([total], [expected_total])
         assert_same_tensors(clone_grads(params), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_large_16bit_tensors_at_least_as_accurate_as_torch(backend, dtype, norm_type):
+    # large enough for the CPU row-wise path (and many kernel blocks), with a ragged tail
+    params = make_params([(1 << 17) + 4099, 3, 70001], dtype=dtype, scale=0.01)
+    grads = [p.grad for p in params]
+    reference = ref_norm(grads, norm_type)
+    stats = fgs.grad_stats(params, norm_type)
+    assert rel_err(float(stats.total_norm), reference) < 1e-4  # float32, before rounding
+    for i, g in enumerate(grads):
+        assert rel_err(float(stats.norms[i]), ref_norm([g], norm_type)) < 1e-4
+    ours = rel_err(float(fgs.get_total_norm(grads, norm_type)), reference)
+    theirs = rel_err(float(torch.nn.utils.get_total_norm(grads, norm_type)), reference)
+    assert ours <= theirs + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_very_large_16bit_tensor_on_cpu_stays_accurate(dtype):
+    """The torch backend's row-wise path for big 16-bit tensors (CPU only, so no backend
+    fixture: the Triton interpreter would take minutes on this size)."""
+    # scale keeps the L1 total inside float16's range (the result has the grads' dtype)
+    params = make_params([(1 << 23) + 4099, 5], dtype=dtype, scale=0.001)
+    grads = [p.grad for p in params]
+    for norm_type in (2.0, 1.0):
+        reference = ref_norm(grads, norm_type)
+        stats = fgs.grad_stats(params, norm_type, backend="torch")
+        assert rel_err(float(stats.norms[0]), ref_norm(grads[:1], norm_type)) < 1e-4
+        assert rel_err(float(stats.total_norm), reference) < 1e-4
+        total = fgs.get_total_norm(grads, norm_type, backend="torch")
+        assert total.dtype == dtype
+        assert rel_err(float(total), reference) <= 2.0**-8 / 2 * 1.01 + 1e-4
