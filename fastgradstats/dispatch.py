@@ -16,7 +16,6 @@ machine with no GPU and no interpreter never touches it.
 
 from __future__ import annotations
 
-import functools
 import os
 from types import ModuleType
 
@@ -42,13 +41,21 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
+# The Triton backend module, or why it failed to import; filled on first need. A plain
+# global rather than functools.lru_cache, which torch.compile warns about when tracing.
+_triton_backend: ModuleType | str | None = None
+
+
 def _triton_backend_or_error() -> ModuleType | str:
-    try:
-        from . import triton_backend
-    except Exception as exc:  # ImportError, or a broken Triton install
-        return f"{type(exc).__name__}: {exc}"
-    return triton_backend
+    global _triton_backend
+    if _triton_backend is None:
+        try:
+            from . import triton_backend
+
+            _triton_backend = triton_backend
+        except Exception as exc:  # ImportError, or a broken Triton install
+            _triton_backend = f"{type(exc).__name__}: {exc}"
+    return _triton_backend
 
 
 def triton_available() -> bool:
