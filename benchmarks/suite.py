@@ -425,6 +425,8 @@ def format_table(result: dict[str, Any]) -> str:
     if targets:
         lines.append("")
         lines.append(f"issue-2 CPU targets ({targets['workload']}, time / {targets['baseline']}):")
+        if result["meta"]["settings"].get("quick"):
+            lines.append("  (--quick sizes: the targets are for full-size grads; these are not)")
         for key in CPU_TARGETS:
             if key in targets:
                 t = targets[key]

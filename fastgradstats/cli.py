@@ -12,6 +12,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import runpy
 import sys
 import time
@@ -260,6 +261,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Run the repository's benchmark summary (``python -m benchmarks``) when available."""
+    # A console script's sys.path starts at its bin/ folder, not at the checkout it is run
+    # from, so look in the working directory too.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if importlib.util.find_spec("benchmarks") is None:
         print(
             "The benchmarks live in the fastgradstats repository, not in the installed "
@@ -315,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastgradstats`` command; returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # argparse's REMAINDER drops a leading "--option": hand the rest over untouched
+        return bench(argparse.Namespace(bench_args=argv[1:]))
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -80,3 +80,16 @@ def test_python_dash_m_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "verdict" in result.stdout
     assert (tmp_path / "summary.md").exists()
+
+
+def test_bench_passes_options_through(monkeypatch):
+    seen = {}
+
+    def fake_run_module(name, run_name, alter_sys):
+        seen["argv"] = list(sys.argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(cli.runpy, "run_module", fake_run_module)
+    assert cli.main(["bench", "--quick", "--device", "cpu"]) == 0
+    assert seen["argv"] == ["benchmarks", "--quick", "--device", "cpu"]
