@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from . import core
 from .clip import clip_grad_norm_, get_total_norm
 from .stats import GradStats, compute
+from .torch_backend import host_to_device
 
 _TINY = 1e-30  # floor before taking logs: a zero gradient is "very small", not -inf
 
@@ -858,7 +859,8 @@ class GradMonitor:
         key = tuple(self._index[name] for name in names)
         index = self._index_cache.get(key)
         if index is None:
-            index = torch.tensor(key, dtype=torch.int64).to(self.device)
+            # pinned, non-blocking: step() must not wait for the GPU
+            index = host_to_device(list(key), torch.int64, self.device)
             self._index_cache[key] = index
         return index
 
