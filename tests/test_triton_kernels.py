@@ -531,3 +531,30 @@ def test_torch_compile_fullgraph_through_custom_ops(compiler):
     for p, q in zip(params, twins):
         assert torch.equal(p.grad, q.grad)
     torch._dynamo.reset()
+
+
+class _PoisonedEmpty:
+    """Stands in for ``torch`` inside kernels/stats.py: every ``empty`` buffer (partials
+    and outputs) starts filled with a value no kernel result can have, so an entry the
+    kernels never wrote shows up instead of passing on recycled memory."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        return out.fill_(-12345.0 if out.is_floating_point() else -7)
+
+
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_every_output_entry_is_written(monkeypatch, norm_type):
+    monkeypatch.setattr(stats_kernels, "torch", _PoisonedEmpty())
+    gen = torch.Generator().manual_seed(11)
+    sizes = [0, 1, BLOCK, 0, BLOCK + 1, 7, 5 * BLOCK + 3, 0]
+    grads = [_random(n, torch.float32, gen) for n in sizes]
+    grads[4][3] = INF
+    stats = triton_backend.group_stats(grads, norm_type)
+    assert_stats_match(stats, grads, norm_type)
+    all_empty = [_random(0, torch.bfloat16, gen) for _ in range(3)]
+    assert_stats_match(triton_backend.group_stats(all_empty, norm_type), all_empty, norm_type)
