@@ -10,7 +10,11 @@ Same signatures, return values and return dtypes as torch 2.13, plus keyword-onl
 * ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
 * bad arguments (negative or NaN ``max_norm``, NaN ``norm_type``, sparse or integer
   gradients) raise before any gradient is touched;
-* the inf-norm of an empty gradient is 0 (torch raises).
+* the inf-norm of an empty gradient is 0 (torch raises);
+* DTensor gradients: the total norm is a DTensor on their mesh, ``Replicate`` like torch's,
+  also for the inf-norm (torch's is then ``Partial(max)``, reduced on first use: same
+  value); it costs one all-reduce per reduction group (see :mod:`fastgradstats.distributed`;
+  torch: one per mesh dim) and no other collective.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def get_total_norm(
     total = core.total_norm(norms, p)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None, sharding)
-    return total.to(core.result_dtype(grads.grads))
+    return distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
 
 
 @torch.no_grad()
@@ -163,7 +167,7 @@ def clip_grad_norm_(
 
     coef = core.clip_coefficient(max_norm, total)
     core.scale_groups_(groups, coef, backend, foreach)
-    result = total.to(core.result_dtype(grads.grads))
+    result = distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
     if stats is not None:
         stats.clip_coef = coef
         return result, stats
