@@ -473,6 +473,32 @@ SCENARIOS = {
 }
 
 
+def spawn(target: Callable[..., None], world: int, args: tuple, out_dir: str, timeout_s: float):
+    """Run ``target(rank, world, *args, out_dir)`` on ``world`` spawned processes.
+
+    Returns ``(exit codes, hung)``: the processes still alive after ``timeout_s`` are
+    killed and reported as hung. Each worker saves its results under ``out_dir`` itself.
+    """
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=target, args=(rank, world, *args, out_dir)) for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    hung = [proc.is_alive() for proc in procs]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return [proc.exitcode for proc in procs], any(hung)
+
+
 def main(rank: int, world_size: int, seed: int, out_dir: str) -> None:
     # the torch backend by default: the Triton interpreter is too slow for a 1-minute budget
     os.environ["FASTGRADSTATS_BACKEND"] = os.environ.get("FASTGRADSTATS_DIST_BACKEND", "torch")

@@ -9,9 +9,7 @@ the single-process result on the full model. Inputs are drawn from a fresh seed 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import random
-import time
 
 import pytest
 import torch
@@ -39,23 +37,11 @@ def results(tmp_path_factory) -> list[dict]:
 
     out_dir = tmp_path_factory.mktemp("dist")
     seed = random.SystemRandom().randrange(2**31)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_dist_workers.main, args=(rank, WORLD, seed, str(out_dir)))
-        for rank in range(WORLD)
-    ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join()
+    codes, hung = _dist_workers.spawn(
+        _dist_workers.main, WORLD, (seed,), str(out_dir), SPAWN_TIMEOUT_S
+    )
     if hung:
         pytest.fail(f"distributed workers hung for {SPAWN_TIMEOUT_S} s (seed {seed})")
-    codes = [proc.exitcode for proc in procs]
     print(f"distributed workers: seed {seed}")  # shown by pytest when a test fails
     assert codes == [0] * WORLD, f"workers exited with {codes} (seed {seed})"
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
