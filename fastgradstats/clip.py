@@ -67,7 +67,8 @@ def get_total_norm(
     """Norm of all ``tensors`` seen as one vector (the tensors themselves, not their .grad).
 
     Returns a 0-d tensor on the first tensor's device, in the promoted dtype of the inputs
-    (``tensor(0.)`` for no tensors). Same contract as ``torch.nn.utils.get_total_norm``.
+    (``tensor(0.)`` for no tensors; a ``Replicate`` DTensor for DTensors). Same contract
+    as ``torch.nn.utils.get_total_norm``.
     DTensors and ``process_group=`` shards give the norm of the full tensors, as in
     :func:`clip_grad_norm_`.
     """
@@ -141,7 +142,8 @@ def clip_grad_norm_(
             see :mod:`fastgradstats.distributed`).
 
     Returns:
-        The total norm (0-d tensor, first gradient's device, promoted grad dtype), or
+        The total norm (0-d tensor, first gradient's device, promoted grad dtype; for
+        DTensor gradients a ``Replicate`` DTensor on their mesh, as torch returns it), or
         ``(total_norm, stats)`` when ``return_stats=True``.
     """
     max_norm = core.check_max_norm(max_norm)

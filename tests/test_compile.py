@@ -140,3 +140,21 @@ def test_triton_backend_is_traced_as_custom_ops(monkeypatch):
     assert len(graphs) == 1
     assert "fastgradstats.triton_group_stats" in graphs[0]
     assert "fastgradstats.triton_scale_" in graphs[0]
+
+
+def test_compiled_clip_follows_new_shapes_and_dtypes(backend):
+    """A recompile for other gradient sizes (dynamic shapes) must stay graph-break free."""
+
+    def clip(params):
+        return fgs.clip_grad_norm_(params, 0.5)
+
+    compiled = torch.compile(clip, fullgraph=True, backend="eager")
+    for sizes, dtype in (([7, 13], torch.float32), ([9, 0, 21], torch.float32), ([5, 8], None)):
+        gen = torch.Generator().manual_seed(sum(sizes))
+        params = make_params(sizes, dtype or torch.bfloat16, generator=gen, scale=2.0)
+        eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for e, p in zip(eager, params):
+            e.grad = p.grad.clone()
+        _assert_equal(compiled(params), clip(eager), "eager", str(sizes))
+        for g, w in zip(clone_grads(params), clone_grads(eager)):
+            _assert_equal(g, w, "eager", str(sizes))
