@@ -173,8 +173,13 @@ def run_case(kind: str, norm_type: float, rank: int) -> list[dict[str, Any]]:
 
 
 def backends() -> list[str]:
+    """Both backends (Triton through the interpreter), or the one $FASTGRADSTATS_BACKEND
+    forces, as the ``backend`` fixture of tests/conftest.py does."""
     from fastgradstats import dispatch
 
+    forced = os.environ.get(dispatch.ENV_BACKEND)
+    if forced and forced != "auto":
+        return [forced]
     names = ["torch"]
     if dispatch.triton_available() and dispatch.triton_interpreter_on():
         names.append("triton")
