@@ -6,7 +6,8 @@ Same signatures, return values and return dtypes as torch 2.13, plus keyword-onl
 * per-tensor norms of 16-bit gradients are accumulated in float32 (torch rounds them to
   the gradient dtype first), so results are at least as close to the exact norm;
 * when clipping is not needed the gradients are not written at all (torch multiplies
-  them by 1.0, which leaves the same bits);
+  them by 1.0, which leaves the same bits), except under ``torch.compile`` on the torch
+  backend, which multiplies them by 1.0 too (a graph cannot branch on the coefficient);
 * ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
 * bad arguments (negative or NaN ``max_norm``, NaN ``norm_type``, sparse or integer
   gradients) raise before any gradient is touched;

@@ -9,7 +9,8 @@ gradients that share a device and a dtype (the grouping is done by ``fastgradsta
     -> ``GroupStats``: per-tensor p-norm, max |g|, NaN count, Inf count, all shape [n].
 ``scale_(grads, coef, foreach)``
     multiply every gradient in place by the 0-d device tensor ``coef``; gradient memory is
-    left untouched when ``coef >= 1`` wherever the backend can tell without a host sync.
+    left untouched when ``coef >= 1`` wherever the backend can tell without a host sync
+    (and, for this backend, outside ``torch.compile``: see :func:`scale_`).
 ``clamp_(grads, clip_value, foreach)``
     clamp every gradient in place to ``[-clip_value, clip_value]``.
 
@@ -22,7 +23,8 @@ Conventions shared by all backends:
 This backend runs anywhere torch runs. It reads each gradient once for the norms; the
 full statistics cost a second read (max |g|) and, only for tensors whose max |g| is not
 finite, a third (the NaN/Inf counts). On CUDA it never syncs, at the price of always
-counting NaN/Inf; the Triton backend does everything in one read.
+counting NaN/Inf (as under ``torch.compile`` on any device: a graph cannot choose which
+tensors to count from their values); the Triton backend does everything in one read.
 """
 
 from __future__ import annotations
