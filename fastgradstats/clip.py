@@ -6,11 +6,16 @@ Same signatures, return values and return dtypes as torch 2.13, plus keyword-onl
 * per-tensor norms of 16-bit gradients are accumulated in float32 (torch rounds them to
   the gradient dtype first), so results are at least as close to the exact norm;
 * when clipping is not needed the gradients are not written at all (torch multiplies
-  them by 1.0, which leaves the same bits);
+  them by 1.0, which leaves the same bits), except under ``torch.compile`` on the torch
+  backend, which multiplies them by 1.0 too (a graph cannot branch on the coefficient);
 * ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
 * bad arguments (negative or NaN ``max_norm``, NaN ``norm_type``, sparse or integer
   gradients) raise before any gradient is touched;
-* the inf-norm of an empty gradient is 0 (torch raises).
+* the inf-norm of an empty gradient is 0 (torch raises);
+* DTensor gradients: the total norm is a DTensor on their mesh, ``Replicate`` like torch's,
+  also for the inf-norm (torch's is then ``Partial(max)``, reduced on first use: same
+  value); it costs one all-reduce per reduction group (see :mod:`fastgradstats.distributed`;
+  torch: one per mesh dim) and no other collective.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def get_total_norm(
     """Norm of all ``tensors`` seen as one vector (the tensors themselves, not their .grad).
 
     Returns a 0-d tensor on the first tensor's device, in the promoted dtype of the inputs
-    (``tensor(0.)`` for no tensors). Same contract as ``torch.nn.utils.get_total_norm``.
+    (``tensor(0.)`` for no tensors; a ``Replicate`` DTensor for DTensors). Same contract
+    as ``torch.nn.utils.get_total_norm``.
     DTensors and ``process_group=`` shards give the norm of the full tensors, as in
     :func:`clip_grad_norm_`.
     """
@@ -79,7 +85,7 @@ def get_total_norm(
     total = core.total_norm(norms, p)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None, sharding)
-    return total.to(core.result_dtype(grads.grads))
+    return distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
 
 
 @torch.no_grad()
@@ -137,7 +143,8 @@ def clip_grad_norm_(
             see :mod:`fastgradstats.distributed`).
 
     Returns:
-        The total norm (0-d tensor, first gradient's device, promoted grad dtype), or
+        The total norm (0-d tensor, first gradient's device, promoted grad dtype; for
+        DTensor gradients a ``Replicate`` DTensor on their mesh, as torch returns it), or
         ``(total_norm, stats)`` when ``return_stats=True``.
     """
     max_norm = core.check_max_norm(max_norm)
@@ -163,7 +170,7 @@ def clip_grad_norm_(
 
     coef = core.clip_coefficient(max_norm, total)
     core.scale_groups_(groups, coef, backend, foreach)
-    result = total.to(core.result_dtype(grads.grads))
+    result = distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
     if stats is not None:
         stats.clip_coef = coef
         return result, stats

@@ -84,6 +84,11 @@ def check_grad(grad: Tensor, name: str) -> None:
             f"gradient of parameter {name!r} has dtype {grad.dtype}; a floating point "
             "gradient is required"
         )
+    if grad.dtype.itemsize < 2:  # float8 / float4: torch has no norm, mul or clamp for them
+        raise TypeError(
+            f"gradient of parameter {name!r} has dtype {grad.dtype}; fastgradstats supports "
+            "16, 32 and 64-bit float (and complex) gradients: upcast it first, e.g. grad.float()"
+        )
 
 
 def collect(

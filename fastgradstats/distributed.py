@@ -128,8 +128,10 @@ class Sharding:
         known_numels: list[int] | None = None,
         local_numels: list[int] | None = None,
         sum_numels: bool = False,
+        mesh: Any = None,
     ) -> None:
         self.groups = groups
+        self.mesh = mesh  # the DTensor gradients' device mesh; None for process_group shards
         self.contributes = contributes
         # Full-parameter element counts: DTensors know theirs; plain shards need a SUM of
         # their local counts (``local_numels`` holds those, 0 where the count is known).
@@ -289,7 +291,23 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
         groups = [mesh.get_group(d) for d in dims]
     contributes = [all(k[d] or coordinate[d] == 0 for d in dims) for k in kinds_full]
     plain_shards = process_group is not None and any(k is None for k in kinds)
-    return Sharding(groups, contributes, known, local, sum_numels=plain_shards)
+    return Sharding(groups, contributes, known, local, sum_numels=plain_shards, mesh=mesh)
+
+
+def as_total_norm(total: Tensor, sharding: Sharding | None) -> Tensor:
+    """The total norm in the form torch returns it: for DTensor gradients a DTensor on
+    their mesh, ``Replicate`` on every mesh dim (its local value is already the global
+    norm, so ``full_tensor()`` and ``to_local()`` cost no collective); else ``total``.
+
+    torch returns ``Replicate`` too, except for the inf-norm, where its result is still a
+    ``Partial(max)`` DTensor (reduced on first use); the value is the same.
+    """
+    if sharding is None or sharding.mesh is None:
+        return total
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = sharding.mesh
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def to_local_(grads: core.GradList) -> None:
@@ -390,6 +408,7 @@ def combine_pipeline_stats(stats: GradStats, pp_group: Any = None) -> GradStats:
 
 __all__ = [
     "Sharding",
+    "as_total_norm",
     "combine_pipeline_norm",
     "combine_pipeline_stats",
     "is_dtensor",

@@ -74,7 +74,10 @@ class GradStats:
         """Plain Python numbers, one host sync for everything.
 
         ``{"norm_type", "total_norm", "clip_coef", "tensors": {name: {"norm", "max_abs",
-        "nan_count", "inf_count", "numel"}}}``.
+        "nan_count", "inf_count", "numel"}}}``, one entry per gradient in input order. A
+        name given more than once (e.g. two models' ``named_parameters()`` chained) keeps
+        every entry: its second occurrence is keyed ``"name#2"``, the third ``"name#3"``...
+        (see :func:`unique_names`).
         """
         scalars = [self.total_norm.to(self.norms.dtype).reshape(1)]
         if self.clip_coef is not None:
@@ -90,7 +93,7 @@ class GradStats:
                 "inf_count": int(counts[n + i]),
                 "numel": self.numels[i],
             }
-            for i, name in enumerate(self.names)
+            for i, name in enumerate(unique_names(self.names))
         }
         return {
             "norm_type": self.norm_type,
@@ -113,6 +116,30 @@ class GradStats:
             )
         lines.append(f"total {self.norm_type:g}-norm: {data['total_norm']:.6e}")
         return "\n".join(lines)
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats told apart: the k-th occurrence (k >= 2) of ``n`` becomes
+    ``"n#k"`` (or the next free ``"n#j"`` when that name is taken too); unique names stay."""
+    if len(set(names)) == len(names):
+        return list(names)
+    taken = set(names)
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        if count == 1:
+            out.append(name)
+            continue
+        candidate = f"{name}#{count}"
+        while candidate in taken:
+            count += 1
+            candidate = f"{name}#{count}"
+        seen[name] = count
+        taken.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def empty_stats(norm_type: float) -> GradStats:
@@ -182,4 +209,4 @@ def grad_stats(
     return compute(grads, p, backend, sharding=sharding)
 
 
-__all__ = ["GradStats", "empty_stats", "grad_stats"]
+__all__ = ["GradStats", "empty_stats", "grad_stats", "unique_names"]

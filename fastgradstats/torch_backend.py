@@ -9,7 +9,8 @@ gradients that share a device and a dtype (the grouping is done by ``fastgradsta
     -> ``GroupStats``: per-tensor p-norm, max |g|, NaN count, Inf count, all shape [n].
 ``scale_(grads, coef, foreach)``
     multiply every gradient in place by the 0-d device tensor ``coef``; gradient memory is
-    left untouched when ``coef >= 1`` wherever the backend can tell without a host sync.
+    left untouched when ``coef >= 1`` wherever the backend can tell without a host sync
+    (and, for this backend, outside ``torch.compile``: see :func:`scale_`).
 ``clamp_(grads, clip_value, foreach)``
     clamp every gradient in place to ``[-clip_value, clip_value]``.
 
@@ -22,7 +23,8 @@ Conventions shared by all backends:
 This backend runs anywhere torch runs. It reads each gradient once for the norms; the
 full statistics cost a second read (max |g|) and, only for tensors whose max |g| is not
 finite, a third (the NaN/Inf counts). On CUDA it never syncs, at the price of always
-counting NaN/Inf; the Triton backend does everything in one read.
+counting NaN/Inf (as under ``torch.compile`` on any device: a graph cannot choose which
+tensors to count from their values); the Triton backend does everything in one read.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> Te
     On CUDA the copy goes through pinned memory with ``non_blocking=True``: a copy from
     pageable memory would wait for all queued GPU work first.
     """
+    if torch.compiler.is_compiling():
+        # traced as a graph constant: no host memory to pin (and pinning cannot be traced)
+        return torch.tensor(values, dtype=dtype, device=device)
     tensor = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
@@ -179,12 +184,14 @@ def group_norms(grads: list[Tensor], norm_type: float, foreach: bool | None = No
 
 def _count_nonfinite(grads: list[Tensor], max_abs: Tensor) -> tuple[Tensor, Tensor]:
     n, device = len(grads), grads[0].device
-    if device.type == "cpu":
+    if device.type == "cpu" and not torch.compiler.is_compiling():
         # On the host the check is free: only tensors whose max |g| is not finite can hold
         # a NaN or an Inf, so the common all-finite case costs no extra pass.
         suspects = (~torch.isfinite(max_abs)).nonzero().flatten().tolist()
     else:
-        suspects = range(n)  # deciding which to skip would need a sync; count them all
+        # Deciding which to skip would need a sync (or, under torch.compile, a
+        # data-dependent graph): count them all.
+        suspects = range(n)
     nan_count = torch.zeros(n, dtype=torch.int64, device=device)
     inf_count = torch.zeros(n, dtype=torch.int64, device=device)
     if len(suspects) == n:
@@ -209,10 +216,16 @@ def group_stats(grads: list[Tensor], norm_type: float, foreach: bool | None = No
 def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
     """Multiply each gradient in place by the 0-d tensor ``coef`` (on the grads' device).
 
-    On the CPU reading ``coef`` is free, so when it is >= 1 (nothing to clip) the gradients
-    are not written at all. A NaN coefficient is applied, as torch applies it.
+    A coefficient >= 1 means "nothing to clip". In eager mode on the CPU, where reading
+    ``coef`` is free, the gradients are then not written at all. Under ``torch.compile``,
+    whose graphs cannot branch on a tensor value, they are multiplied by
+    ``where(coef >= 1, 1, coef)``: written, with the values they had. On CUDA in eager
+    mode they are multiplied by ``coef`` as torch does (the callers clamp it to <= 1).
+    A NaN coefficient is applied, as torch applies it.
     """
-    if coef.device.type == "cpu" and bool(coef >= 1.0):
+    if torch.compiler.is_compiling():
+        coef = torch.where(coef >= 1.0, torch.ones_like(coef), coef)  # NaN >= 1 is False
+    elif coef.device.type == "cpu" and bool(coef >= 1.0):
         return
     if _use_foreach(grads, foreach):
         torch._foreach_mul_(grads, coef)

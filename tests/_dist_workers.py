@@ -76,6 +76,21 @@ def error_text(fn: Callable[[], Any]) -> str | None:
     return None
 
 
+def describe_total(total: torch.Tensor) -> dict[str, Any]:
+    """What kind of tensor a total norm is: class, placements, dtype, shape, local value."""
+    out: dict[str, Any] = {
+        "type": type(total).__name__,
+        "dtype": total.dtype,
+        "shape": tuple(total.shape),
+    }
+    if hasattr(total, "placements"):
+        out["placements"] = [repr(p) for p in total.placements]
+        out["mesh_ndim"] = total.device_mesh.ndim
+        out["local"] = total.to_local().item()
+        out["full"] = total.full_tensor().item()
+    return out
+
+
 def mlp(*widths: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(widths):
@@ -182,12 +197,15 @@ def scenario_fsdp2(rank: int, seed: int) -> dict[str, Any]:
     grads = [p.grad for p in model.parameters()]
     out["totals"] = {p: fgs.get_total_norm(grads, p).item() for p in NORM_TYPES}
     out["want_totals"] = {p: ref_total(ref_grads, p) for p in NORM_TYPES}
+    out["totals_kind"] = {p: describe_total(fgs.get_total_norm(grads, p)) for p in NORM_TYPES}
 
     want_total = ref_total(ref_grads, 2.0)
     max_norm = 0.3 * want_total
     with count_all_reduce() as calls:
-        out["total"] = fgs.clip_grad_norm_(model.parameters(), max_norm).item()
+        total = fgs.clip_grad_norm_(model.parameters(), max_norm)
     out["all_reduces_clip"] = len(calls)
+    out["total"] = total.full_tensor().item()  # torch's FSDP2 test calls full_tensor() here
+    out["total_kind"] = describe_total(total)
     out["want_total"] = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item()
     out["clipped"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     out["want_clipped"] = {n: p.grad.clone() for n, p in ref_named}
@@ -266,8 +284,10 @@ def scenario_dtensor(rank: int, seed: int) -> dict[str, Any]:
         res["want_totals"] = {p: ref_total(list(full.values()), p) for p in NORM_TYPES}
         max_norm = 0.5 * res["want_totals"][2.0]
         with count_all_reduce() as calls:
-            res["total"] = fgs.clip_grad_norm_(named, max_norm).item()
+            total = fgs.clip_grad_norm_(named, max_norm)
         res["all_reduces_clip"] = len(calls)
+        res["total"] = total.full_tensor().item()
+        res["total_kind"] = describe_total(total)
         coef = max_norm / (res["want_totals"][2.0] + 1e-6)
         res["clipped"] = {
             n: (p.grad.full_tensor() if n != "plain" else p.grad.clone()) for n, p in named
@@ -314,6 +334,7 @@ def scenario_process_group(rank: int, seed: int) -> dict[str, Any]:
     }
     out["want_totals"] = {p: ref_total(list(full.values()), p) for p in NORM_TYPES}
     out["local_total"] = fgs.get_total_norm(shards).item()  # what a clip without the group sees
+    out["total_kind"] = describe_total(fgs.get_total_norm(shards, process_group=group))
 
     max_norm = 0.25 * out["want_totals"][2.0]
     with count_all_reduce() as calls:
@@ -450,6 +471,32 @@ SCENARIOS = {
     "pipeline": scenario_pipeline,
     "errors": scenario_errors,
 }
+
+
+def spawn(target: Callable[..., None], world: int, args: tuple, out_dir: str, timeout_s: float):
+    """Run ``target(rank, world, *args, out_dir)`` on ``world`` spawned processes.
+
+    Returns ``(exit codes, hung)``: the processes still alive after ``timeout_s`` are
+    killed and reported as hung. Each worker saves its results under ``out_dir`` itself.
+    """
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=target, args=(rank, world, *args, out_dir)) for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    hung = [proc.is_alive() for proc in procs]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return [proc.exitcode for proc in procs], any(hung)
 
 
 def main(rank: int, world_size: int, seed: int, out_dir: str) -> None:

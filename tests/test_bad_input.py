@@ -144,3 +144,36 @@ def test_foreach_true_on_unsupported_device_raises_like_torch():
         torch.nn.utils.get_total_norm(grads, foreach=True)
     with pytest.raises(RuntimeError, match="foreach"):
         fgs.get_total_norm(grads, foreach=True, backend="torch")
+
+
+_FLOAT8 = [
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+]
+
+
+@pytest.mark.parametrize("dtype", _FLOAT8, ids=str)
+def test_float8_gradient_is_refused_by_name(backend, dtype):
+    """Not torch's internal promotion error: a TypeError naming the parameter, before any
+    gradient (the float32 one listed first included) is touched."""
+    good = torch.nn.Parameter(torch.zeros(7))
+    good.grad = torch.randn(7) * 10
+    low = torch.nn.Parameter(torch.zeros(5).to(dtype))
+    low.grad = (torch.randn(5) * 10).to(dtype)
+    named = [("encoder.weight", good), ("head.fp8_weight", low)]
+    original = clone_grads([good, low])
+    pattern = rf"'head\.fp8_weight'.*{str(dtype).removeprefix('torch.')}"
+    for call in (
+        lambda: fgs.clip_grad_norm_(named, 1e-3),
+        lambda: fgs.clip_grad_norm_(named, 1e-3, return_stats=True),
+        lambda: fgs.grad_stats(named),
+        lambda: fgs.get_total_norm([(n, p.grad) for n, p in named]),
+        lambda: fgs.clip_grads_with_norm_(named, 1e-3, torch.tensor(5.0)),
+        lambda: fgs.clip_grad_value_(named, 1e-3),
+    ):
+        with pytest.raises(TypeError, match=pattern):
+            call()
+    _unchanged([good, low], original)
+    with pytest.raises(TypeError, match=r"'1'.*float8"):  # unnamed: its position
+        fgs.get_total_norm([good.grad, low.grad])

@@ -9,9 +9,7 @@ the single-process result on the full model. Inputs are drawn from a fresh seed 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import random
-import time
 
 import pytest
 import torch
@@ -39,23 +37,11 @@ def results(tmp_path_factory) -> list[dict]:
 
     out_dir = tmp_path_factory.mktemp("dist")
     seed = random.SystemRandom().randrange(2**31)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_dist_workers.main, args=(rank, WORLD, seed, str(out_dir)))
-        for rank in range(WORLD)
-    ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join()
+    codes, hung = _dist_workers.spawn(
+        _dist_workers.main, WORLD, (seed,), str(out_dir), SPAWN_TIMEOUT_S
+    )
     if hung:
         pytest.fail(f"distributed workers hung for {SPAWN_TIMEOUT_S} s (seed {seed})")
-    codes = [proc.exitcode for proc in procs]
     print(f"distributed workers: seed {seed}")  # shown by pytest when a test fails
     assert codes == [0] * WORLD, f"workers exited with {codes} (seed {seed})"
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
@@ -132,6 +118,21 @@ def test_fsdp2_clip_scales_local_shards_by_global_coefficient(results):
         assert_tensors_close(r["clipped"], r["want_clipped"], 1e-4, 1e-6)
 
 
+def assert_replicated_dtensor(kind: dict, ndim: int, value: float) -> None:
+    """torch returns the total norm of DTensor grads as a DTensor (``Replicate``)."""
+    assert kind["type"] == "DTensor", kind
+    assert kind["placements"] == ["Replicate()"] * ndim and kind["mesh_ndim"] == ndim
+    assert kind["dtype"] == torch.float32 and kind["shape"] == ()
+    assert kind["local"] == kind["full"] == pytest.approx(value, rel=1e-4)
+
+
+def test_fsdp2_total_norm_is_a_replicated_dtensor(results):
+    for r in scenario(results, "fsdp2"):
+        assert_replicated_dtensor(r["total_kind"], 1, r["want_total"])
+        for p, kind in r["totals_kind"].items():
+            assert_replicated_dtensor(kind, 1, r["want_totals"][p])
+
+
 def test_fsdp2_nan_and_inf_on_one_rank_found_on_all(results):
     for r in scenario(results, "fsdp2"):
         tensors = r["nan_stats"]["tensors"]
@@ -160,6 +161,7 @@ def test_dtensor_replicated_counted_once_sharded_summed(results, mesh):
         assert res["all_reduces_stats"] == 2
         assert res["all_reduces_clip"] == 1
         assert res["total"] == pytest.approx(res["want_totals"][2.0], rel=2e-6)
+        assert_replicated_dtensor(res["total_kind"], {"1d": 1, "2d": 2}[mesh], res["total"])
         assert_tensors_close(res["clipped"], res["want_clipped"], 2e-6, 1e-7)
 
 
@@ -173,6 +175,7 @@ def test_process_group_shards_give_full_parameter_stats(results):
         assert_stats(r["one_stats"], want_first_two, rtol=2e-6)
         assert_totals(r["totals"], r["want_totals"], rtol=2e-6)
         assert r["local_total"] < r["want_totals"][2.0]  # why the group is needed
+        assert r["total_kind"]["type"] == "Tensor"  # plain shards: a plain result
 
 
 def test_process_group_clip(results):

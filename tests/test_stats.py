@@ -124,6 +124,29 @@ def test_to_dict_and_table(backend):
     assert "n=3" in repr(stats)
 
 
+def test_duplicate_names_keep_every_entry_in_to_dict(backend):
+    """Two models' named_parameters() chained reuse names: no entry may be lost."""
+    first = torch.nn.Linear(3, 2)
+    second = torch.nn.Linear(4, 2)
+    for model, scale in ((first, 1.0), (second, 100.0)):
+        model(torch.randn(5, model.in_features)).sum().mul(scale).backward()
+    second.bias.grad[0] = float("nan")
+    named = [*first.named_parameters(), *second.named_parameters(), ("weight#2", first.weight)]
+    stats = fgs.grad_stats(named)
+    assert stats.names == ["weight", "bias", "weight", "bias", "weight#2"]  # as given
+    tensors = stats.to_dict()["tensors"]
+    assert list(tensors) == ["weight", "bias", "weight#3", "bias#2", "weight#2"]
+    grads = [p.grad for _, p in named]
+    for (key, row), g in zip(tensors.items(), grads):
+        assert row["numel"] == g.numel(), key
+        assert row["nan_count"] == int(g.isnan().sum()), key
+        if not row["nan_count"]:
+            assert row["norm"] == pytest.approx(ref_tensor_norm(g, 2.0), rel=2e-6), key
+    assert tensors["bias#2"]["nan_count"] == 1 and tensors["bias"]["nan_count"] == 0
+    table = stats.table().splitlines()
+    assert [line.split()[0] for line in table[1:-1]] == list(tensors)
+
+
 def test_empty_input_gives_empty_stats(backend):
     stats = fgs.grad_stats([])
     assert len(stats) == 0 and stats.norms.shape == (0,) and float(stats.total_norm) == 0.0
