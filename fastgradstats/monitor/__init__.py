@@ -1,0 +1,32 @@
+"""GradMonitor: per-layer gradient statistics for every training step, without host syncs.
+
+One module per concern:
+
+* :mod:`.recorder` -- :class:`GradMonitor` (the per-step path: stats, clipping, skipping);
+* :mod:`.history` -- the device ring buffer and the host :class:`History`;
+* :mod:`.events` -- tallies that outlive the ring buffer;
+* :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;
+* :mod:`.writers` -- JSON lines, CSV, TensorBoard and W&B writers;
+* :mod:`.plots` -- matplotlib figures of a :class:`History`.
+"""
+
+from .diagnosis import Diagnosis, depth_profile, diagnose
+from .events import Events
+from .history import History
+from .recorder import GradMonitor
+from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
+
+_Events = Events  # the name this class had before the package split
+
+__all__ = [
+    "CsvWriter",
+    "Diagnosis",
+    "GradMonitor",
+    "History",
+    "HistoryWriter",
+    "JsonlWriter",
+    "TensorBoardWriter",
+    "WandbWriter",
+    "depth_profile",
+    "diagnose",
+]

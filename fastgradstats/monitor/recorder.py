@@ -1,0 +1,443 @@
+"""GradMonitor: per-layer gradient statistics for every training step, without host syncs.
+
+Usage::
+
+    monitor = GradMonitor(model, max_norm=1.0)
+    for step, batch in enumerate(loader):
+        loss = model(batch).mean()
+        loss.backward()
+        monitor.step()            # stats (+ clipping) in one pass, stays on the device
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 100 == 0:
+            print(monitor.report())   # one host sync per logging interval
+
+Design choices (the issue left them open):
+
+* The parameter list is fixed at construction: every parameter with ``requires_grad``.
+  A parameter whose ``.grad`` is ``None`` in a step is recorded with zero statistics and
+  ``present=False``; the diagnosis, spike detection and loggers ignore it there.
+* Recorded norms are the gradients as they came out of ``backward()``, before clipping;
+  the clip coefficient that was applied is recorded next to them (1.0 when not clipping).
+* Step numbers count calls to :meth:`GradMonitor.step` from 0 and are kept on the host
+  (they are Python ints the monitor already knows), not in device memory.
+* Spikes are detected on the device at every recorded step: a norm is a spike when its
+  natural log exceeds an exponential moving average of the log-norm by more than
+  ``spike_threshold`` EMA standard deviations *and* the norm is at least
+  ``spike_min_ratio`` times the EMA level (the ratio keeps a very steady run, whose EMA
+  standard deviation is tiny, from flagging harmless wiggles). Log space, because
+  gradient norms vary multiplicatively.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import core
+from ..clip import clip_grad_norm_, get_total_norm
+from ..stats import GradStats, compute
+from ..torch_backend import host_to_device
+from .diagnosis import Diagnosis, diagnose
+from .events import Events
+from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
+from .plots import plot_history
+from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
+
+
+def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
+    if isinstance(model, nn.Module):
+        pairs = list(model.named_parameters())
+    elif isinstance(model, Tensor):
+        pairs = [("0", model)]
+    elif isinstance(model, Iterable) and not isinstance(model, (str, bytes)):
+        pairs = []
+        for index, item in enumerate(model):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                pairs.append(item)
+            elif isinstance(item, Tensor):
+                pairs.append((str(index), item))
+            else:
+                raise TypeError(
+                    f"model[{index}] must be a Tensor or a (name, Tensor) pair, "
+                    f"got {type(item).__name__}"
+                )
+    else:
+        raise TypeError(
+            "model must be an nn.Module, a Tensor, or an iterable of Tensors or "
+            f"(name, Tensor) pairs; got {type(model).__name__}"
+        )
+    pairs = [(name, p) for name, p in pairs if p.requires_grad]
+    if not pairs:
+        raise ValueError("model has no parameter with requires_grad=True to monitor")
+    return pairs
+
+
+def _positive_int(value: Any, arg_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{arg_name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, arg_name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{arg_name} must be a number, got {value!r}") from None
+    if not number > 0 or math.isinf(number):
+        raise ValueError(f"{arg_name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+class GradMonitor:
+    """Watches every parameter's gradient every step, on the device, and diagnoses trouble.
+
+    Args:
+        model: an ``nn.Module`` (its ``named_parameters()`` with ``requires_grad``), or an
+            iterable of Tensors / ``(name, Tensor)`` pairs. Fixed at construction.
+        max_norm: when set, :meth:`step` also clips the total gradient norm to it (same
+            single pass as the stats; torch's ``clip_grad_norm_`` semantics).
+        norm_type: p of the norms (2, 1, ``inf``, any p torch accepts).
+        history: ring-buffer length in recorded steps; the device holds ``history`` rows
+            of ``n_params`` floats per field. Call :meth:`flush` (or anything that syncs:
+            :meth:`report`, :meth:`to_dict`, :meth:`history`) at least every ``history``
+            recorded steps or the oldest rows are lost to the writers and tallies.
+        every: record every ``every``-th step (clipping and ``skip_nonfinite`` still act on
+            every step).
+        skip_nonfinite: on a step whose gradients hold NaN/Inf, suppress the optimizer
+            update without a host sync. With an optimizer that supports AMP's
+            ``found_inf`` (``torch.optim.Adam/AdamW/SGD(fused=True)``), pass it as
+            ``optimizer=`` and it receives ``optimizer.found_inf`` so the fused kernel skips
+            the update and its step counter; otherwise every gradient is set to 0 on that
+            step (masked on the device), which stops plain SGD but not momentum or Adam
+            moments already accumulated.
+        optimizer: see ``skip_nonfinite`` (also accepted by :meth:`step`).
+        spike_threshold: z-score (in log-norm, EMA statistics) above which a norm is a spike.
+        spike_min_ratio: a spike must also be this many times the EMA level of the norm.
+        spike_beta: EMA decay per recorded step (0.98: about 50 steps of memory).
+        spike_warmup: recorded steps before spikes can be flagged.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``$FASTGRADSTATS_BACKEND``).
+        foreach: passed to the torch backend.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[Any],
+        max_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        history: int = 1000,
+        every: int = 1,
+        *,
+        skip_nonfinite: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        spike_threshold: float = 6.0,
+        spike_min_ratio: float = 2.0,
+        spike_beta: float = 0.98,
+        spike_warmup: int = 20,
+        backend: str | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        pairs = _named_parameters(model)
+        self.names = [name for name, _ in pairs]
+        self.params = [p for _, p in pairs]
+        self.numels = [p.numel() for p in self.params]
+        self.ndims = [p.dim() for p in self.params]
+        self._index = {name: j for j, name in enumerate(self.names)}
+        if len(self._index) != len(self.names):
+            raise ValueError("model has duplicate parameter names")
+        self.max_norm = None if max_norm is None else core.check_max_norm(max_norm)
+        self.norm_type = core.check_norm_type(norm_type)
+        self.capacity = _positive_int(history, "history")
+        self.every = _positive_int(every, "every")
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.optimizer = optimizer
+        self.spike_threshold = _positive_float(spike_threshold, "spike_threshold")
+        self.spike_min_ratio = _positive_float(spike_min_ratio, "spike_min_ratio")
+        if not 0.0 < float(spike_beta) < 1.0:
+            raise ValueError(f"spike_beta must be in (0, 1), got {spike_beta!r}")
+        self.spike_beta = float(spike_beta)
+        if isinstance(spike_warmup, bool) or not isinstance(spike_warmup, int) or spike_warmup < 0:
+            raise ValueError(f"spike_warmup must be a non-negative int, got {spike_warmup!r}")
+        self.spike_warmup = spike_warmup
+        self.backend = backend
+        self.foreach = foreach
+
+        self.device = self.params[0].device
+        self.dtype = (
+            torch.float64
+            if any(p.dtype in (torch.float64, torch.complex128) for p in self.params)
+            else torch.float32
+        )
+        self._writers: list[HistoryWriter] = []
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget everything recorded (buffers are reallocated and zeroed)."""
+        h, n, dev, dt = self.capacity, len(self.names), self.device, self.dtype
+        self._ring = DeviceRing(h, n, dev, dt)
+        self._ema_mean = torch.zeros(n + 1, dtype=dt, device=dev)
+        self._ema_var = torch.zeros(n + 1, dtype=dt, device=dev)
+        self._ema_updates = 0
+        self._calls = 0  # calls to step()
+        self._recorded = 0  # rows written to the ring
+        self._flushed = 0  # rows copied to the host
+        self._mirror: History | None = None  # host copy of the ring, filled by flush()
+        self._events = Events()
+        self.lost_rows = 0
+        self.found_inf: Tensor | None = None
+        self.last_stats: GradStats | None = None
+        self._all_index = torch.arange(n, device=dev)
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    @property
+    def num_steps(self) -> int:
+        """Calls to :meth:`step` so far."""
+        return self._calls
+
+    def add_writer(self, writer: HistoryWriter) -> HistoryWriter:
+        """Send every flushed chunk of history to ``writer`` (``write(history)``)."""
+        if not callable(getattr(writer, "write", None)):
+            raise TypeError("writer must have a write(history) method")
+        self._writers.append(writer)
+        return writer
+
+    # -- the per-step path: no host sync below ------------------------------------------
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> Tensor | None:
+        """Record (and clip) this step's gradients. Call after backward, before optimizer.step.
+
+        Returns the total gradient norm before clipping (0-d tensor on the device), or
+        ``None`` on a step that is neither recorded nor needs a norm. Never syncs.
+        """
+        step_no = self._calls
+        self._calls += 1
+        record = step_no % self.every == 0
+        pairs = list(zip(self.names, self.params))
+        stats: GradStats | None = None
+        total: Tensor | None = None
+        if self.max_norm is not None:
+            if record:
+                total, stats = clip_grad_norm_(
+                    pairs,
+                    self.max_norm,
+                    self.norm_type,
+                    foreach=self.foreach,
+                    return_stats=True,
+                    backend=self.backend,
+                )
+            else:
+                total = clip_grad_norm_(
+                    pairs, self.max_norm, self.norm_type, foreach=self.foreach, backend=self.backend
+                )
+        elif record:
+            grads = core.collect(pairs)
+            stats = compute(grads, self.norm_type, self.backend, self.foreach)
+            total = stats.total_norm
+        elif self.skip_nonfinite:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            total = get_total_norm(
+                grads, self.norm_type, foreach=self.foreach, backend=self.backend
+            )
+
+        if total is not None:
+            total = total.to(self.device)
+            self.found_inf = ~torch.isfinite(total)
+            if self.skip_nonfinite:
+                self._suppress_update(self.found_inf, optimizer or self.optimizer)
+        if stats is not None:
+            self.last_stats = stats
+            self._write_row(step_no, stats)
+        return total
+
+    def _suppress_update(self, found_inf: Tensor, optimizer: Any) -> None:
+        if optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused optimizers read this attribute (as set by torch.amp.GradScaler) and
+            # skip the update and the step counter on the device when it is 1.
+            optimizer.found_inf = found_inf.to(torch.float32)
+            return
+        for p in self.params:
+            if p.grad is not None:
+                # masked_fill, not a multiply: NaN * 0 is still NaN.
+                p.grad.masked_fill_(found_inf.to(p.grad.device), 0)
+
+    def _present_index(self, names: list[str]) -> Tensor:
+        key = tuple(self._index[name] for name in names)
+        index = self._index_cache.get(key)
+        if index is None:
+            # pinned, non-blocking: step() must not wait for the GPU
+            index = host_to_device(list(key), torch.int64, self.device)
+            self._index_cache[key] = index
+        return index
+
+    def _write_row(self, step_no: int, stats: GradStats) -> None:
+        ring = self._ring
+        row = self._recorded % self.capacity
+        self._recorded += 1
+        ring.host_steps[row] = step_no
+        n = len(self.names)
+        fields = [
+            (ring.norms, stats.norms),
+            (ring.max_abs, stats.max_abs),
+            (ring.nan, stats.nan_count),
+            (ring.inf, stats.inf_count),
+        ]
+        if len(stats) == n:
+            for buf, value in fields:
+                buf[row].copy_(value)
+            ring.present[row].fill_(True)
+        else:
+            index = self._present_index(stats.names)
+            for buf, value in fields:
+                buf[row].zero_()
+                if len(stats):
+                    buf[row].index_copy_(0, index, value.to(self.device, buf.dtype))
+            ring.present[row].zero_()
+            if len(stats):
+                ring.present[row].index_fill_(0, index, True)
+        total = stats.total_norm.to(self.device, self.dtype)
+        ring.total[row].copy_(total)
+        if stats.clip_coef is not None:
+            ring.coef[row].copy_(stats.clip_coef)
+        else:
+            ring.coef[row].fill_(1.0)
+        # A NaN/Inf anywhere makes the total norm non-finite, and so does an overflow.
+        ring.found[row].copy_(~torch.isfinite(total))
+        if self.skip_nonfinite:
+            ring.skipped[row].copy_(ring.found[row])
+        self._update_spikes(row, total)
+
+    def _update_spikes(self, row: int, total: Tensor) -> None:
+        ring = self._ring
+        values = torch.cat([ring.norms[row], total.reshape(1)])
+        present = torch.cat([ring.present[row], ring.present.new_ones(1)])
+        valid = present & torch.isfinite(values)
+        logs = torch.log(values.clamp_min(TINY))
+        if self._ema_updates >= max(self.spike_warmup, 1):
+            deviation = logs - self._ema_mean
+            std = self._ema_var.sqrt()
+            spike = (
+                valid
+                & (deviation > self.spike_threshold * std)
+                & (deviation > math.log(self.spike_min_ratio))
+            )
+            ring.spike[row].copy_(spike)
+        else:
+            ring.spike[row].zero_()
+        # Average over the first steps, then a plain EMA (no start-up bias toward 0).
+        alpha = max(1.0 / (self._ema_updates + 1), 1.0 - self.spike_beta)
+        delta = torch.where(valid, logs - self._ema_mean, 0.0)
+        self._ema_mean.add_(alpha * delta)
+        self._ema_var.copy_(
+            torch.where(
+                valid, (1.0 - alpha) * (self._ema_var + alpha * delta * delta), self._ema_var
+            )
+        )
+        self._ema_updates += 1
+
+    # -- syncing side: once per logging interval ----------------------------------------
+
+    def flush(self) -> History:
+        """Copy the rows recorded since the last flush to the host (one sync) and log them.
+
+        Returns those rows as a :class:`History` (oldest first); updates the tallies
+        (NaN/Inf first seen, spikes, skipped and clipped steps) and calls the writers.
+        """
+        new = self._recorded - self._flushed
+        lost = max(0, new - self.capacity)
+        self.lost_rows += lost
+        count = new - lost
+        first = self._recorded - count
+        rows = [r % self.capacity for r in range(first, self._recorded)]
+        chunk = self._gather(rows)
+        self._flushed = self._recorded
+        self._merge_mirror(rows, chunk)
+        self._events.add(chunk, spike_cap=1000)
+        if lost:
+            warnings.warn(
+                f"GradMonitor: {lost} recorded steps were overwritten before flush(); "
+                f"flush at least every history={self.capacity} recorded steps",
+                stacklevel=2,
+            )
+        for writer in self._writers:
+            writer.write(chunk)
+        return chunk
+
+    def _gather(self, rows: list[int]) -> History:
+        return self._as_history(self._ring.gather(rows))
+
+    def _as_history(self, arrays: dict[str, np.ndarray]) -> History:
+        return History(
+            names=list(self.names),
+            numels=list(self.numels),
+            ndims=list(self.ndims),
+            norm_type=self.norm_type,
+            max_norm=self.max_norm,
+            **arrays,
+        )
+
+    def _merge_mirror(self, rows: list[int], chunk: History) -> None:
+        if self._mirror is None:
+            self._mirror = self._as_history(empty_arrays(self.capacity, len(self.names)))
+        for name in ARRAY_FIELDS:
+            getattr(self._mirror, name)[rows] = getattr(chunk, name)
+
+    def history(self) -> History:
+        """The last ``min(recorded, history)`` recorded steps, oldest first (flushes)."""
+        self.flush()
+        count = min(self._recorded, self.capacity)
+        rows = [r % self.capacity for r in range(self._recorded - count, self._recorded)]
+        if self._mirror is None:
+            return self._gather([])
+        return self._mirror.select(rows)
+
+    def report(self, **kwargs: Any) -> Diagnosis:
+        """Flush and diagnose (see :func:`diagnose` for ``kwargs``); ``str()`` it to print."""
+        return diagnose(self.history(), events=self._events, **kwargs)
+
+    def to_dict(self) -> dict[str, float]:
+        """The latest recorded step as ``{"grad_norm/<name>": ..., "grad_norm/total": ...}``.
+
+        Also ``grad_max_abs/<name>``, ``grad_nonfinite/<name>`` (only when non-zero),
+        ``grad_clip_coef``, ``grad_nonfinite``, ``grad_skipped``, ``grad_spike/total``, and
+        running tallies ``grad_stats/nonfinite_steps``, ``grad_stats/skipped_steps``,
+        ``grad_stats/spikes``. Plain floats for any logger; one sync (a flush).
+        """
+        hist = self.history()
+        out = hist.row_dict(len(hist) - 1) if len(hist) else {}
+        out["grad_stats/nonfinite_steps"] = float(self._events.nonfinite_steps)
+        out["grad_stats/skipped_steps"] = float(self._events.skipped_steps)
+        out["grad_stats/spikes"] = float(self._events.spike_count)
+        return out
+
+    def log_jsonl(self, path: str | Path) -> JsonlWriter:
+        """Append every flushed step to a JSON-lines file (see :class:`JsonlWriter`)."""
+        return self.add_writer(JsonlWriter(path))  # type: ignore[return-value]
+
+    def log_csv(self, path: str | Path) -> CsvWriter:
+        """Append every flushed step to a long-format CSV file (see :class:`CsvWriter`)."""
+        return self.add_writer(CsvWriter(path))  # type: ignore[return-value]
+
+    def log_tensorboard(self, writer: Any = None, log_dir: str | None = None) -> TensorBoardWriter:
+        """Log every flushed step to TensorBoard (needs ``tensorboard``)."""
+        return self.add_writer(TensorBoardWriter(writer, log_dir))  # type: ignore[return-value]
+
+    def log_wandb(self, run: Any = None) -> WandbWriter:
+        """Log every flushed step to Weights & Biases (needs ``wandb``)."""
+        return self.add_writer(WandbWriter(run))  # type: ignore[return-value]
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Save the heatmap + total-norm figure of :meth:`history` as a PNG (matplotlib)."""
+        return plot_history(self.history(), path, title=title)
+
+
+__all__ = ["GradMonitor"]
