@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .keys import Keys
+
 TINY = 1e-30  # floor before taking logs: a zero gradient is "very small", not -inf
 
 # The per-step arrays of a History, in the order the ring buffer packs them.
@@ -58,6 +60,8 @@ class History:
         nonfinite: bool [T], some gradient held NaN/Inf (or the total norm overflowed).
         skipped: bool [T], the optimizer update was suppressed (``skip_nonfinite``).
         spike_total: bool [T]; spike_layer: bool [T, n].
+        keys: the logger key names :meth:`row_dict` uses (``None``: the default style for
+            ``norm_type``, no prefix).
     """
 
     names: list[str]
@@ -77,27 +81,37 @@ class History:
     skipped: np.ndarray
     spike_total: np.ndarray
     spike_layer: np.ndarray
+    keys: Keys | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
 
+    def key_names(self) -> Keys:
+        """The :class:`~fastgradstats.monitor.keys.Keys` of this history's values."""
+        return self.keys if self.keys is not None else Keys(norm_type=self.norm_type)
+
     def row_dict(self, t: int) -> dict[str, float]:
-        """Logger-ready dict of recorded step ``t`` (index into this history, not a step no.)."""
+        """Logger-ready dict of recorded step ``t`` (index into this history, not a step no.).
+
+        Key names: see :mod:`fastgradstats.monitor.keys`; absent gradients are left out,
+        ``grad_nonfinite/<name>`` appears only when that gradient held NaN/Inf.
+        """
+        keys = self.key_names()
         out: dict[str, float] = {
-            "grad_norm/total": float(self.total_norm[t]),
-            "grad_clip_coef": float(self.clip_coef[t]),
-            "grad_nonfinite": float(self.nonfinite[t]),
-            "grad_skipped": float(self.skipped[t]),
-            "grad_spike/total": float(self.spike_total[t]),
+            keys.total: float(self.total_norm[t]),
+            keys.clip_coef: float(self.clip_coef[t]),
+            keys.nonfinite: float(self.nonfinite[t]),
+            keys.skipped: float(self.skipped[t]),
+            keys.spike_total: float(self.spike_total[t]),
         }
         for j, name in enumerate(self.names):
             if not self.present[t, j]:
                 continue
-            out[f"grad_norm/{name}"] = float(self.norms[t, j])
-            out[f"grad_max_abs/{name}"] = float(self.max_abs[t, j])
+            out[keys.norm(name)] = float(self.norms[t, j])
+            out[keys.max_abs(name)] = float(self.max_abs[t, j])
             bad = int(self.nan_count[t, j] + self.inf_count[t, j])
             if bad:
-                out[f"grad_nonfinite/{name}"] = float(bad)
+                out[keys.nonfinite_count(name)] = float(bad)
         return out
 
     def rms(self) -> np.ndarray:

@@ -48,6 +48,7 @@ from ..torch_backend import host_to_device
 from .diagnosis import Diagnosis, diagnose
 from .events import Events
 from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
+from .keys import Keys
 from .plots import plot_history
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
 
@@ -123,6 +124,11 @@ class GradMonitor:
         spike_min_ratio: a spike must also be this many times the EMA level of the norm.
         spike_beta: EMA decay per recorded step (0.98: about 50 steps of memory).
         spike_warmup: recorded steps before spikes can be flagged.
+        prefix: put in front of every logger key (``to_dict()``, TensorBoard, W&B).
+        key_style: ``"fastgradstats"`` (``grad_norm/<name>``, ``grad_norm_total``; the
+            norm type in the key when p != 2) or ``"lightning"`` (the keys of
+            ``lightning.pytorch.utilities.grad_norm``: ``grad_2.0_norm/<name>``,
+            ``grad_2.0_norm_total``); see :mod:`fastgradstats.monitor.keys`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``$FASTGRADSTATS_BACKEND``).
         foreach: passed to the torch backend.
     """
@@ -141,6 +147,8 @@ class GradMonitor:
         spike_min_ratio: float = 2.0,
         spike_beta: float = 0.98,
         spike_warmup: int = 20,
+        prefix: str = "",
+        key_style: str = "fastgradstats",
         backend: str | None = None,
         foreach: bool | None = None,
     ) -> None:
@@ -166,6 +174,7 @@ class GradMonitor:
         if isinstance(spike_warmup, bool) or not isinstance(spike_warmup, int) or spike_warmup < 0:
             raise ValueError(f"spike_warmup must be a non-negative int, got {spike_warmup!r}")
         self.spike_warmup = spike_warmup
+        self.keys = Keys(prefix, key_style, self.norm_type)
         self.backend = backend
         self.foreach = foreach
 
@@ -197,6 +206,11 @@ class GradMonitor:
         self.last_stats: GradStats | None = None
         self._all_index = torch.arange(n, device=dev)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    @property
+    def total_key(self) -> str:
+        """The logger key of the total gradient norm (e.g. ``"grad_norm_total"``)."""
+        return self.keys.total
 
     @property
     def num_steps(self) -> int:
@@ -382,6 +396,7 @@ class GradMonitor:
             ndims=list(self.ndims),
             norm_type=self.norm_type,
             max_norm=self.max_norm,
+            keys=self.keys,
             **arrays,
         )
 
@@ -405,18 +420,20 @@ class GradMonitor:
         return diagnose(self.history(), events=self._events, **kwargs)
 
     def to_dict(self) -> dict[str, float]:
-        """The latest recorded step as ``{"grad_norm/<name>": ..., "grad_norm/total": ...}``.
+        """The latest recorded step as plain floats for any logger; one sync (a flush).
 
-        Also ``grad_max_abs/<name>``, ``grad_nonfinite/<name>`` (only when non-zero),
-        ``grad_clip_coef``, ``grad_nonfinite``, ``grad_skipped``, ``grad_spike/total``, and
+        Keys (``key_style="fastgradstats"``, p = 2, ``prefix`` in front of each):
+        ``grad_norm/<name>``, ``grad_norm_total`` (:attr:`total_key`),
+        ``grad_max_abs/<name>``, ``grad_nonfinite/<name>`` (only when non-zero),
+        ``grad_clip_coef``, ``grad_nonfinite``, ``grad_skipped``, ``grad_spike_total``, and
         running tallies ``grad_stats/nonfinite_steps``, ``grad_stats/skipped_steps``,
-        ``grad_stats/spikes``. Plain floats for any logger; one sync (a flush).
+        ``grad_stats/spikes``. See :mod:`fastgradstats.monitor.keys` for the other styles.
         """
         hist = self.history()
         out = hist.row_dict(len(hist) - 1) if len(hist) else {}
-        out["grad_stats/nonfinite_steps"] = float(self._events.nonfinite_steps)
-        out["grad_stats/skipped_steps"] = float(self._events.skipped_steps)
-        out["grad_stats/spikes"] = float(self._events.spike_count)
+        out[self.keys.tally("nonfinite_steps")] = float(self._events.nonfinite_steps)
+        out[self.keys.tally("skipped_steps")] = float(self._events.skipped_steps)
+        out[self.keys.tally("spikes")] = float(self._events.spike_count)
         return out
 
     def log_jsonl(self, path: str | Path) -> JsonlWriter:
@@ -431,9 +448,13 @@ class GradMonitor:
         """Log every flushed step to TensorBoard (needs ``tensorboard``)."""
         return self.add_writer(TensorBoardWriter(writer, log_dir))  # type: ignore[return-value]
 
-    def log_wandb(self, run: Any = None) -> WandbWriter:
-        """Log every flushed step to Weights & Biases (needs ``wandb``)."""
-        return self.add_writer(WandbWriter(run))  # type: ignore[return-value]
+    def log_wandb(self, run: Any = None, *, rows: str = "latest") -> WandbWriter:
+        """Log flushed steps to Weights & Biases (needs ``wandb``) without moving its step.
+
+        ``rows="latest"``: each flush merges its newest row into the run's current step;
+        ``rows="all"``: one W&B step per recorded row (see :class:`WandbWriter`).
+        """
+        return self.add_writer(WandbWriter(run, keys=self.keys, rows=rows))  # type: ignore[return-value]
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Save the heatmap + total-norm figure of :meth:`history` as a PNG (matplotlib)."""

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .history import History, nonfinite_json
+from .keys import Keys
 
 
 class HistoryWriter(Protocol):
@@ -145,13 +146,29 @@ class TensorBoardWriter:
 
 
 class WandbWriter:
-    """Logs every recorded step to Weights & Biases against its own x axis ``grad/step``.
+    """Logs flushed rows to Weights & Biases without ever moving or fighting the run's step.
 
-    Using a dedicated step metric (``define_metric``) lets the monitor log past steps at
-    flush time without fighting the run's own monotonically increasing step.
+    W&B writes only to a run's current step (its docs: "It is not possible to write to a
+    specific history step"), and a flush comes after the steps it holds. So:
+
+    * ``rows="latest"`` (default): each flush merges its newest recorded row into the run's
+      current step with ``run.log(row, commit=False)``. The run's step is never advanced,
+      so rows the user logs with ``run.log(..., step=step)`` are all kept. The rows in
+      between stay in ``monitor.history()`` and the JSONL/CSV writers; flush every step to
+      send every row.
+    * ``rows="all"``: every recorded row becomes its own W&B step (``run.log(row)``). Use it
+      only when nothing else in the run passes ``step=`` (W&B drops rows logged with a
+      step lower than the current one).
+
+    Every monitor key is plotted against its own x axis, ``grad/step`` (the monitor's step
+    number; ``define_metric``), so the charts are right in both modes.
     """
 
-    def __init__(self, run: Any = None) -> None:
+    modes = ("latest", "all")
+
+    def __init__(self, run: Any = None, *, keys: Keys | None = None, rows: str = "latest") -> None:
+        if rows not in self.modes:
+            raise ValueError(f"rows must be one of {self.modes}, got {rows!r}")
         if run is None:
             try:
                 import wandb
@@ -163,17 +180,31 @@ class WandbWriter:
             if run is None:
                 raise RuntimeError("WandbWriter: call wandb.init() first or pass run=")
         self.run = run
-        self.run.define_metric("grad/step")
-        for prefix in ("grad_norm/*", "grad_max_abs/*", "grad_nonfinite*", "grad_spike/*"):
-            self.run.define_metric(prefix, step_metric="grad/step")
-        for key in ("grad_clip_coef", "grad_skipped"):
-            self.run.define_metric(key, step_metric="grad/step")
+        self.rows = rows
+        self._defined: Keys | None = None
+        if keys is not None:
+            self._define(keys)
+
+    def _define(self, keys: Keys) -> None:
+        self.run.define_metric(keys.step_metric)
+        for pattern in keys.patterns():
+            self.run.define_metric(pattern, step_metric=keys.step_metric)
+        self._defined = keys
 
     def write(self, history: History) -> None:
-        for t in range(len(history)):
+        if not len(history):
+            return
+        keys = history.key_names()
+        if self._defined != keys:
+            self._define(keys)
+        last = len(history) - 1
+        for t in range(len(history)) if self.rows == "all" else (last,):
             row = history.row_dict(t)
-            row["grad/step"] = int(history.steps[t])
-            self.run.log(row)
+            row[keys.step_metric] = int(history.steps[t])
+            if self.rows == "all":
+                self.run.log(row)
+            else:
+                self.run.log(row, commit=False)
 
 
 __all__ = ["CsvWriter", "HistoryWriter", "JsonlWriter", "TensorBoardWriter", "WandbWriter"]
