@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import core
-from ..clip import clip_grad_norm_, get_total_norm
+from .. import core, distributed
+from ..clip import clip_grad_norm_
 from ..stats import GradStats, compute
 from ..torch_backend import host_to_device
 from .diagnosis import Diagnosis, diagnose
@@ -236,11 +236,35 @@ class GradMonitor:
         step_no = self._calls
         self._calls += 1
         record = step_no % self.every == 0
+        total, total32, stats = self._clip_and_measure(record or self.skip_nonfinite)
+        found: Tensor | None = None
+        if total32 is not None:
+            # Decided from the float32 (or float64) total, never from the total cast to a
+            # 16-bit gradient dtype: finite fp16 gradients whose norm exceeds 65504 are a
+            # finite update (already clipped), not an overflow.
+            found = ~torch.isfinite(total32.to(self.device))
+            if self.skip_nonfinite:
+                self._suppress_update(found, optimizer or self.optimizer)
+        self.found_inf = found
+        if stats is not None and record:
+            self.last_stats = stats
+            self._write_row(step_no, stats, found)
+        return total
+
+    def _clip_and_measure(
+        self, need_stats: bool
+    ) -> tuple[Tensor | None, Tensor | None, GradStats | None]:
+        """Clip (when ``max_norm`` is set) and measure this step's gradients: the one place
+        the monitor touches them besides ``skip_nonfinite``.
+
+        Returns ``(total, total_acc, stats)``: the total norm as ``clip_grad_norm_`` returns
+        it (promoted gradient dtype), the same total in the accumulation dtype (float32 or
+        float64; ``None`` when not computed), and the per-parameter stats when
+        ``need_stats``.
+        """
         pairs = list(zip(self.names, self.params))
-        stats: GradStats | None = None
-        total: Tensor | None = None
         if self.max_norm is not None:
-            if record:
+            if need_stats:
                 total, stats = clip_grad_norm_(
                     pairs,
                     self.max_norm,
@@ -249,29 +273,17 @@ class GradMonitor:
                     return_stats=True,
                     backend=self.backend,
                 )
-            else:
-                total = clip_grad_norm_(
-                    pairs, self.max_norm, self.norm_type, foreach=self.foreach, backend=self.backend
-                )
-        elif record:
-            grads = core.collect(pairs)
-            stats = compute(grads, self.norm_type, self.backend, self.foreach)
-            total = stats.total_norm
-        elif self.skip_nonfinite:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            total = get_total_norm(
-                grads, self.norm_type, foreach=self.foreach, backend=self.backend
+                return total, stats.total_norm, stats
+            total = clip_grad_norm_(
+                pairs, self.max_norm, self.norm_type, foreach=self.foreach, backend=self.backend
             )
-
-        if total is not None:
-            total = total.to(self.device)
-            self.found_inf = ~torch.isfinite(total)
-            if self.skip_nonfinite:
-                self._suppress_update(self.found_inf, optimizer or self.optimizer)
-        if stats is not None:
-            self.last_stats = stats
-            self._write_row(step_no, stats)
-        return total
+            return total, None, None
+        if need_stats:
+            grads = core.collect(pairs)
+            sharding = distributed.localize(grads, None)
+            stats = compute(grads, self.norm_type, self.backend, self.foreach, sharding=sharding)
+            return stats.total_norm, stats.total_norm, stats
+        return None, None, None
 
     def _suppress_update(self, found_inf: Tensor, optimizer: Any) -> None:
         if optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -293,7 +305,7 @@ class GradMonitor:
             self._index_cache[key] = index
         return index
 
-    def _write_row(self, step_no: int, stats: GradStats) -> None:
+    def _write_row(self, step_no: int, stats: GradStats, found: Tensor | None) -> None:
         ring = self._ring
         row = self._recorded % self.capacity
         self._recorded += 1
@@ -324,8 +336,9 @@ class GradMonitor:
             ring.coef[row].copy_(stats.clip_coef)
         else:
             ring.coef[row].fill_(1.0)
-        # A NaN/Inf anywhere makes the total norm non-finite, and so does an overflow.
-        ring.found[row].copy_(~torch.isfinite(total))
+        # A NaN/Inf anywhere makes the total norm non-finite, and so does an overflow of
+        # the float32 accumulation; ``found`` is what step() acted on.
+        ring.found[row].copy_(found if found is not None else ~torch.isfinite(total))
         if self.skip_nonfinite:
             ring.skipped[row].copy_(ring.found[row])
         self._update_spikes(row, total)

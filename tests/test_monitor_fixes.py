@@ -1,0 +1,77 @@
+"""GradMonitor fixes of issue 10: fp16 totals, warm-up per parameter, stale found_inf,
+bounded caches and threads, tracking the model across reloads, state_dict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastgradstats as fgs
+from fastgradstats import GradMonitor
+
+# ----------------------------------------------------------------------------- fp16 totals
+
+
+def _fp16_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 4)).half()
+
+
+def _set_big_fp16_grads(model: nn.Module, gen: torch.Generator) -> float:
+    """Finite fp16 gradients (|g| < 3e4) whose total 2-norm is far above 65504."""
+    for p in model.parameters():
+        p.grad = (torch.rand(p.shape, generator=gen, dtype=torch.float64) * 6e4 - 3e4).half()
+    flat = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    return torch.linalg.vector_norm(flat).item()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_total_above_65504_is_a_finite_update(backend, fused):
+    model, twin = _fp16_model(0), _fp16_model(0)
+    if fused:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    # every=2: step 0 is recorded, step 1 only clips and checks for NaN/Inf
+    monitor = GradMonitor(model, max_norm=1.0, skip_nonfinite=True, optimizer=optimizer, every=2)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        reference = _set_big_fp16_grads(model, gen)
+        assert reference > 65504 * 4
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+        before = [p.detach().clone() for p in model.parameters()]
+        total = monitor.step()
+        fgs.clip_grad_norm_(twin.parameters(), 1.0)  # the same clipping, nothing else
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), f"step {step}: the clipped update was changed"
+            assert p.grad.abs().max() > 0
+        assert total.dtype == torch.float16  # torch's return dtype (inf: above fp16's range)
+        assert not bool(monitor.found_inf)
+        optimizer.step()
+        assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    hist = monitor.history()
+    assert hist.steps.tolist() == [0]
+    assert not hist.skipped[0] and not hist.nonfinite[0]
+    assert math.isfinite(hist.total_norm[0]) and hist.total_norm[0] > 65504
+    assert hist.clip_coef[0] < 1e-4
+    report = monitor.report()
+    assert report.nonfinite_steps == 0 and report.skipped_steps == 0
+
+
+def test_fp16_nan_is_still_skipped_and_the_history_says_so(backend):
+    model = _fp16_model(2)
+    monitor = GradMonitor(model, max_norm=1.0, skip_nonfinite=True)
+    gen = torch.Generator().manual_seed(2)
+    _set_big_fp16_grads(model, gen)
+    monitor.step()
+    _set_big_fp16_grads(model, gen)
+    model[0].weight.grad[0, 0] = math.nan
+    monitor.step()
+    assert all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in model.parameters())
+    hist = monitor.history()
+    assert hist.skipped.tolist() == [False, True]
+    assert hist.nonfinite.tolist() == [False, True]
