@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from monitor_helpers import set_random_grads, tiny_model
 from torch import nn
 
 import fastgradstats as fgs
@@ -75,3 +76,37 @@ def test_fp16_nan_is_still_skipped_and_the_history_says_so(backend):
     hist = monitor.history()
     assert hist.skipped.tolist() == [False, True]
     assert hist.nonfinite.tolist() == [False, True]
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+
+def test_spike_warmup_is_per_parameter(backend):
+    """A layer that first gets gradients after warm-up (unfrozen late) and an expert that
+    gets them now and then (MoE routing) are not flagged on their first steps; a real
+    spike on the late layer, after its own warm-up, still is."""
+    model = tiny_model(seed=4)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    late, expert = "2.weight", "4.weight"
+    monitor = GradMonitor(model, history=100, spike_warmup=10)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(70):
+        set_random_grads(model, gen, scale=float(torch.empty(1).uniform_(0.8, 1.25, generator=gen)))
+        if step < 30:
+            params[late].grad = None  # frozen until step 30
+        else:
+            params[late].grad.mul_(5.0)  # its norm is far from anything seen so far
+        if step < 25 or step % 7:
+            params[expert].grad = None  # routed to on steps 28, 35, 42, ...
+        else:
+            params[expert].grad.mul_(8.0)
+        if step == 60:
+            params[late].grad.mul_(200.0)
+        monitor.step()
+    report = monitor.report()
+    flagged = {(s, n) for s, n, _ in report.spikes if n != "total"}
+    assert (60, late) in flagged
+    assert flagged == {(60, late)}, flagged
+    hist = monitor.history()
+    assert hist.present[:, names.index(late)].sum() == 40

@@ -123,7 +123,8 @@ class GradMonitor:
         spike_threshold: z-score (in log-norm, EMA statistics) above which a norm is a spike.
         spike_min_ratio: a spike must also be this many times the EMA level of the norm.
         spike_beta: EMA decay per recorded step (0.98: about 50 steps of memory).
-        spike_warmup: recorded steps before spikes can be flagged.
+        spike_warmup: recorded steps with a (finite) gradient before a parameter's spikes
+            can be flagged, counted per parameter (and for the total norm).
         prefix: put in front of every logger key (``to_dict()``, TensorBoard, W&B).
         key_style: ``"fastgradstats"`` (``grad_norm/<name>``, ``grad_norm_total``; the
             norm type in the key when p != 2) or ``"lightning"`` (the keys of
@@ -195,7 +196,7 @@ class GradMonitor:
         self._ring = DeviceRing(h, n, dev, dt)
         self._ema_mean = torch.zeros(n + 1, dtype=dt, device=dev)
         self._ema_var = torch.zeros(n + 1, dtype=dt, device=dev)
-        self._ema_updates = 0
+        self._ema_count = torch.zeros(n + 1, dtype=dt, device=dev)  # valid updates each
         self._calls = 0  # calls to step()
         self._recorded = 0  # rows written to the ring
         self._flushed = 0  # rows copied to the host
@@ -346,22 +347,29 @@ class GradMonitor:
     def _update_spikes(self, row: int, total: Tensor) -> None:
         ring = self._ring
         values = torch.cat([ring.norms[row], total.reshape(1)])
-        present = torch.cat([ring.present[row], ring.present.new_ones(1)])
+        # The total counts as present when any gradient was: a step without gradients must
+        # not pull the total's EMA toward log(0).
+        present = ring.present[row]
+        present = torch.cat([present, present.any().reshape(1)])
         valid = present & torch.isfinite(values)
         logs = torch.log(values.clamp_min(TINY))
-        if self._ema_updates >= max(self.spike_warmup, 1):
-            deviation = logs - self._ema_mean
-            std = self._ema_var.sqrt()
-            spike = (
-                valid
-                & (deviation > self.spike_threshold * std)
-                & (deviation > math.log(self.spike_min_ratio))
-            )
-            ring.spike[row].copy_(spike)
-        else:
-            ring.spike[row].zero_()
-        # Average over the first steps, then a plain EMA (no start-up bias toward 0).
-        alpha = max(1.0 / (self._ema_updates + 1), 1.0 - self.spike_beta)
+        # Warm-up per parameter: a parameter that first gets gradients late (a layer
+        # unfrozen later, a rarely routed MoE expert) is not judged against an EMA that
+        # never saw it.
+        count = self._ema_count
+        warm = count >= max(self.spike_warmup, 1)
+        deviation = logs - self._ema_mean
+        std = self._ema_var.sqrt()
+        spike = (
+            valid
+            & warm
+            & (deviation > self.spike_threshold * std)
+            & (deviation > math.log(self.spike_min_ratio))
+        )
+        ring.spike[row].copy_(spike)
+        # Average over each parameter's first updates, then a plain EMA (no start-up bias
+        # toward 0).
+        alpha = torch.clamp(1.0 / (count + 1.0), min=1.0 - self.spike_beta)
         delta = torch.where(valid, logs - self._ema_mean, 0.0)
         self._ema_mean.add_(alpha * delta)
         self._ema_var.copy_(
@@ -369,7 +377,7 @@ class GradMonitor:
                 valid, (1.0 - alpha) * (self._ema_var + alpha * delta * delta), self._ema_var
             )
         )
-        self._ema_updates += 1
+        count.add_(valid.to(count.dtype))
 
     # -- syncing side: once per logging interval ----------------------------------------
 
