@@ -110,3 +110,52 @@ def test_spike_warmup_is_per_parameter(backend):
     assert flagged == {(60, late)}, flagged
     hist = monitor.history()
     assert hist.present[:, names.index(late)].sum() == 40
+
+
+# ----------------------------------------------------------------------------- found_inf
+
+
+def test_no_stale_found_inf_after_the_optimizer_step(backend):
+    model = tiny_model(seed=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    monitor = GradMonitor(model, skip_nonfinite=True, optimizer=optimizer)
+    gen = torch.Generator().manual_seed(5)
+    set_random_grads(model, gen)
+    monitor.step()
+    optimizer.step()
+    set_random_grads(model, gen)
+    model[0].weight.grad[0, 0] = math.nan
+    monitor.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()  # skipped by the fused kernel
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    for _ in range(3):  # the monitor is not called on these steps: they must update
+        set_random_grads(model, gen)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not hasattr(optimizer, "found_inf")
+    assert not optimizer._optimizer_step_post_hooks
+
+
+def test_found_inf_hook_does_not_pile_up():
+    model = tiny_model(seed=6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    monitor = GradMonitor(model, skip_nonfinite=True, optimizer=optimizer)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        set_random_grads(model, gen)
+        monitor.step()
+        monitor.step()  # called twice before one optimizer step: still one hook
+        assert len(optimizer._optimizer_step_post_hooks) == 1
+        optimizer.step()
+        assert not hasattr(optimizer, "found_inf")
+        assert not optimizer._optimizer_step_post_hooks
+    # someone else's found_inf (e.g. GradScaler's) is left alone
+    set_random_grads(model, gen)
+    monitor.step()
+    theirs = torch.zeros(())
+    optimizer.found_inf = theirs
+    optimizer.step()
+    assert optimizer.found_inf is theirs

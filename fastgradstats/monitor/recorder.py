@@ -186,6 +186,7 @@ class GradMonitor:
             else torch.float32
         )
         self._writers: list[HistoryWriter] = []
+        self._found_inf_hook: Any = None  # see _clear_after_step
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -290,12 +291,36 @@ class GradMonitor:
         if optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # Fused optimizers read this attribute (as set by torch.amp.GradScaler) and
             # skip the update and the step counter on the device when it is 1.
-            optimizer.found_inf = found_inf.to(torch.float32)
+            flag = found_inf.to(torch.float32)
+            optimizer.found_inf = flag
+            self._clear_after_step(optimizer, flag)
             return
         for p in self.params:
             if p.grad is not None:
                 # masked_fill, not a multiply: NaN * 0 is still NaN.
                 p.grad.masked_fill_(found_inf.to(p.grad.device), 0)
+
+    def _clear_after_step(self, optimizer: Any, flag: Tensor) -> None:
+        """Remove ``optimizer.found_inf`` once the optimizer step that reads it is done.
+
+        As GradScaler deletes its attributes after the step: a flag left behind would make
+        every later fused update be skipped whenever the monitor is not called. One
+        one-shot step post-hook per monitor; it touches the attribute only while it still
+        holds this monitor's flag.
+        """
+        if self._found_inf_hook is not None:
+            self._found_inf_hook.remove()
+        handle = None
+
+        def clear(opt: Any, args: Any, kwargs: Any) -> None:
+            if getattr(opt, "found_inf", None) is flag:
+                del opt.found_inf
+            handle.remove()
+            if self._found_inf_hook is handle:
+                self._found_inf_hook = None
+
+        handle = optimizer.register_step_post_hook(clear)
+        self._found_inf_hook = handle
 
     def _present_index(self, names: list[str]) -> Tensor:
         key = tuple(self._index[name] for name in names)
