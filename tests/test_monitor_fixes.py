@@ -159,3 +159,95 @@ def test_found_inf_hook_does_not_pile_up():
     optimizer.found_inf = theirs
     optimizer.step()
     assert optimizer.found_inf is theirs
+
+
+# ----------------------------------------------------------------------------- caches, threads
+
+
+def _route(model: nn.Module, gen: torch.Generator) -> None:
+    """Drop a random subset of gradients, as MoE routing does step by step."""
+    for p in model.parameters():
+        if torch.rand((), generator=gen) < 0.5:
+            p.grad = None
+
+
+def test_index_cache_is_bounded_under_routing(backend):
+    model = tiny_model(sizes=(3, 3, 3, 3, 3, 3, 3), seed=7)  # 12 tensors: 4096 subsets
+    names = [n for n, _ in model.named_parameters()]
+    monitor = GradMonitor(model, history=40)
+    bound = getattr(GradMonitor, "index_cache_size", 16)
+    gen = torch.Generator().manual_seed(7)
+    expected = []
+    for _ in range(40):
+        set_random_grads(model, gen)
+        _route(model, gen)
+        expected.append([p.grad is not None for p in model.parameters()])
+        monitor.step()
+        assert len(monitor._index_cache) <= bound
+    hist = monitor.history()
+    assert hist.present.tolist() == expected
+    assert hist.names == names
+
+
+def test_monitors_in_threads(monkeypatch):
+    """One monitor per thread (one thread per GPU): no shared state trips, results exact."""
+    import threading
+
+    monkeypatch.setenv("FASTGRADSTATS_BACKEND", "torch")
+    errors: list[BaseException] = []
+    results: dict[int, tuple[list, list]] = {}
+    barrier = threading.Barrier(4)
+
+    def work(k: int) -> None:
+        try:
+            model = tiny_model(seed=k)
+            monitor = GradMonitor(model, max_norm=1.0, history=30)
+            gen = torch.Generator().manual_seed(k)
+            want = []
+            barrier.wait()
+            for _ in range(30):
+                set_random_grads(model, gen)
+                _route(model, gen)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                want.append(fgs.get_total_norm(grads).item() if grads else 0.0)
+                monitor.step()
+            results[k] = (want, monitor.history().total_norm.tolist())
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for want, got in results.values():
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_lru_cache_is_thread_safe():
+    import threading
+
+    from fastgradstats.monitor.recorder import LruCache
+
+    cache = LruCache(4)
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            for _ in range(3000):
+                key = int(torch.randint(0, 8, (1,), generator=gen))
+                if cache.get(key) is None:
+                    cache.put(key, key + 1)
+                assert len(cache) <= 4
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(cache.get(k) in (None, k + 1) for k in range(8))

@@ -32,7 +32,9 @@ Design choices (the issue left them open):
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,43 @@ from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
 from .keys import Keys
 from .plots import plot_history
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
+
+
+class LruCache:
+    """A small least-recently-used dict, safe to share between threads.
+
+    Under MoE routing the set of parameters with gradients can differ every step; an
+    unbounded cache keyed by that set would grow by one device tensor per step, forever.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:  # get + move_to_end must not interleave with another put
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"maxsize": self.maxsize, "_data": OrderedDict(self._data)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -134,6 +173,8 @@ class GradMonitor:
         foreach: passed to the torch backend.
     """
 
+    index_cache_size = 16  # device index tensors kept for rows with missing gradients
+
     def __init__(
         self,
         model: nn.Module | Iterable[Any],
@@ -207,7 +248,7 @@ class GradMonitor:
         self.found_inf: Tensor | None = None
         self.last_stats: GradStats | None = None
         self._all_index = torch.arange(n, device=dev)
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._index_cache = LruCache(self.index_cache_size)
 
     @property
     def total_key(self) -> str:
@@ -328,7 +369,7 @@ class GradMonitor:
         if index is None:
             # pinned, non-blocking: step() must not wait for the GPU
             index = host_to_device(list(key), torch.int64, self.device)
-            self._index_cache[key] = index
+            self._index_cache.put(key, index)
         return index
 
     def _write_row(self, step_no: int, stats: GradStats, found: Tensor | None) -> None:
