@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from monitor_helpers import set_random_grads, tiny_model
@@ -251,3 +252,173 @@ def test_lru_cache_is_thread_safe():
         t.join()
     assert not errors, errors
     assert all(cache.get(k) in (None, k + 1) for k in range(8))
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def _total(model: nn.Module) -> float:
+    grads = [p.grad.double().flatten() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.cat(grads)).item()
+
+
+def test_monitor_follows_load_state_dict_assign(backend):
+    model, other, twin = tiny_model(seed=8), tiny_model(seed=9), tiny_model(seed=9)
+    monitor = GradMonitor(model, max_norm=0.5)
+    gen = torch.Generator().manual_seed(8)
+    set_random_grads(model, gen)
+    monitor.step()
+    old = list(model.parameters())
+    model.load_state_dict(other.state_dict(), assign=True)
+    assert all(p is not q for p, q in zip(model.parameters(), old))
+    set_random_grads(model, gen, scale=3.0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    want = _total(model)
+    total = monitor.step()
+    assert total.item() == pytest.approx(want, rel=1e-5)
+    fgs.clip_grad_norm_(twin.parameters(), 0.5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)  # the new parameters were clipped
+    hist = monitor.history()
+    assert hist.total_norm[1] == pytest.approx(want, rel=1e-5) and hist.present[1].all()
+
+
+def test_unpickled_monitor_warns_then_attach_reconnects(recwarn):
+    import pickle
+
+    model = tiny_model(seed=10)
+    monitor = GradMonitor(model)
+    gen = torch.Generator().manual_seed(10)
+    set_random_grads(model, gen)
+    monitor.step()
+    copy = pickle.loads(pickle.dumps(monitor))  # holds copies of the parameters, no grads
+    steps = copy.no_grad_warn_steps
+    for k in range(steps + 3):
+        set_random_grads(model, gen)
+        copy.step()
+        warned = [w for w in recwarn if "no monitored parameter" in str(w.message)]
+        assert len(warned) == (1 if k >= steps - 1 else 0)  # once, at the n-th step
+    assert warned[0].category is RuntimeWarning
+    report = copy.report()
+    assert report.verdict == "no_gradients" and "NO GRADIENTS" in report.summary()
+    copy.attach(model)
+    set_random_grads(model, gen)
+    want = _total(model)
+    copy.step()
+    assert copy.history().total_norm[-1] == pytest.approx(want, rel=1e-5)
+    # pickled together with its model, it stays attached to the unpickled model
+    model2, monitor2 = pickle.loads(pickle.dumps((model, monitor)))
+    set_random_grads(model2, gen)
+    want = _total(model2)
+    monitor2.step()
+    assert monitor2.history().total_norm[-1] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="lacks"):
+        monitor2.attach(tiny_model(sizes=(5, 7)))
+
+
+def test_a_layer_frozen_at_construction_is_measured_and_clipped_once_unfrozen(backend):
+    model, twin = tiny_model(seed=11), tiny_model(seed=11)
+    for m in (model, twin):
+        m[0].requires_grad_(False)
+    monitor = GradMonitor(model, max_norm=0.5)
+    gen = torch.Generator().manual_seed(11)
+    for p in model[2:].parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    monitor.step()
+    model[0].requires_grad_(True)
+    twin[0].requires_grad_(True)
+    set_random_grads(model, gen, scale=2.0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    total = monitor.step()
+    torch.testing.assert_close(total, want)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    hist = monitor.history()
+    j = hist.names.index("0.weight")
+    assert hist.present[:, j].tolist() == [False, True]
+
+
+# ----------------------------------------------------------------------------- state_dict
+
+
+def _resume_run(split: int | None, path, steps: int = 30):
+    """Train-like loop over fixed gradients; with ``split``, save at that step and go on
+    with a new monitor that loads the state (through torch.save / weights_only load)."""
+    import io
+
+    model = tiny_model(seed=12)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(12)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+    grads[7][1][0] = math.nan
+    grads[21][2].mul_(300.0)
+    for k in (9, 10):
+        grads[k][3] = None
+
+    def make(file):
+        monitor = GradMonitor(model, max_norm=2.0, history=16, spike_warmup=5)
+        monitor.log_jsonl(file)
+        return monitor
+
+    monitor = make(path / "a.jsonl")
+    for step in range(steps):
+        if step == split:
+            buffer = io.BytesIO()
+            torch.save(monitor.state_dict(), buffer)
+            buffer.seek(0)
+            monitor = make(path / "b.jsonl")
+            monitor.load_state_dict(torch.load(buffer, weights_only=True))
+        for p, g in zip(params, grads[step]):
+            p.grad = None if g is None else g.clone()
+        monitor.step()
+        if step % 5 == 4:
+            monitor.flush()
+    files = [path / "a.jsonl"] + ([path / "b.jsonl"] if split is not None else [])
+    lines = [line for f in files for line in f.read_text().splitlines()]
+    return monitor, lines
+
+
+@pytest.mark.parametrize("split", [15, 17])  # 15: all flushed at save; 17: two rows not
+def test_state_dict_resume_equals_an_uninterrupted_run(tmp_path, split):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "r").mkdir()
+    whole, whole_lines = _resume_run(None, tmp_path / "u")
+    resumed, resumed_lines = _resume_run(split, tmp_path / "r")
+    assert resumed_lines == whole_lines  # every row reached a writer, exactly once
+    a, b = whole.history(), resumed.history()
+    from fastgradstats.monitor.history import ARRAY_FIELDS
+
+    for name in ARRAY_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+    report = whole.report()
+    assert report.nonfinite_steps == 1 and report.spikes  # events to carry over
+    assert whole.report().as_dict() == resumed.report().as_dict()
+    assert whole.to_dict() == resumed.to_dict()
+    sa, sb = whole.state_dict(), resumed.state_dict()
+    assert sa["counters"] == sb["counters"] and sa["events"] == sb["events"]
+    for key in ("mean", "var", "count"):
+        assert torch.equal(sa["ema"][key], sb["ema"][key])
+
+
+def test_load_state_dict_refuses_other_monitors_and_changes_nothing():
+    model = tiny_model(seed=13)
+    monitor = GradMonitor(model, history=8)
+    set_random_grads(model, torch.Generator().manual_seed(13))
+    monitor.step()
+    before = monitor.state_dict()
+    for other, match in [
+        (GradMonitor(tiny_model(sizes=(5, 7)), history=8), "other parameters"),
+        (GradMonitor(model, history=9), "history"),
+        (GradMonitor(model, history=8, norm_type=1), "norm_type"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            monitor.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="state_dict"):
+        monitor.load_state_dict({"version": 99})
+    after = monitor.state_dict()
+    assert after["counters"] == before["counters"]
+    assert all(torch.equal(after["ring"][k], before["ring"][k]) for k in before["ring"])

@@ -12,6 +12,8 @@ import numpy as np
 from .events import Events
 from .history import TINY, History, nonfinite_json
 
+NO_GRADIENT_STEPS = 5  # this many latest recorded steps without any gradient: "no_gradients"
+
 
 @dataclass
 class Diagnosis:
@@ -21,7 +23,9 @@ class Diagnosis:
         verdict: ``"exploding"`` (gradients grow across depth or over time, overflow to
             Inf, or are held at ``max_norm`` by clipping from far above), ``"vanishing"``
             (earliest layers get far smaller gradients than the latest), ``"nonfinite"``
-            (NaN without signs of explosion), or ``"healthy"``.
+            (NaN without signs of explosion), ``"no_gradients"`` (no monitored parameter had
+            a gradient in any recorded step, or in the latest ``NO_GRADIENT_STEPS``), or
+            ``"healthy"``.
         contained: exploding, but clipping kept every step finite.
         findings: plain-language sentences, most important first.
         depth_slope: decades of gradient RMS per layer from the first (input side) to
@@ -256,6 +260,24 @@ def diagnose(
             f"({len(total_spikes)} on the total norm{': ' + shown if shown else ''})."
         )
 
+    no_gradients = events.recorded > 0 and (
+        events.empty_steps == events.recorded or events.trailing_empty_steps >= NO_GRADIENT_STEPS
+    )
+    if no_gradients:
+        latest = events.trailing_empty_steps
+        where = (
+            f"any of the {events.recorded} recorded steps"
+            if events.empty_steps == events.recorded
+            else f"the latest {latest} recorded steps"
+        )
+        findings.insert(
+            0,
+            f"NO GRADIENTS: no monitored parameter had a gradient in {where}, so nothing "
+            "was measured or clipped. Call step() after backward() and before zero_grad(); "
+            "if the model was reloaded or the monitor unpickled apart from it, call "
+            "monitor.attach(model); DeepSpeed ZeRO keeps gradients outside .grad.",
+        )
+
     deep_exploding = ratio is not None and math.log10(ratio) >= decades
     exploding = deep_exploding or grew or bool(events.overflow_steps) or contained
     vanishing = ratio is not None and math.log10(ratio) <= -decades
@@ -265,6 +287,8 @@ def diagnose(
         verdict = "vanishing"
     elif events.nonfinite_steps:
         verdict = "nonfinite"
+    elif no_gradients:
+        verdict = "no_gradients"
     else:
         verdict = "healthy"
         findings.insert(0, "No NaN/Inf, no runaway growth, no vanishing profile.")

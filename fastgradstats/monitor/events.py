@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +25,17 @@ class Events:
     first_nonfinite: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     first_nonfinite_step: int | None = None
     spikes: list[tuple[int, str, float]] = field(default_factory=list)
+    empty_steps: int = 0  # recorded steps where no monitored parameter had a gradient
+    trailing_empty_steps: int = 0  # ... of which the latest ones, in a row
 
     def add(self, chunk: History, spike_cap: int) -> None:
         self.recorded += len(chunk)
+        empty = ~chunk.present.any(axis=1)
+        self.empty_steps += int(empty.sum())
+        if empty.all():
+            self.trailing_empty_steps += len(chunk)
+        else:
+            self.trailing_empty_steps = len(chunk) - 1 - int(np.flatnonzero(~empty)[-1])
         self.nonfinite_steps += int(chunk.nonfinite.sum())
         self.nonfinite_total_steps += int((~np.isfinite(chunk.total_norm)).sum())
         self.skipped_steps += int(chunk.skipped.sum())
@@ -56,6 +66,25 @@ class Events:
         self.spike_count += 1
         if len(self.spikes) < cap:
             self.spikes.append((step, name, value))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values (ints, strs, floats, dicts, lists, tuples): safe for
+        ``torch.save`` and ``torch.load(weights_only=True)``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Events:
+        """The inverse of :meth:`state_dict`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(state) - names
+        if unknown:
+            raise ValueError(f"unknown event tallies in state_dict: {sorted(unknown)}")
+        values = dict(state)
+        values["first_nonfinite"] = {
+            str(k): tuple(int(x) for x in v) for k, v in state.get("first_nonfinite", {}).items()
+        }
+        values["spikes"] = [(int(s), str(n), float(v)) for s, n, v in state.get("spikes", [])]
+        return cls(**values)
 
 
 __all__ = ["Events"]

@@ -164,6 +164,19 @@ class DeviceRing:
     parameter plus a last one for the total norm.
     """
 
+    TENSORS = (
+        "norms",
+        "max_abs",
+        "nan",
+        "inf",
+        "present",
+        "total",
+        "coef",
+        "found",
+        "skipped",
+        "spike",
+    )
+
     def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
         h = capacity
         self.capacity, self.n = capacity, n

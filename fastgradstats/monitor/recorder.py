@@ -42,12 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .. import core, distributed
 from ..clip import clip_grad_norm_
 from ..stats import GradStats, compute
 from ..torch_backend import host_to_device
-from .diagnosis import Diagnosis, diagnose
+from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
 from .events import Events
 from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
 from .keys import Keys
@@ -92,7 +93,11 @@ class LruCache:
         self._lock = threading.Lock()
 
 
+_STATE_VERSION = 1
+
+
 def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
+    """Every parameter of ``model`` as ``(name, tensor)``, frozen ones included."""
     if isinstance(model, nn.Module):
         pairs = list(model.named_parameters())
     elif isinstance(model, Tensor):
@@ -114,10 +119,54 @@ def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
             "model must be an nn.Module, a Tensor, or an iterable of Tensors or "
             f"(name, Tensor) pairs; got {type(model).__name__}"
         )
-    pairs = [(name, p) for name, p in pairs if p.requires_grad]
     if not pairs:
-        raise ValueError("model has no parameter with requires_grad=True to monitor")
+        raise ValueError("model has no parameters to monitor")
+    lazy = [name for name, p in pairs if is_lazy(p)]
+    if lazy:
+        listed = ", ".join(repr(n) for n in lazy[:5]) + (" ..." if len(lazy) > 5 else "")
+        raise ValueError(
+            f"model has uninitialized lazy parameters ({listed}; e.g. nn.LazyLinear before "
+            "its first forward pass): run one forward pass (a dummy batch is enough) before "
+            "creating the GradMonitor"
+        )
     return pairs
+
+
+def _owners(model: nn.Module, pairs: list[tuple[str, Tensor]]) -> list[tuple[Any, str]] | None:
+    """``(module, attribute)`` holding each parameter, or ``None`` when names don't resolve.
+
+    Checking ``module._parameters[attribute] is param`` costs a dict lookup per parameter
+    and no sync, so step() can afford it to notice replaced parameters.
+    """
+    owners = []
+    for name, param in pairs:
+        path, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            return None
+        if module._parameters.get(leaf) is not param:
+            return None
+        owners.append((module, leaf))
+    return owners
+
+
+def _check_max_norm(max_norm: Any) -> float | None:
+    if max_norm is None:
+        return None
+    value = core.check_max_norm(max_norm)
+    if value == 0:
+        # torch's clip_grad_norm_(max_norm=0) zeroes every gradient, which no monitor user
+        # wants; Hugging Face's max_grad_norm=0 means "off". Take the latter, loudly.
+        warnings.warn(
+            "GradMonitor(max_norm=0) is taken as 'no clipping' (as Hugging Face's "
+            "max_grad_norm=0); torch's clip_grad_norm_ with max_norm=0 would zero every "
+            "gradient. Pass max_norm=None for no clipping without this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return value
 
 
 def _positive_int(value: Any, arg_name: str) -> int:
@@ -174,6 +223,7 @@ class GradMonitor:
     """
 
     index_cache_size = 16  # device index tensors kept for rows with missing gradients
+    no_grad_warn_steps = NO_GRADIENT_STEPS  # warn after this many steps without any gradient
 
     def __init__(
         self,
@@ -196,13 +246,11 @@ class GradMonitor:
     ) -> None:
         pairs = _named_parameters(model)
         self.names = [name for name, _ in pairs]
-        self.params = [p for _, p in pairs]
-        self.numels = [p.numel() for p in self.params]
-        self.ndims = [p.dim() for p in self.params]
         self._index = {name: j for j, name in enumerate(self.names)}
         if len(self._index) != len(self.names):
             raise ValueError("model has duplicate parameter names")
-        self.max_norm = None if max_norm is None else core.check_max_norm(max_norm)
+        self._bind(model, pairs)
+        self.max_norm = _check_max_norm(max_norm)
         self.norm_type = core.check_norm_type(norm_type)
         self.capacity = _positive_int(history, "history")
         self.every = _positive_int(every, "every")
@@ -230,6 +278,47 @@ class GradMonitor:
         self._found_inf_hook: Any = None  # see _clear_after_step
         self.reset()
 
+    # -- the parameters --------------------------------------------------------------------
+
+    def _bind(self, model: Any, pairs: list[tuple[str, Tensor]]) -> None:
+        """Track ``pairs`` (in ``self.names`` order); remember how to find them in ``model``."""
+        self._model = model if isinstance(model, nn.Module) else None
+        self.params = [p for _, p in pairs]
+        self.numels = [p.numel() for p in self.params]
+        self.ndims = [p.dim() for p in self.params]
+        self._owners = _owners(model, pairs) if self._model is not None else None
+
+    def _params_moved(self) -> bool:
+        owners = self._owners
+        if owners is None:
+            return False
+        return any(
+            module._parameters.get(leaf) is not p for (module, leaf), p in zip(owners, self.params)
+        )
+
+    def attach(self, model: nn.Module | Iterable[Any]) -> None:
+        """Track the parameters of ``model`` (by name) from now on; the history is kept.
+
+        :meth:`step` does this by itself when the parameters of the model it was created
+        with are replaced (``load_state_dict(..., assign=True)``, ``to_empty``); call it
+        when the model object itself is new (unpickled or rebuilt). Raises ``ValueError``
+        when ``model`` lacks a monitored name.
+        """
+        current = dict(_named_parameters(model))
+        missing = [name for name in self.names if name not in current]
+        if missing:
+            listed = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(
+                f"model lacks {len(missing)} monitored parameter(s): {listed}; "
+                "create a new GradMonitor for a model with different parameters"
+            )
+        self._bind(model, [(name, current[name]) for name in self.names])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_found_inf_hook"] = None  # a hook handle on a live optimizer: not state
+        return state
+
     # -- state ---------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -249,6 +338,97 @@ class GradMonitor:
         self.last_stats: GradStats | None = None
         self._all_index = torch.arange(n, device=dev)
         self._index_cache = LruCache(self.index_cache_size)
+        self._no_grad_steps = 0  # consecutive step() calls without any gradient
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as if never interrupted.
+
+        The recorded history (device ring and its host copy, including rows not yet
+        flushed, which the loading monitor's writers then receive), the spike detector's
+        EMA and per-parameter warm-up counts, the tallies and the step counters. Tensors
+        are cloned on their device (no host sync); every other value is a plain Python
+        type, so ``torch.load(..., weights_only=True)`` reads it back. The model, the
+        optimizer and the writers are not part of it.
+        """
+        ring = self._ring
+        mirror = None
+        if self._mirror is not None:
+            mirror = {
+                name: torch.from_numpy(np.array(getattr(self._mirror, name)))
+                for name in ARRAY_FIELDS
+            }
+        return {
+            "version": _STATE_VERSION,
+            "names": list(self.names),
+            "norm_type": self.norm_type,
+            "history": self.capacity,
+            "counters": {
+                "calls": self._calls,
+                "recorded": self._recorded,
+                "flushed": self._flushed,
+                "lost_rows": self.lost_rows,
+                "no_grad_steps": self._no_grad_steps,
+            },
+            "ring": {name: getattr(ring, name).clone() for name in DeviceRing.TENSORS},
+            "host_steps": torch.from_numpy(ring.host_steps.copy()),
+            "ema": {
+                "mean": self._ema_mean.clone(),
+                "var": self._ema_var.clone(),
+                "count": self._ema_count.clone(),
+            },
+            "mirror": mirror,
+            "events": self._events.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a monitor of the same parameters.
+
+        Raises ``ValueError`` (and changes nothing) when the state was saved for other
+        parameter names, another ``history`` length or another ``norm_type``.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("state is not a GradMonitor.state_dict() (or from an unknown version)")
+        if list(state["names"]) != self.names:
+            theirs = list(state["names"])
+            missing = [n for n in self.names if n not in theirs]
+            extra = [n for n in theirs if n not in self.names]
+            raise ValueError(
+                "state_dict was saved for other parameters: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+                + (" (same names, other order)" if not missing and not extra else "")
+            )
+        if int(state["history"]) != self.capacity:
+            raise ValueError(
+                f"state_dict has history={state['history']}, this monitor history={self.capacity}"
+            )
+        if float(state["norm_type"]) != self.norm_type:
+            raise ValueError(
+                f"state_dict has norm_type={state['norm_type']}, this monitor "
+                f"norm_type={self.norm_type}"
+            )
+        ring = self._ring
+        for name in DeviceRing.TENSORS:  # check every shape before writing anything
+            if tuple(state["ring"][name].shape) != tuple(getattr(ring, name).shape):
+                raise ValueError(f"state_dict ring field {name!r} has the wrong shape")
+        events = Events.from_state_dict(state["events"])
+        for name in DeviceRing.TENSORS:
+            getattr(ring, name).copy_(state["ring"][name])
+        ring.host_steps[:] = state["host_steps"].numpy()
+        self._ema_mean.copy_(state["ema"]["mean"])
+        self._ema_var.copy_(state["ema"]["var"])
+        self._ema_count.copy_(state["ema"]["count"])
+        self._mirror = None
+        if state["mirror"] is not None:
+            self._mirror = self._as_history(
+                {name: state["mirror"][name].numpy().copy() for name in ARRAY_FIELDS}
+            )
+        counters = state["counters"]
+        self._calls = int(counters["calls"])
+        self._recorded = int(counters["recorded"])
+        self._flushed = int(counters["flushed"])
+        self.lost_rows = int(counters["lost_rows"])
+        self._no_grad_steps = int(counters["no_grad_steps"])
+        self._events = events
 
     @property
     def total_key(self) -> str:
@@ -276,6 +456,11 @@ class GradMonitor:
         Returns the total gradient norm before clipping (0-d tensor on the device), or
         ``None`` on a step that is neither recorded nor needs a norm. Never syncs.
         """
+        if self._params_moved():
+            # Same model, new parameter objects (load_state_dict(assign=True), ...):
+            # follow them by name instead of silently watching the old ones.
+            self.attach(self._model)
+        self._count_missing_grads()
         step_no = self._calls
         self._calls += 1
         record = step_no % self.every == 0
@@ -293,6 +478,22 @@ class GradMonitor:
             self.last_stats = stats
             self._write_row(step_no, stats, found)
         return total
+
+    def _count_missing_grads(self) -> None:
+        if any(p.grad is not None for p in self.params):  # host attributes: no sync
+            self._no_grad_steps = 0
+            return
+        self._no_grad_steps += 1
+        if self._no_grad_steps == self.no_grad_warn_steps:
+            warnings.warn(
+                f"GradMonitor: no monitored parameter has had a gradient for "
+                f"{self._no_grad_steps} steps. Call step() after backward() and before "
+                "zero_grad(). If the model was reloaded or the monitor unpickled apart "
+                "from it, call monitor.attach(model); with DeepSpeed ZeRO the gradients "
+                "are not in .grad.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _clip_and_measure(
         self, need_stats: bool
