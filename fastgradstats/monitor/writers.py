@@ -125,6 +125,8 @@ class TensorBoardWriter:
 
     ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` (or anything with
     ``add_scalar(tag, value, step)``); ``log_dir`` creates one (needs ``tensorboard``).
+    Each recorded step is written at its own step number (TensorBoard accepts any order),
+    and the writer is flushed after each monitor flush so the event file is up to date.
     """
 
     def __init__(self, writer: Any = None, log_dir: str | None = None) -> None:
@@ -143,6 +145,9 @@ class TensorBoardWriter:
             step = int(history.steps[t])
             for key, value in history.row_dict(t).items():
                 self.writer.add_scalar(key, value, step)
+        flush = getattr(self.writer, "flush", None)
+        if len(history) and callable(flush):
+            flush()
 
 
 class WandbWriter:
