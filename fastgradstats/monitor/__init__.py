@@ -6,6 +6,7 @@ One module per concern:
 * :mod:`.history` -- the device ring buffer and the host :class:`History`;
 * :mod:`.events` -- tallies that outlive the ring buffer;
 * :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;
+* :mod:`.keys` -- the logger key names (``prefix=``, ``key_style=``);
 * :mod:`.writers` -- JSON lines, CSV, TensorBoard and W&B writers;
 * :mod:`.plots` -- matplotlib figures of a :class:`History`.
 """
@@ -13,18 +14,21 @@ One module per concern:
 from .diagnosis import Diagnosis, depth_profile, diagnose
 from .events import Events
 from .history import History
+from .keys import KEY_STYLES, Keys
 from .recorder import GradMonitor
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
 
 _Events = Events  # the name this class had before the package split
 
 __all__ = [
+    "KEY_STYLES",
     "CsvWriter",
     "Diagnosis",
     "GradMonitor",
     "History",
     "HistoryWriter",
     "JsonlWriter",
+    "Keys",
     "TensorBoardWriter",
     "WandbWriter",
     "depth_profile",

@@ -14,9 +14,19 @@ Usage::
 
 Design choices (the issue left them open):
 
-* The parameter list is fixed at construction: every parameter with ``requires_grad``.
-  A parameter whose ``.grad`` is ``None`` in a step is recorded with zero statistics and
+* The parameter *names* are fixed at construction: every parameter of the model, frozen
+  ones included, so a layer unfrozen later is measured and clipped with the rest. A
+  parameter whose ``.grad`` is ``None`` in a step is recorded with zero statistics and
   ``present=False``; the diagnosis, spike detection and loggers ignore it there.
+* The parameter *objects* are followed by name: when the model's parameters are replaced
+  (``load_state_dict(..., assign=True)``) :meth:`GradMonitor.step` notices it (one dict
+  lookup per parameter, no sync) and tracks the new ones; :meth:`GradMonitor.attach`
+  does the same for a new model object. Several steps in a row without any gradient
+  raise a warning and make the diagnosis ``no_gradients``.
+* Skipping (``skip_nonfinite``) is decided from the total norm in float32 (float64 for
+  float64 gradients), i.e. from NaN/Inf in the gradients or an overflow of that
+  accumulation, never from the total cast back to fp16: finite fp16 gradients whose
+  norm exceeds 65504 are a finite update.
 * Recorded norms are the gradients as they came out of ``backward()``, before clipping;
   the clip coefficient that was applied is recorded next to them (1.0 when not clipping).
 * Step numbers count calls to :meth:`GradMonitor.step` from 0 and are kept on the host
@@ -189,10 +199,15 @@ class GradMonitor:
     """Watches every parameter's gradient every step, on the device, and diagnoses trouble.
 
     Args:
-        model: an ``nn.Module`` (its ``named_parameters()`` with ``requires_grad``), or an
-            iterable of Tensors / ``(name, Tensor)`` pairs. Fixed at construction.
+        model: an ``nn.Module`` (all its ``named_parameters()``, frozen ones included), or
+            an iterable of Tensors / ``(name, Tensor)`` pairs. The names are fixed at
+            construction; replaced parameters of the module are followed by name.
+            Uninitialized lazy parameters (``nn.LazyLinear`` before its first forward)
+            raise ``ValueError``.
         max_norm: when set, :meth:`step` also clips the total gradient norm to it (same
-            single pass as the stats; torch's ``clip_grad_norm_`` semantics).
+            single pass as the stats; torch's ``clip_grad_norm_`` semantics). ``0`` is
+            taken as "no clipping" (Hugging Face's ``max_grad_norm=0``), with a warning;
+            torch's ``max_norm=0`` would zero every gradient.
         norm_type: p of the norms (2, 1, ``inf``, any p torch accepts).
         history: ring-buffer length in recorded steps; the device holds ``history`` rows
             of ``n_params`` floats per field. Call :meth:`flush` (or anything that syncs:
@@ -206,7 +221,11 @@ class GradMonitor:
             ``optimizer=`` and it receives ``optimizer.found_inf`` so the fused kernel skips
             the update and its step counter; otherwise every gradient is set to 0 on that
             step (masked on the device), which stops plain SGD but not momentum or Adam
-            moments already accumulated.
+            moments already accumulated. ``optimizer.found_inf`` is removed again after
+            that optimizer's next step (a one-shot step post-hook), as GradScaler does.
+            Decided from the float32 total (see the module notes); on steps that are not
+            recorded this computes the same stats as a recorded step (on the Triton
+            backend that is the same single pass as the norm alone).
         optimizer: see ``skip_nonfinite`` (also accepted by :meth:`step`).
         spike_threshold: z-score (in log-norm, EMA statistics) above which a norm is a spike.
         spike_min_ratio: a spike must also be this many times the EMA level of the norm.
@@ -220,6 +239,13 @@ class GradMonitor:
             ``grad_2.0_norm_total``); see :mod:`fastgradstats.monitor.keys`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``$FASTGRADSTATS_BACKEND``).
         foreach: passed to the torch backend.
+
+    Attributes:
+        found_inf: 0-d bool device tensor after each :meth:`step` that measured the
+            gradients (recorded steps, and every step with ``skip_nonfinite``): True when
+            they held NaN/Inf or their float32 total overflowed; ``None`` otherwise.
+        last_stats: the :class:`~fastgradstats.GradStats` of the latest recorded step.
+        keys: the :class:`~fastgradstats.monitor.keys.Keys` naming every logged value.
     """
 
     index_cache_size = 16  # device index tensors kept for rows with missing gradients
