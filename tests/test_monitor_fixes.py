@@ -419,6 +419,10 @@ def test_load_state_dict_refuses_other_monitors_and_changes_nothing():
             monitor.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="state_dict"):
         monitor.load_state_dict({"version": 99})
+    partial = dict(before)
+    del partial["ema"]
+    with pytest.raises(ValueError, match=r"lacks.*ema"):
+        monitor.load_state_dict(partial)
     after = monitor.state_dict()
     assert after["counters"] == before["counters"]
     assert all(torch.equal(after["ring"][k], before["ring"][k]) for k in before["ring"])

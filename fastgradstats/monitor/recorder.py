@@ -104,6 +104,17 @@ class LruCache:
 
 
 _STATE_VERSION = 1
+_STATE_KEYS = (
+    "names",
+    "norm_type",
+    "history",
+    "counters",
+    "ring",
+    "host_steps",
+    "ema",
+    "mirror",
+    "events",
+)
 
 
 def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -362,7 +373,6 @@ class GradMonitor:
         self.lost_rows = 0
         self.found_inf: Tensor | None = None
         self.last_stats: GradStats | None = None
-        self._all_index = torch.arange(n, device=dev)
         self._index_cache = LruCache(self.index_cache_size)
         self._no_grad_steps = 0  # consecutive step() calls without any gradient
 
@@ -414,6 +424,9 @@ class GradMonitor:
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("state is not a GradMonitor.state_dict() (or from an unknown version)")
+        missing_keys = [k for k in _STATE_KEYS if k not in state]
+        if missing_keys:
+            raise ValueError(f"state_dict lacks {missing_keys}")
         if list(state["names"]) != self.names:
             theirs = list(state["names"])
             missing = [n for n in self.names if n not in theirs]
@@ -439,14 +452,14 @@ class GradMonitor:
         events = Events.from_state_dict(state["events"])
         for name in DeviceRing.TENSORS:
             getattr(ring, name).copy_(state["ring"][name])
-        ring.host_steps[:] = state["host_steps"].numpy()
+        ring.host_steps[:] = state["host_steps"].cpu().numpy()
         self._ema_mean.copy_(state["ema"]["mean"])
         self._ema_var.copy_(state["ema"]["var"])
         self._ema_count.copy_(state["ema"]["count"])
         self._mirror = None
         if state["mirror"] is not None:
             self._mirror = self._as_history(
-                {name: state["mirror"][name].numpy().copy() for name in ARRAY_FIELDS}
+                {name: state["mirror"][name].cpu().numpy().copy() for name in ARRAY_FIELDS}
             )
         counters = state["counters"]
         self._calls = int(counters["calls"])
