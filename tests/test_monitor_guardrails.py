@@ -80,3 +80,25 @@ def test_lazy_parameters_get_a_clear_error():
     model(torch.randn(3, 5)).sum().backward()
     monitor.step()
     assert monitor.history().present.all()
+
+
+def test_heatmap_leaves_out_parameters_that_never_had_a_gradient():
+    pytest.importorskip("matplotlib")
+    from fastgradstats.plot import plot_heatmap
+
+    model = tiny_model(seed=4)
+    model[0].requires_grad_(False)  # frozen: tracked, never a gradient
+    monitor = GradMonitor(model)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for p in model[2:].parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        monitor.step()
+    hist = monitor.history()
+    assert hist.names[:2] == ["0.weight", "0.bias"] and not hist.present[:, :2].any()
+    ax = plot_heatmap(hist)
+    assert [t.get_text() for t in ax.get_yticklabels()] == hist.names[2:]
+    assert "2 parameters without any gradient" in ax.get_title()
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -48,17 +48,30 @@ def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
+def _shown(history: History) -> tuple[list[str], np.ndarray, int]:
+    """The parameters worth a heatmap row: those with a gradient in some step (all of them
+    when none had one); their column indices; how many were left out."""
+    seen = history.present.any(axis=0) if len(history) else np.zeros(len(history.names), bool)
+    if not seen.any():
+        seen = np.ones(len(history.names), dtype=bool)
+    cols = np.flatnonzero(seen)
+    return [history.names[j] for j in cols], cols, len(history.names) - len(cols)
+
+
 def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> Any:
     """Heatmap of log10 gradient norm per parameter (rows, input side on top) and step.
 
-    Absent gradients are blank; NaN/Inf cells are drawn black. Returns the Axes.
+    Absent gradients are blank; NaN/Inf cells are drawn black. Parameters that had no
+    gradient in any step of ``history`` (frozen ones) are left out when others had one.
+    Returns the Axes.
     """
     history = _check_history(history)
     plt = _pyplot()
+    names, cols, hidden = _shown(history)
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 0.25 * len(history.names) + 2))
-    norms = history.norms.T  # [n, T]
-    present = history.present.T
+        _, ax = plt.subplots(figsize=(10, 0.25 * len(names) + 2))
+    norms = history.norms[:, cols].T  # [n, T]
+    present = history.present[:, cols].T
     bad = ~np.isfinite(norms) & present
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(np.where(present & np.isfinite(norms), np.maximum(norms, 1e-30), np.nan))
@@ -68,13 +81,13 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
         vmin, vmax = vmin - 0.5, vmax + 0.5
     steps = history.steps
     if len(steps) == 0:
-        extent = (0, 1, len(history.names) - 0.5, -0.5)
+        extent = (0, 1, len(names) - 0.5, -0.5)
     else:
         half = 0.5 * (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else 0.5
-        extent = (steps[0] - half, steps[-1] + half, len(history.names) - 0.5, -0.5)
+        extent = (steps[0] - half, steps[-1] + half, len(names) - 0.5, -0.5)
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     image = ax.imshow(
-        np.ma.masked_invalid(logs if logs.size else np.zeros((len(history.names), 1))),
+        np.ma.masked_invalid(logs if logs.size else np.zeros((len(names), 1))),
         aspect="auto",
         interpolation="nearest",
         cmap=cmap,
@@ -95,14 +108,16 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
         )
     colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01)
     colorbar.set_label(f"log10 gradient {_norm_name(history.norm_type)}")
-    n = len(history.names)
+    n = len(names)
     stride = max(1, math.ceil(n / _MAX_LABELS))
     ticks = list(range(0, n, stride))
     ax.set_yticks(ticks)
-    ax.set_yticklabels([_short(history.names[j]) for j in ticks], fontsize=7)
+    ax.set_yticklabels([_short(names[j]) for j in ticks], fontsize=7)
     ax.set_ylabel("parameter (input side at top)")
     ax.set_xlabel("step")
     suffix = "  (black: NaN/Inf)" if bad.any() else ""
+    if hidden:
+        suffix += f"  ({hidden} parameters without any gradient not shown)"
     ax.set_title(title or f"Per-layer gradient norm{suffix}")
     return ax
 
@@ -180,7 +195,7 @@ def plot_history(history: History, path: str | Path, title: str | None = None) -
     """Save a two-panel PNG (heatmap above, total norm below) to ``path``; returns it."""
     history = _check_history(history)
     plt = _pyplot()
-    n = len(history.names)
+    n = len(_shown(history)[0])
     height = min(0.22 * n, 14) + 5
     fig, (top, bottom) = plt.subplots(
         2,
