@@ -531,7 +531,7 @@ class GradMonitor:
                 "from it, call monitor.attach(model); with DeepSpeed ZeRO the gradients "
                 "are not in .grad.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's step() call (past torch.no_grad's wrapper)
             )
 
     def _clip_and_measure(
