@@ -3,6 +3,7 @@
 One module per concern:
 
 * :mod:`.recorder` -- :class:`GradMonitor` (the per-step path: stats, clipping, skipping);
+* :mod:`.params` -- which tensors the monitor watches and how it finds them again;
 * :mod:`.history` -- the device ring buffer and the host :class:`History`;
 * :mod:`.events` -- tallies that outlive the ring buffer;
 * :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;

@@ -52,7 +52,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 
 from .. import core, distributed
 from ..clip import clip_grad_norm_
@@ -62,6 +61,13 @@ from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
 from .events import Events
 from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
 from .keys import Keys
+from .params import (
+    check_max_norm,
+    find_owners,
+    named_parameters,
+    positive_float,
+    positive_int,
+)
 from .plots import plot_history
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
 
@@ -115,95 +121,6 @@ _STATE_KEYS = (
     "mirror",
     "events",
 )
-
-
-def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
-    """Every parameter of ``model`` as ``(name, tensor)``, frozen ones included."""
-    if isinstance(model, nn.Module):
-        pairs = list(model.named_parameters())
-    elif isinstance(model, Tensor):
-        pairs = [("0", model)]
-    elif isinstance(model, Iterable) and not isinstance(model, (str, bytes)):
-        pairs = []
-        for index, item in enumerate(model):
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                pairs.append(item)
-            elif isinstance(item, Tensor):
-                pairs.append((str(index), item))
-            else:
-                raise TypeError(
-                    f"model[{index}] must be a Tensor or a (name, Tensor) pair, "
-                    f"got {type(item).__name__}"
-                )
-    else:
-        raise TypeError(
-            "model must be an nn.Module, a Tensor, or an iterable of Tensors or "
-            f"(name, Tensor) pairs; got {type(model).__name__}"
-        )
-    if not pairs:
-        raise ValueError("model has no parameters to monitor")
-    lazy = [name for name, p in pairs if is_lazy(p)]
-    if lazy:
-        listed = ", ".join(repr(n) for n in lazy[:5]) + (" ..." if len(lazy) > 5 else "")
-        raise ValueError(
-            f"model has uninitialized lazy parameters ({listed}; e.g. nn.LazyLinear before "
-            "its first forward pass): run one forward pass (a dummy batch is enough) before "
-            "creating the GradMonitor"
-        )
-    return pairs
-
-
-def _owners(model: nn.Module, pairs: list[tuple[str, Tensor]]) -> list[tuple[Any, str]] | None:
-    """``(module, attribute)`` holding each parameter, or ``None`` when names don't resolve.
-
-    Checking ``module._parameters[attribute] is param`` costs a dict lookup per parameter
-    and no sync, so step() can afford it to notice replaced parameters.
-    """
-    owners = []
-    for name, param in pairs:
-        path, _, leaf = name.rpartition(".")
-        try:
-            module = model.get_submodule(path) if path else model
-        except AttributeError:
-            return None
-        if module._parameters.get(leaf) is not param:
-            return None
-        owners.append((module, leaf))
-    return owners
-
-
-def _check_max_norm(max_norm: Any) -> float | None:
-    if max_norm is None:
-        return None
-    value = core.check_max_norm(max_norm)
-    if value == 0:
-        # torch's clip_grad_norm_(max_norm=0) zeroes every gradient, which no monitor user
-        # wants; Hugging Face's max_grad_norm=0 means "off". Take the latter, loudly.
-        warnings.warn(
-            "GradMonitor(max_norm=0) is taken as 'no clipping' (as Hugging Face's "
-            "max_grad_norm=0); torch's clip_grad_norm_ with max_norm=0 would zero every "
-            "gradient. Pass max_norm=None for no clipping without this warning.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return None
-    return value
-
-
-def _positive_int(value: Any, arg_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg_name} must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_float(value: Any, arg_name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{arg_name} must be a number, got {value!r}") from None
-    if not number > 0 or math.isinf(number):
-        raise ValueError(f"{arg_name} must be a finite number > 0, got {value!r}")
-    return number
 
 
 class GradMonitor:
@@ -281,20 +198,20 @@ class GradMonitor:
         backend: str | None = None,
         foreach: bool | None = None,
     ) -> None:
-        pairs = _named_parameters(model)
+        pairs = named_parameters(model)
         self.names = [name for name, _ in pairs]
         self._index = {name: j for j, name in enumerate(self.names)}
         if len(self._index) != len(self.names):
             raise ValueError("model has duplicate parameter names")
         self._bind(model, pairs)
-        self.max_norm = _check_max_norm(max_norm)
+        self.max_norm = check_max_norm(max_norm)
         self.norm_type = core.check_norm_type(norm_type)
-        self.capacity = _positive_int(history, "history")
-        self.every = _positive_int(every, "every")
+        self.capacity = positive_int(history, "history")
+        self.every = positive_int(every, "every")
         self.skip_nonfinite = bool(skip_nonfinite)
         self.optimizer = optimizer
-        self.spike_threshold = _positive_float(spike_threshold, "spike_threshold")
-        self.spike_min_ratio = _positive_float(spike_min_ratio, "spike_min_ratio")
+        self.spike_threshold = positive_float(spike_threshold, "spike_threshold")
+        self.spike_min_ratio = positive_float(spike_min_ratio, "spike_min_ratio")
         if not 0.0 < float(spike_beta) < 1.0:
             raise ValueError(f"spike_beta must be in (0, 1), got {spike_beta!r}")
         self.spike_beta = float(spike_beta)
@@ -323,7 +240,7 @@ class GradMonitor:
         self.params = [p for _, p in pairs]
         self.numels = [p.numel() for p in self.params]
         self.ndims = [p.dim() for p in self.params]
-        self._owners = _owners(model, pairs) if self._model is not None else None
+        self._owners = find_owners(model, pairs) if self._model is not None else None
 
     def _params_moved(self) -> bool:
         owners = self._owners
@@ -341,7 +258,7 @@ class GradMonitor:
         when the model object itself is new (unpickled or rebuilt). Raises ``ValueError``
         when ``model`` lacks a monitored name.
         """
-        current = dict(_named_parameters(model))
+        current = dict(named_parameters(model))
         missing = [name for name in self.names if name not in current]
         if missing:
             listed = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
