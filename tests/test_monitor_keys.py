@@ -139,3 +139,19 @@ def test_history_without_keys_uses_the_default_style():
     hist.keys = None
     assert "grad_norm_1_total" in hist.row_dict(0)
     assert Keys(norm_type=1) == monitor.keys
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1, "inf"])
+def test_lightning_style_matches_lightnings_own_grad_norm(norm_type):
+    lightning = pytest.importorskip("lightning.pytorch.utilities")
+    model = tiny_model(seed=5)
+    set_random_grads(model, torch.Generator().manual_seed(5))
+    theirs = {k: float(v) for k, v in lightning.grad_norm(model, norm_type).items()}
+    monitor = GradMonitor(model, norm_type=norm_type, key_style="lightning")
+    monitor.step()
+    ours = monitor.to_dict()
+    assert monitor.total_key in theirs
+    norm_keys = {k for k in ours if k == monitor.total_key or k.startswith(monitor.keys.norm(""))}
+    assert norm_keys == set(theirs)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-5)
