@@ -1,0 +1,37 @@
+"""GradMonitor: per-layer gradient statistics for every training step, without host syncs.
+
+One module per concern:
+
+* :mod:`.recorder` -- :class:`GradMonitor` (the per-step path: stats, clipping, skipping);
+* :mod:`.params` -- which tensors the monitor watches and how it finds them again;
+* :mod:`.history` -- the device ring buffer and the host :class:`History`;
+* :mod:`.events` -- tallies that outlive the ring buffer;
+* :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;
+* :mod:`.keys` -- the logger key names (``prefix=``, ``key_style=``);
+* :mod:`.writers` -- JSON lines, CSV, TensorBoard and W&B writers;
+* :mod:`.plots` -- matplotlib figures of a :class:`History`.
+"""
+
+from .diagnosis import Diagnosis, depth_profile, diagnose
+from .events import Events
+from .history import History
+from .keys import KEY_STYLES, Keys
+from .recorder import GradMonitor
+from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
+
+_Events = Events  # the name this class had before the package split
+
+__all__ = [
+    "KEY_STYLES",
+    "CsvWriter",
+    "Diagnosis",
+    "GradMonitor",
+    "History",
+    "HistoryWriter",
+    "JsonlWriter",
+    "Keys",
+    "TensorBoardWriter",
+    "WandbWriter",
+    "depth_profile",
+    "diagnose",
+]

@@ -1,0 +1,315 @@
+"""Diagnosis of a recorded history: vanishing / exploding across depth or time, NaN/Inf."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .events import Events
+from .history import TINY, History, nonfinite_json
+
+NO_GRADIENT_STEPS = 5  # this many latest recorded steps without any gradient: "no_gradients"
+
+
+@dataclass
+class Diagnosis:
+    """What the recorded history says, in numbers and in words.
+
+    Attributes:
+        verdict: ``"exploding"`` (gradients grow across depth or over time, overflow to
+            Inf, or are held at ``max_norm`` by clipping from far above), ``"vanishing"``
+            (earliest layers get far smaller gradients than the latest), ``"nonfinite"``
+            (NaN without signs of explosion), ``"no_gradients"`` (no monitored parameter had
+            a gradient in any recorded step, or in the latest ``NO_GRADIENT_STEPS``), or
+            ``"healthy"``.
+        contained: exploding, but clipping kept every step finite.
+        findings: plain-language sentences, most important first.
+        depth_slope: decades of gradient RMS per layer from the first (input side) to
+            the last layer (least-squares fit of log10 RMS against layer index; > 0:
+            gradients shrink going backward toward the input, i.e. vanishing).
+        depth_ratio: RMS of the earliest layers / RMS of the latest layers (median over
+            finite steps; the first and last quarter of the weight tensors).
+        time_growth: largest total norm / median total norm of the first 10% of steps
+            (``inf`` once the total norm became non-finite).
+        first_nonfinite: ``{name: (step, nan_count, inf_count)}`` for each parameter whose
+            gradient ever held NaN/Inf, the first step it was seen.
+        nonfinite_steps / skipped_steps / clipped_steps: counts over all recorded steps.
+        spikes: ``[(step, name or "total", norm)]`` in step order (capped at 1000).
+    """
+
+    verdict: str
+    contained: bool
+    findings: list[str]
+    steps: int
+    depth_slope: float | None
+    depth_ratio: float | None
+    profile_names: list[str]
+    profile_log10_rms: list[float]
+    time_growth: float | None
+    first_nonfinite: dict[str, tuple[int, int, int]]
+    first_nonfinite_step: int | None
+    nonfinite_steps: int
+    skipped_steps: int
+    clipped_steps: int
+    spikes: list[tuple[int, str, float]]
+    max_norm: float | None = None
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
+        """A few lines for a console or a log file."""
+        note = " (contained by clipping)" if self.contained else ""
+        lines = [f"verdict: {self.verdict.upper()}{note}  ({self.steps} recorded steps)"]
+        lines += [f"  - {text}" for text in self.findings]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite floats as strings ``"NaN"``/``"Infinity"``)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float):
+                return nonfinite_json(value)
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+
+        return clean(
+            {
+                "verdict": self.verdict,
+                "contained_by_clipping": self.contained,
+                "findings": self.findings,
+                "steps": self.steps,
+                "depth_slope_decades_per_layer": self.depth_slope,
+                "depth_ratio_earliest_over_latest": self.depth_ratio,
+                "profile": dict(zip(self.profile_names, self.profile_log10_rms)),
+                "time_growth": self.time_growth,
+                "first_nonfinite": {
+                    k: {"step": s, "nan_count": a, "inf_count": b}
+                    for k, (s, a, b) in self.first_nonfinite.items()
+                },
+                "first_nonfinite_step": self.first_nonfinite_step,
+                "nonfinite_steps": self.nonfinite_steps,
+                "skipped_steps": self.skipped_steps,
+                "clipped_steps": self.clipped_steps,
+                "spikes": [{"step": s, "name": n, "norm": v} for s, n, v in self.spikes],
+                "max_norm": self.max_norm,
+            }
+        )
+
+
+def depth_profile(history: History, rows: slice | None = None) -> tuple[list[str], np.ndarray]:
+    """Per-layer log10 gradient RMS (median over the finite steps in ``rows``), in order.
+
+    Uses the weight tensors (ndim >= 2) when there are at least two, since biases and
+    norm scales sit on a different scale; layers with no finite value are dropped.
+    """
+    cols = [j for j, d in enumerate(history.ndims) if d >= 2]
+    if len(cols) < 2:
+        cols = list(range(len(history.names)))
+    rms = history.rms()[rows if rows is not None else slice(None)][:, cols]
+    if len(rms) == 0:
+        return [], np.zeros(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        logs = np.where(np.isnan(rms), np.nan, np.log10(np.maximum(rms, TINY)))
+        med = np.nanmedian(logs, axis=0)
+    keep = [i for i in range(len(cols)) if np.isfinite(med[i])]
+    return [history.names[cols[i]] for i in keep], med[keep]
+
+
+def _profile_shape(profile: np.ndarray) -> tuple[float, float]:
+    """(slope in decades per layer, log10 of earliest-quarter over latest-quarter RMS)."""
+    slope = float(np.polyfit(np.arange(len(profile), dtype=np.float64), profile, 1)[0])
+    quarter = max(1, len(profile) // 4)
+    return slope, float(profile[:quarter].mean() - profile[-quarter:].mean())
+
+
+def diagnose(
+    history: History,
+    *,
+    events: Events | None = None,
+    decades: float = 2.0,
+    growth_decades: float = 3.0,
+) -> Diagnosis:
+    """Verdict on a history: vanishing / exploding across depth or time, NaN/Inf, spikes.
+
+    Args:
+        history: recorded steps (e.g. ``monitor.history()``).
+        events: counts and first-seen records that outlive the ring buffer (the monitor
+            passes its own); computed from ``history`` alone when ``None``.
+        decades: ``|log10(depth_ratio)|`` at or above which the depth profile is called
+            vanishing (earliest layers smaller) or exploding (earliest layers larger).
+        growth_decades: growth of the total norm over time (log10) called exploding.
+    """
+    if events is None:
+        events = Events()
+        events.add(history, spike_cap=1000)
+    findings: list[str] = []
+    # The depth profile can change a lot during training (a deep sigmoid net that has
+    # collapsed to predicting the mean has tiny gradients everywhere), so look at the
+    # whole window, its oldest fifth and its latest fifth, and report the most extreme.
+    count = len(history)
+    fifth = max(1, count // 5)
+    windows = {
+        "": slice(None),
+        " in the oldest recorded steps": slice(0, fifth),
+        " in the latest recorded steps": slice(count - fifth, count),
+    }
+    best = None
+    for label, rows in windows.items():
+        names_w, profile_w = depth_profile(history, rows)
+        if len(profile_w) >= 2:
+            slope_w, log_ratio_w = _profile_shape(profile_w)
+            if best is None or abs(log_ratio_w) > abs(best[3]) + 0.5:
+                best = (label, names_w, profile_w, log_ratio_w, slope_w)
+    names, profile = depth_profile(history)
+    slope = ratio = None
+    if best is not None:
+        label, names, profile, log_ratio, slope = best
+        ratio = float(10.0**log_ratio)
+        where = f"from {names[0]} (first) to {names[-1]} (last){label}"
+        if log_ratio <= -decades:
+            findings.append(
+                f"VANISHING across depth: the earliest layers get {1 / ratio:.3g}x smaller "
+                f"gradients than the latest ({slope:.2f} decades lost per layer going "
+                f"backward, {where}). The first layers barely learn: use ReLU/GELU instead "
+                "of sigmoid/tanh, residual connections, normalization layers, or a "
+                "variance-preserving init (Kaiming/Xavier)."
+            )
+        elif log_ratio >= decades:
+            findings.append(
+                f"EXPLODING across depth: the earliest layers get {ratio:.3g}x larger "
+                f"gradients than the latest ({-slope:.2f} decades gained per layer going "
+                f"backward, {where}). "
+                "Each layer amplifies the backward signal: reduce the init scale, add "
+                "normalization, lower the learning rate, and clip the gradient norm."
+            )
+        else:
+            findings.append(
+                f"Depth profile balanced: earliest/latest layer gradient RMS ratio "
+                f"{ratio:.3g} ({slope:+.2f} decades per layer)."
+            )
+
+    growth = None
+    finite = np.isfinite(history.total_norm)
+    finite_total = history.total_norm[finite]
+    if len(finite_total) >= 2:
+        head = finite_total[: max(1, len(finite_total) // 10)]
+        base = float(np.median(head))
+        growth = float(finite_total.max() / base) if base > 0 else None
+    grew = growth is not None and growth >= 10**growth_decades
+    if grew:
+        findings.append(
+            f"EXPLODING over time: the total gradient norm grew {growth:.3g}x during the "
+            "recorded steps."
+        )
+    if events.overflow_steps:
+        last = f" (last finite value {finite_total[-1]:.3g})" if len(finite_total) else ""
+        findings.append(
+            f"EXPLODING: gradients overflowed to Inf on {events.overflow_steps} step(s){last}. "
+            "Lower the learning rate or the init scale, and clip the gradient norm."
+        )
+    contained = False
+    clip_share = events.clipped_steps / events.recorded if events.recorded else 0.0
+    if history.max_norm is not None and history.max_norm > 0 and len(finite_total):
+        typical = float(np.median(finite_total))
+        far_above = typical >= 10.0 * history.max_norm and clip_share >= 0.5
+        if far_above and not events.nonfinite_steps:
+            contained = True
+            findings.append(
+                f"Contained by clipping: the raw total norm is typically {typical:.3g} "
+                f"({typical / history.max_norm:.3g}x max_norm) and no NaN/Inf appeared; "
+                "without clipping these updates would blow up. The scale is still wrong: "
+                "check the init and the learning rate."
+            )
+
+    if events.first_nonfinite_step is not None:
+        ordered = sorted(events.first_nonfinite.items(), key=lambda kv: kv[1][0])
+        listed = ", ".join(f"{n} (step {s})" for n, (s, _, _) in ordered[:5])
+        more = f" and {len(ordered) - 5} more" if len(ordered) > 5 else ""
+        first = events.first_nonfinite_step
+        overflow_first = not ordered or ordered[0][1][0] > first
+        how = " (the total norm overflowed first)" if overflow_first and ordered else ""
+        findings.insert(
+            0,
+            f"NaN/Inf gradients on {events.nonfinite_steps} step(s), first at step "
+            f"{first}{how}: {listed or 'total norm overflowed'}{more}.",
+        )
+    if events.skipped_steps:
+        findings.append(
+            f"{events.skipped_steps} optimizer update(s) skipped because the gradients "
+            "were not finite."
+        )
+    if history.max_norm is not None and events.recorded:
+        findings.append(
+            f"Clipping at max_norm={history.max_norm:g} scaled the gradients on "
+            f"{events.clipped_steps} of {events.recorded} steps ({clip_share:.0%})."
+        )
+    if events.spikes:
+        total_spikes = [s for s in events.spikes if s[1] == "total"]
+        shown = ", ".join(f"step {s} ({v:.3g})" for s, _, v in total_spikes[:5])
+        findings.append(
+            f"{events.spike_count} gradient-norm spike(s) flagged "
+            f"({len(total_spikes)} on the total norm{': ' + shown if shown else ''})."
+        )
+
+    no_gradients = events.recorded > 0 and (
+        events.empty_steps == events.recorded or events.trailing_empty_steps >= NO_GRADIENT_STEPS
+    )
+    if no_gradients:
+        latest = events.trailing_empty_steps
+        where = (
+            f"any of the {events.recorded} recorded steps"
+            if events.empty_steps == events.recorded
+            else f"the latest {latest} recorded steps"
+        )
+        findings.insert(
+            0,
+            f"NO GRADIENTS: no monitored parameter had a gradient in {where}, so nothing "
+            "was measured or clipped. Call step() after backward() and before zero_grad(); "
+            "if the model was reloaded or the monitor unpickled apart from it, call "
+            "monitor.attach(model); DeepSpeed ZeRO keeps gradients outside .grad.",
+        )
+
+    deep_exploding = ratio is not None and math.log10(ratio) >= decades
+    exploding = deep_exploding or grew or bool(events.overflow_steps) or contained
+    vanishing = ratio is not None and math.log10(ratio) <= -decades
+    if exploding:
+        verdict = "exploding"
+    elif vanishing:
+        verdict = "vanishing"
+    elif events.nonfinite_steps:
+        verdict = "nonfinite"
+    elif no_gradients:
+        verdict = "no_gradients"
+    else:
+        verdict = "healthy"
+        findings.insert(0, "No NaN/Inf, no runaway growth, no vanishing profile.")
+    return Diagnosis(
+        verdict=verdict,
+        contained=contained,
+        findings=findings,
+        steps=events.recorded,
+        depth_slope=slope,
+        depth_ratio=ratio,
+        profile_names=names,
+        profile_log10_rms=[float(v) for v in profile],
+        time_growth=growth,
+        first_nonfinite=dict(events.first_nonfinite),
+        first_nonfinite_step=events.first_nonfinite_step,
+        nonfinite_steps=events.nonfinite_steps,
+        skipped_steps=events.skipped_steps,
+        clipped_steps=events.clipped_steps,
+        spikes=list(events.spikes),
+        max_norm=history.max_norm,
+    )
+
+
+__all__ = ["Diagnosis", "depth_profile", "diagnose"]

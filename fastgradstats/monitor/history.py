@@ -1,0 +1,234 @@
+"""Recorded steps: the device ring buffer the monitor writes to, and the host ``History``.
+
+The ring buffer (:class:`DeviceRing`) lives on the gradients' device and is written every
+recorded step without a host sync; :meth:`DeviceRing.gather` copies rows to the host in
+one transfer and returns them as a :class:`History` of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .keys import Keys
+
+TINY = 1e-30  # floor before taking logs: a zero gradient is "very small", not -inf
+
+# The per-step arrays of a History, in the order the ring buffer packs them.
+ARRAY_FIELDS = (
+    "steps",
+    "norms",
+    "max_abs",
+    "nan_count",
+    "inf_count",
+    "present",
+    "total_norm",
+    "clip_coef",
+    "nonfinite",
+    "skipped",
+    "spike_total",
+    "spike_layer",
+)
+
+
+def nonfinite_json(value: float) -> float | str:
+    """``value``, or ``"NaN"``/``"Infinity"``/``"-Infinity"`` (JSON has no non-finite floats)."""
+    # Strings that float() parses back keep the file standard JSON.
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+@dataclass
+class History:
+    """Recorded steps as host (numpy) arrays, oldest first.
+
+    Shapes: ``T`` recorded steps, ``n`` parameters (``names``).
+
+    Attributes:
+        steps: int64 [T], the step number (0-based count of ``monitor.step()`` calls).
+        norms / max_abs: float64 [T, n], per-parameter gradient norm and max |g|, before
+            clipping (0 where ``present`` is False).
+        nan_count / inf_count: int64 [T, n].
+        present: bool [T, n], False where the parameter had no gradient that step.
+        total_norm: float64 [T], norm of all gradients as one vector, before clipping.
+        clip_coef: float64 [T], factor the gradients were multiplied by (1.0: untouched).
+        nonfinite: bool [T], some gradient held NaN/Inf (or the total norm overflowed).
+        skipped: bool [T], the optimizer update was suppressed (``skip_nonfinite``).
+        spike_total: bool [T]; spike_layer: bool [T, n].
+        keys: the logger key names :meth:`row_dict` uses (``None``: the default style for
+            ``norm_type``, no prefix).
+    """
+
+    names: list[str]
+    numels: list[int]
+    ndims: list[int]
+    norm_type: float
+    max_norm: float | None
+    steps: np.ndarray
+    norms: np.ndarray
+    max_abs: np.ndarray
+    nan_count: np.ndarray
+    inf_count: np.ndarray
+    present: np.ndarray
+    total_norm: np.ndarray
+    clip_coef: np.ndarray
+    nonfinite: np.ndarray
+    skipped: np.ndarray
+    spike_total: np.ndarray
+    spike_layer: np.ndarray
+    keys: Keys | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def key_names(self) -> Keys:
+        """The :class:`~fastgradstats.monitor.keys.Keys` of this history's values."""
+        return self.keys if self.keys is not None else Keys(norm_type=self.norm_type)
+
+    def row_dict(self, t: int) -> dict[str, float]:
+        """Logger-ready dict of recorded step ``t`` (index into this history, not a step no.).
+
+        Key names: see :mod:`fastgradstats.monitor.keys`; absent gradients are left out,
+        ``grad_nonfinite/<name>`` appears only when that gradient held NaN/Inf.
+        """
+        keys = self.key_names()
+        out: dict[str, float] = {
+            keys.total: float(self.total_norm[t]),
+            keys.clip_coef: float(self.clip_coef[t]),
+            keys.nonfinite: float(self.nonfinite[t]),
+            keys.skipped: float(self.skipped[t]),
+            keys.spike_total: float(self.spike_total[t]),
+        }
+        for j, name in enumerate(self.names):
+            if not self.present[t, j]:
+                continue
+            out[keys.norm(name)] = float(self.norms[t, j])
+            out[keys.max_abs(name)] = float(self.max_abs[t, j])
+            bad = int(self.nan_count[t, j] + self.inf_count[t, j])
+            if bad:
+                out[keys.nonfinite_count(name)] = float(bad)
+        return out
+
+    def rms(self) -> np.ndarray:
+        """Per-parameter norm divided by ``numel ** (1/p)``: comparable across layer sizes.
+
+        float64 [T, n]; NaN where the gradient was absent or non-finite.
+        """
+        if math.isinf(self.norm_type) or self.norm_type == 0:
+            scale = np.ones(len(self.names))
+        else:
+            scale = np.maximum(np.asarray(self.numels, dtype=np.float64), 1.0) ** (
+                1.0 / self.norm_type
+            )
+        values = self.norms / scale
+        return np.where(self.present & np.isfinite(values), values, np.nan)
+
+    def select(self, rows: Any) -> History:
+        """A copy holding only the recorded steps ``rows`` (an index array or slice)."""
+        return History(
+            **{
+                **self.__dict__,
+                **{name: getattr(self, name)[rows].copy() for name in ARRAY_FIELDS},
+            }
+        )
+
+
+def empty_arrays(t: int, n: int) -> dict[str, np.ndarray]:
+    """The arrays of a History of ``t`` blank rows (step -1, coefficient 1, all else 0)."""
+    return {
+        "steps": np.full(t, -1, dtype=np.int64),
+        "norms": np.zeros((t, n)),
+        "max_abs": np.zeros((t, n)),
+        "nan_count": np.zeros((t, n), dtype=np.int64),
+        "inf_count": np.zeros((t, n), dtype=np.int64),
+        "present": np.zeros((t, n), dtype=bool),
+        "total_norm": np.zeros(t),
+        "clip_coef": np.ones(t),
+        "nonfinite": np.zeros(t, dtype=bool),
+        "skipped": np.zeros(t, dtype=bool),
+        "spike_total": np.zeros(t, dtype=bool),
+        "spike_layer": np.zeros((t, n), dtype=bool),
+    }
+
+
+class DeviceRing:
+    """``capacity`` rows of per-step statistics on the device, written without host syncs.
+
+    Row ``r`` holds one recorded step; ``host_steps[r]`` is its step number (a Python
+    int the monitor knows, so it is kept on the host). ``spike`` has one column per
+    parameter plus a last one for the total norm.
+    """
+
+    TENSORS = (
+        "norms",
+        "max_abs",
+        "nan",
+        "inf",
+        "present",
+        "total",
+        "coef",
+        "found",
+        "skipped",
+        "spike",
+    )
+
+    def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
+        h = capacity
+        self.capacity, self.n = capacity, n
+        self.norms = torch.zeros(h, n, dtype=dtype, device=device)
+        self.max_abs = torch.zeros(h, n, dtype=dtype, device=device)
+        self.nan = torch.zeros(h, n, dtype=torch.int64, device=device)
+        self.inf = torch.zeros(h, n, dtype=torch.int64, device=device)
+        self.present = torch.zeros(h, n, dtype=torch.bool, device=device)
+        self.total = torch.zeros(h, dtype=dtype, device=device)
+        self.coef = torch.ones(h, dtype=dtype, device=device)
+        self.found = torch.zeros(h, dtype=torch.bool, device=device)
+        self.skipped = torch.zeros(h, dtype=torch.bool, device=device)
+        self.spike = torch.zeros(h, n + 1, dtype=torch.bool, device=device)  # last: total
+        self.host_steps = np.full(h, -1, dtype=np.int64)
+
+    def gather(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """The arrays of ``rows`` (ring row indices, in order) on the host: one sync."""
+        n, t = self.n, len(rows)
+        if not t:
+            return empty_arrays(0, n)
+        index = torch.tensor(rows, dtype=torch.int64).to(self.norms.device)
+        pieces = [
+            self.norms[index],
+            self.max_abs[index],
+            self.nan[index],
+            self.inf[index],
+            self.present[index],
+            self.spike[index],
+            self.total[index, None],
+            self.coef[index, None],
+            self.found[index, None],
+            self.skipped[index, None],
+        ]
+        # One float64 block, one device->host copy: the only sync of a flush.
+        packed = torch.cat([p.to(torch.float64) for p in pieces], dim=1).cpu().numpy()
+        cols = np.cumsum([0, n, n, n, n, n, n + 1, 1, 1, 1, 1])
+        part = [packed[:, cols[i] : cols[i + 1]] for i in range(len(cols) - 1)]
+        spike = part[5].astype(bool)
+        return {
+            "steps": self.host_steps[rows].copy(),
+            "norms": part[0],
+            "max_abs": part[1],
+            "nan_count": part[2].astype(np.int64),
+            "inf_count": part[3].astype(np.int64),
+            "present": part[4].astype(bool),
+            "total_norm": part[6][:, 0],
+            "clip_coef": part[7][:, 0],
+            "nonfinite": part[8][:, 0].astype(bool),
+            "skipped": part[9][:, 0].astype(bool),
+            "spike_total": spike[:, n],
+            "spike_layer": spike[:, :n],
+        }
+
+
+__all__ = ["ARRAY_FIELDS", "TINY", "DeviceRing", "History", "empty_arrays", "nonfinite_json"]

@@ -1,0 +1,85 @@
+"""Logger key names of the monitor's values (``to_dict()``, TensorBoard tags, W&B keys).
+
+Two styles:
+
+* ``"fastgradstats"`` (default): ``{prefix}grad_norm/{name}`` and ``{prefix}grad_norm_total``
+  for the 2-norm, ``{prefix}grad_norm_{p:g}/{name}`` and ``{prefix}grad_norm_{p:g}_total``
+  for any other p (``inf`` for the max-norm);
+* ``"lightning"``: the norm keys of ``lightning.pytorch.utilities.grad_norm``,
+  ``{prefix}grad_{float(p)}_norm/{name}`` and ``{prefix}grad_{float(p)}_norm_total``
+  (``grad_2.0_norm/...``, ``grad_inf_norm/...``).
+
+Every other key is the same in both styles: ``{prefix}grad_max_abs/{name}``,
+``{prefix}grad_nonfinite/{name}``, ``{prefix}grad_clip_coef``, ``{prefix}grad_nonfinite``,
+``{prefix}grad_skipped``, ``{prefix}grad_spike_total`` and ``{prefix}grad_stats/...``.
+The total norm's key has no ``/``, so no parameter name can collide with it.
+"""
+
+from __future__ import annotations
+
+KEY_STYLES = ("fastgradstats", "lightning")
+
+
+class Keys:
+    """The key of every value the monitor logs, for one ``prefix``, style and norm type."""
+
+    def __init__(
+        self, prefix: str = "", key_style: str = "fastgradstats", norm_type: float = 2.0
+    ) -> None:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if key_style not in KEY_STYLES:
+            raise ValueError(f"key_style must be one of {KEY_STYLES}, got {key_style!r}")
+        self.prefix = prefix
+        self.style = key_style
+        self.norm_type = float(norm_type)
+        p = self.norm_type
+        if key_style == "lightning":
+            stem = f"{prefix}grad_{p}_norm"  # str(float): "2.0", "inf", as Lightning writes it
+        elif p == 2.0:
+            stem = f"{prefix}grad_norm"
+        else:
+            stem = f"{prefix}grad_norm_{p:g}"  # 1, 0.5, inf
+        self._norm_stem = stem
+        self.total = f"{stem}_total"
+        self.clip_coef = f"{prefix}grad_clip_coef"
+        self.nonfinite = f"{prefix}grad_nonfinite"
+        self.skipped = f"{prefix}grad_skipped"
+        self.spike_total = f"{prefix}grad_spike_total"
+        self.step_metric = f"{prefix}grad/step"  # the W&B x axis of the monitor's rows
+
+    def __repr__(self) -> str:
+        return f"Keys(prefix={self.prefix!r}, key_style={self.style!r}, norm_type={self.norm_type})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Keys) and (self.prefix, self.style, self.norm_type) == (
+            other.prefix,
+            other.style,
+            other.norm_type,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.prefix, self.style, self.norm_type))
+
+    def norm(self, name: str) -> str:
+        """Key of parameter ``name``'s gradient norm."""
+        return f"{self._norm_stem}/{name}"
+
+    def max_abs(self, name: str) -> str:
+        """Key of parameter ``name``'s max |g|."""
+        return f"{self.prefix}grad_max_abs/{name}"
+
+    def nonfinite_count(self, name: str) -> str:
+        """Key of parameter ``name``'s NaN + Inf count (logged only when non-zero)."""
+        return f"{self.prefix}grad_nonfinite/{name}"
+
+    def tally(self, name: str) -> str:
+        """Key of a running tally (``nonfinite_steps``, ``skipped_steps``, ``spikes``)."""
+        return f"{self.prefix}grad_stats/{name}"
+
+    def patterns(self) -> list[str]:
+        """Glob patterns covering every key (all start with ``{prefix}grad_``)."""
+        return [f"{self.prefix}grad_*"]
+
+
+__all__ = ["KEY_STYLES", "Keys"]

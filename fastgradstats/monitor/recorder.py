@@ -1,0 +1,708 @@
+"""GradMonitor: per-layer gradient statistics for every training step, without host syncs.
+
+Usage::
+
+    monitor = GradMonitor(model, max_norm=1.0)
+    for step, batch in enumerate(loader):
+        loss = model(batch).mean()
+        loss.backward()
+        monitor.step()            # stats (+ clipping) in one pass, stays on the device
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 100 == 0:
+            print(monitor.report())   # one host sync per logging interval
+
+Design choices (the issue left them open):
+
+* The parameter *names* are fixed at construction: every parameter of the model, frozen
+  ones included, so a layer unfrozen later is measured and clipped with the rest. A
+  parameter whose ``.grad`` is ``None`` in a step is recorded with zero statistics and
+  ``present=False``; the diagnosis, spike detection and loggers ignore it there.
+* The parameter *objects* are followed by name: when the model's parameters are replaced
+  (``load_state_dict(..., assign=True)``) :meth:`GradMonitor.step` notices it (one dict
+  lookup per parameter, no sync) and tracks the new ones; :meth:`GradMonitor.attach`
+  does the same for a new model object. Several steps in a row without any gradient
+  raise a warning and make the diagnosis ``no_gradients``.
+* Skipping (``skip_nonfinite``) is decided from the total norm in float32 (float64 for
+  float64 gradients), i.e. from NaN/Inf in the gradients or an overflow of that
+  accumulation, never from the total cast back to fp16: finite fp16 gradients whose
+  norm exceeds 65504 are a finite update.
+* Recorded norms are the gradients as they came out of ``backward()``, before clipping;
+  the clip coefficient that was applied is recorded next to them (1.0 when not clipping).
+* Step numbers count calls to :meth:`GradMonitor.step` from 0 and are kept on the host
+  (they are Python ints the monitor already knows), not in device memory.
+* Spikes are detected on the device at every recorded step: a norm is a spike when its
+  natural log exceeds an exponential moving average of the log-norm by more than
+  ``spike_threshold`` EMA standard deviations *and* the norm is at least
+  ``spike_min_ratio`` times the EMA level (the ratio keeps a very steady run, whose EMA
+  standard deviation is tiny, from flagging harmless wiggles). Log space, because
+  gradient norms vary multiplicatively.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import core, distributed
+from ..clip import clip_grad_norm_
+from ..stats import GradStats, compute
+from ..torch_backend import host_to_device
+from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
+from .events import Events
+from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
+from .keys import Keys
+from .params import (
+    check_max_norm,
+    find_owners,
+    named_parameters,
+    positive_float,
+    positive_int,
+)
+from .plots import plot_history
+from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
+
+
+class LruCache:
+    """A small least-recently-used dict, safe to share between threads.
+
+    Under MoE routing the set of parameters with gradients can differ every step; an
+    unbounded cache keyed by that set would grow by one device tensor per step, forever.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:  # get + move_to_end must not interleave with another put
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"maxsize": self.maxsize, "_data": OrderedDict(self._data)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+_STATE_VERSION = 1
+_STATE_KEYS = (
+    "names",
+    "norm_type",
+    "history",
+    "counters",
+    "ring",
+    "host_steps",
+    "ema",
+    "mirror",
+    "events",
+)
+
+
+class GradMonitor:
+    """Watches every parameter's gradient every step, on the device, and diagnoses trouble.
+
+    Args:
+        model: an ``nn.Module`` (all its ``named_parameters()``, frozen ones included), or
+            an iterable of Tensors / ``(name, Tensor)`` pairs. The names are fixed at
+            construction; replaced parameters of the module are followed by name.
+            Uninitialized lazy parameters (``nn.LazyLinear`` before its first forward)
+            raise ``ValueError``.
+        max_norm: when set, :meth:`step` also clips the total gradient norm to it (same
+            single pass as the stats; torch's ``clip_grad_norm_`` semantics). ``0`` is
+            taken as "no clipping" (Hugging Face's ``max_grad_norm=0``), with a warning;
+            torch's ``max_norm=0`` would zero every gradient.
+        norm_type: p of the norms (2, 1, ``inf``, any p torch accepts).
+        history: ring-buffer length in recorded steps; the device holds ``history`` rows
+            of ``n_params`` floats per field. Call :meth:`flush` (or anything that syncs:
+            :meth:`report`, :meth:`to_dict`, :meth:`history`) at least every ``history``
+            recorded steps or the oldest rows are lost to the writers and tallies.
+        every: record every ``every``-th step (clipping and ``skip_nonfinite`` still act on
+            every step).
+        skip_nonfinite: on a step whose gradients hold NaN/Inf, suppress the optimizer
+            update without a host sync. With an optimizer that supports AMP's
+            ``found_inf`` (``torch.optim.Adam/AdamW/SGD(fused=True)``), pass it as
+            ``optimizer=`` and it receives ``optimizer.found_inf`` so the fused kernel skips
+            the update and its step counter; otherwise every gradient is set to 0 on that
+            step (masked on the device), which stops plain SGD but not momentum or Adam
+            moments already accumulated. ``optimizer.found_inf`` is removed again after
+            that optimizer's next step (a one-shot step post-hook), as GradScaler does.
+            Decided from the float32 total (see the module notes); on steps that are not
+            recorded this computes the same stats as a recorded step (on the Triton
+            backend that is the same single pass as the norm alone).
+        optimizer: see ``skip_nonfinite`` (also accepted by :meth:`step`).
+        spike_threshold: z-score (in log-norm, EMA statistics) above which a norm is a spike.
+        spike_min_ratio: a spike must also be this many times the EMA level of the norm.
+        spike_beta: EMA decay per recorded step (0.98: about 50 steps of memory).
+        spike_warmup: recorded steps with a (finite) gradient before a parameter's spikes
+            can be flagged, counted per parameter (and for the total norm).
+        prefix: put in front of every logger key (``to_dict()``, TensorBoard, W&B).
+        key_style: ``"fastgradstats"`` (``grad_norm/<name>``, ``grad_norm_total``; the
+            norm type in the key when p != 2) or ``"lightning"`` (the keys of
+            ``lightning.pytorch.utilities.grad_norm``: ``grad_2.0_norm/<name>``,
+            ``grad_2.0_norm_total``); see :mod:`fastgradstats.monitor.keys`.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``$FASTGRADSTATS_BACKEND``).
+        foreach: passed to the torch backend.
+
+    Attributes:
+        found_inf: 0-d bool device tensor after each :meth:`step` that measured the
+            gradients (recorded steps, and every step with ``skip_nonfinite``): True when
+            they held NaN/Inf or their float32 total overflowed; ``None`` otherwise.
+        last_stats: the :class:`~fastgradstats.GradStats` of the latest recorded step.
+        keys: the :class:`~fastgradstats.monitor.keys.Keys` naming every logged value.
+    """
+
+    index_cache_size = 16  # device index tensors kept for rows with missing gradients
+    no_grad_warn_steps = NO_GRADIENT_STEPS  # warn after this many steps without any gradient
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[Any],
+        max_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        history: int = 1000,
+        every: int = 1,
+        *,
+        skip_nonfinite: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        spike_threshold: float = 6.0,
+        spike_min_ratio: float = 2.0,
+        spike_beta: float = 0.98,
+        spike_warmup: int = 20,
+        prefix: str = "",
+        key_style: str = "fastgradstats",
+        backend: str | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        pairs = named_parameters(model)
+        self.names = [name for name, _ in pairs]
+        self._index = {name: j for j, name in enumerate(self.names)}
+        if len(self._index) != len(self.names):
+            raise ValueError("model has duplicate parameter names")
+        self._bind(model, pairs)
+        self.max_norm = check_max_norm(max_norm)
+        self.norm_type = core.check_norm_type(norm_type)
+        self.capacity = positive_int(history, "history")
+        self.every = positive_int(every, "every")
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.optimizer = optimizer
+        self.spike_threshold = positive_float(spike_threshold, "spike_threshold")
+        self.spike_min_ratio = positive_float(spike_min_ratio, "spike_min_ratio")
+        if not 0.0 < float(spike_beta) < 1.0:
+            raise ValueError(f"spike_beta must be in (0, 1), got {spike_beta!r}")
+        self.spike_beta = float(spike_beta)
+        if isinstance(spike_warmup, bool) or not isinstance(spike_warmup, int) or spike_warmup < 0:
+            raise ValueError(f"spike_warmup must be a non-negative int, got {spike_warmup!r}")
+        self.spike_warmup = spike_warmup
+        self.keys = Keys(prefix, key_style, self.norm_type)
+        self.backend = backend
+        self.foreach = foreach
+
+        self.device = self.params[0].device
+        self.dtype = (
+            torch.float64
+            if any(p.dtype in (torch.float64, torch.complex128) for p in self.params)
+            else torch.float32
+        )
+        self._writers: list[HistoryWriter] = []
+        self._found_inf_hook: Any = None  # see _clear_after_step
+        self.reset()
+
+    # -- the parameters --------------------------------------------------------------------
+
+    def _bind(self, model: Any, pairs: list[tuple[str, Tensor]]) -> None:
+        """Track ``pairs`` (in ``self.names`` order); remember how to find them in ``model``."""
+        self._model = model if isinstance(model, nn.Module) else None
+        self.params = [p for _, p in pairs]
+        self.numels = [p.numel() for p in self.params]
+        self.ndims = [p.dim() for p in self.params]
+        self._owners = find_owners(model, pairs) if self._model is not None else None
+
+    def _params_moved(self) -> bool:
+        owners = self._owners
+        if owners is None:
+            return False
+        return any(
+            module._parameters.get(leaf) is not p for (module, leaf), p in zip(owners, self.params)
+        )
+
+    def attach(self, model: nn.Module | Iterable[Any]) -> None:
+        """Track the parameters of ``model`` (by name) from now on; the history is kept.
+
+        :meth:`step` does this by itself when the parameters of the model it was created
+        with are replaced (``load_state_dict(..., assign=True)``, ``to_empty``); call it
+        when the model object itself is new (unpickled or rebuilt). Raises ``ValueError``
+        when ``model`` lacks a monitored name.
+        """
+        current = dict(named_parameters(model))
+        missing = [name for name in self.names if name not in current]
+        if missing:
+            listed = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(
+                f"model lacks {len(missing)} monitored parameter(s): {listed}; "
+                "create a new GradMonitor for a model with different parameters"
+            )
+        self._bind(model, [(name, current[name]) for name in self.names])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_found_inf_hook"] = None  # a hook handle on a live optimizer: not state
+        return state
+
+    # -- state ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget everything recorded (buffers are reallocated and zeroed)."""
+        h, n, dev, dt = self.capacity, len(self.names), self.device, self.dtype
+        self._ring = DeviceRing(h, n, dev, dt)
+        self._ema_mean = torch.zeros(n + 1, dtype=dt, device=dev)
+        self._ema_var = torch.zeros(n + 1, dtype=dt, device=dev)
+        self._ema_count = torch.zeros(n + 1, dtype=dt, device=dev)  # valid updates each
+        self._calls = 0  # calls to step()
+        self._recorded = 0  # rows written to the ring
+        self._flushed = 0  # rows copied to the host
+        self._mirror: History | None = None  # host copy of the ring, filled by flush()
+        self._events = Events()
+        self.lost_rows = 0
+        self.found_inf: Tensor | None = None
+        self.last_stats: GradStats | None = None
+        self._index_cache = LruCache(self.index_cache_size)
+        self._no_grad_steps = 0  # consecutive step() calls without any gradient
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as if never interrupted.
+
+        The recorded history (device ring and its host copy, including rows not yet
+        flushed, which the loading monitor's writers then receive), the spike detector's
+        EMA and per-parameter warm-up counts, the tallies and the step counters. Tensors
+        are cloned on their device (no host sync); every other value is a plain Python
+        type, so ``torch.load(..., weights_only=True)`` reads it back. The model, the
+        optimizer and the writers are not part of it.
+        """
+        ring = self._ring
+        mirror = None
+        if self._mirror is not None:
+            mirror = {
+                name: torch.from_numpy(np.array(getattr(self._mirror, name)))
+                for name in ARRAY_FIELDS
+            }
+        return {
+            "version": _STATE_VERSION,
+            "names": list(self.names),
+            "norm_type": self.norm_type,
+            "history": self.capacity,
+            "counters": {
+                "calls": self._calls,
+                "recorded": self._recorded,
+                "flushed": self._flushed,
+                "lost_rows": self.lost_rows,
+                "no_grad_steps": self._no_grad_steps,
+            },
+            "ring": {name: getattr(ring, name).clone() for name in DeviceRing.TENSORS},
+            "host_steps": torch.from_numpy(ring.host_steps.copy()),
+            "ema": {
+                "mean": self._ema_mean.clone(),
+                "var": self._ema_var.clone(),
+                "count": self._ema_count.clone(),
+            },
+            "mirror": mirror,
+            "events": self._events.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a monitor of the same parameters.
+
+        Raises ``ValueError`` (and changes nothing) when the state was saved for other
+        parameter names, another ``history`` length or another ``norm_type``.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("state is not a GradMonitor.state_dict() (or from an unknown version)")
+        missing_keys = [k for k in _STATE_KEYS if k not in state]
+        if missing_keys:
+            raise ValueError(f"state_dict lacks {missing_keys}")
+        if list(state["names"]) != self.names:
+            theirs = list(state["names"])
+            missing = [n for n in self.names if n not in theirs]
+            extra = [n for n in theirs if n not in self.names]
+            raise ValueError(
+                "state_dict was saved for other parameters: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+                + (" (same names, other order)" if not missing and not extra else "")
+            )
+        if int(state["history"]) != self.capacity:
+            raise ValueError(
+                f"state_dict has history={state['history']}, this monitor history={self.capacity}"
+            )
+        if float(state["norm_type"]) != self.norm_type:
+            raise ValueError(
+                f"state_dict has norm_type={state['norm_type']}, this monitor "
+                f"norm_type={self.norm_type}"
+            )
+        ring = self._ring
+        for name in DeviceRing.TENSORS:  # check every shape before writing anything
+            if tuple(state["ring"][name].shape) != tuple(getattr(ring, name).shape):
+                raise ValueError(f"state_dict ring field {name!r} has the wrong shape")
+        events = Events.from_state_dict(state["events"])
+        for name in DeviceRing.TENSORS:
+            getattr(ring, name).copy_(state["ring"][name])
+        ring.host_steps[:] = state["host_steps"].cpu().numpy()
+        self._ema_mean.copy_(state["ema"]["mean"])
+        self._ema_var.copy_(state["ema"]["var"])
+        self._ema_count.copy_(state["ema"]["count"])
+        self._mirror = None
+        if state["mirror"] is not None:
+            self._mirror = self._as_history(
+                {name: state["mirror"][name].cpu().numpy().copy() for name in ARRAY_FIELDS}
+            )
+        counters = state["counters"]
+        self._calls = int(counters["calls"])
+        self._recorded = int(counters["recorded"])
+        self._flushed = int(counters["flushed"])
+        self.lost_rows = int(counters["lost_rows"])
+        self._no_grad_steps = int(counters["no_grad_steps"])
+        self._events = events
+
+    @property
+    def total_key(self) -> str:
+        """The logger key of the total gradient norm (e.g. ``"grad_norm_total"``)."""
+        return self.keys.total
+
+    @property
+    def num_steps(self) -> int:
+        """Calls to :meth:`step` so far."""
+        return self._calls
+
+    def add_writer(self, writer: HistoryWriter) -> HistoryWriter:
+        """Send every flushed chunk of history to ``writer`` (``write(history)``)."""
+        if not callable(getattr(writer, "write", None)):
+            raise TypeError("writer must have a write(history) method")
+        self._writers.append(writer)
+        return writer
+
+    # -- the per-step path: no host sync below ------------------------------------------
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> Tensor | None:
+        """Record (and clip) this step's gradients. Call after backward, before optimizer.step.
+
+        Returns the total gradient norm before clipping (0-d tensor on the device), or
+        ``None`` on a step that is neither recorded nor needs a norm. Never syncs.
+        """
+        if self._params_moved():
+            # Same model, new parameter objects (load_state_dict(assign=True), ...):
+            # follow them by name instead of silently watching the old ones.
+            self.attach(self._model)
+        self._count_missing_grads()
+        step_no = self._calls
+        self._calls += 1
+        record = step_no % self.every == 0
+        total, total32, stats = self._clip_and_measure(record or self.skip_nonfinite)
+        found: Tensor | None = None
+        if total32 is not None:
+            # Decided from the float32 (or float64) total, never from the total cast to a
+            # 16-bit gradient dtype: finite fp16 gradients whose norm exceeds 65504 are a
+            # finite update (already clipped), not an overflow.
+            found = ~torch.isfinite(total32.to(self.device))
+            if self.skip_nonfinite:
+                self._suppress_update(found, optimizer or self.optimizer)
+        self.found_inf = found
+        if stats is not None and record:
+            self.last_stats = stats
+            self._write_row(step_no, stats, found)
+        return total
+
+    def _count_missing_grads(self) -> None:
+        if any(p.grad is not None for p in self.params):  # host attributes: no sync
+            self._no_grad_steps = 0
+            return
+        self._no_grad_steps += 1
+        if self._no_grad_steps == self.no_grad_warn_steps:
+            warnings.warn(
+                f"GradMonitor: no monitored parameter has had a gradient for "
+                f"{self._no_grad_steps} steps. Call step() after backward() and before "
+                "zero_grad(). If the model was reloaded or the monitor unpickled apart "
+                "from it, call monitor.attach(model); with DeepSpeed ZeRO the gradients "
+                "are not in .grad.",
+                RuntimeWarning,
+                stacklevel=4,  # the user's step() call (past torch.no_grad's wrapper)
+            )
+
+    def _clip_and_measure(
+        self, need_stats: bool
+    ) -> tuple[Tensor | None, Tensor | None, GradStats | None]:
+        """Clip (when ``max_norm`` is set) and measure this step's gradients: the one place
+        the monitor touches them besides ``skip_nonfinite``.
+
+        Returns ``(total, total_acc, stats)``: the total norm as ``clip_grad_norm_`` returns
+        it (promoted gradient dtype), the same total in the accumulation dtype (float32 or
+        float64; ``None`` when not computed), and the per-parameter stats when
+        ``need_stats``.
+        """
+        pairs = list(zip(self.names, self.params))
+        if self.max_norm is not None:
+            if need_stats:
+                total, stats = clip_grad_norm_(
+                    pairs,
+                    self.max_norm,
+                    self.norm_type,
+                    foreach=self.foreach,
+                    return_stats=True,
+                    backend=self.backend,
+                )
+                return total, stats.total_norm, stats
+            total = clip_grad_norm_(
+                pairs, self.max_norm, self.norm_type, foreach=self.foreach, backend=self.backend
+            )
+            return total, None, None
+        if need_stats:
+            grads = core.collect(pairs)
+            sharding = distributed.localize(grads, None)
+            stats = compute(grads, self.norm_type, self.backend, self.foreach, sharding=sharding)
+            return stats.total_norm, stats.total_norm, stats
+        return None, None, None
+
+    def _suppress_update(self, found_inf: Tensor, optimizer: Any) -> None:
+        if optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused optimizers read this attribute (as set by torch.amp.GradScaler) and
+            # skip the update and the step counter on the device when it is 1.
+            flag = found_inf.to(torch.float32)
+            optimizer.found_inf = flag
+            self._clear_after_step(optimizer, flag)
+            return
+        for p in self.params:
+            if p.grad is not None:
+                # masked_fill, not a multiply: NaN * 0 is still NaN.
+                p.grad.masked_fill_(found_inf.to(p.grad.device), 0)
+
+    def _clear_after_step(self, optimizer: Any, flag: Tensor) -> None:
+        """Remove ``optimizer.found_inf`` once the optimizer step that reads it is done.
+
+        As GradScaler deletes its attributes after the step: a flag left behind would make
+        every later fused update be skipped whenever the monitor is not called. One
+        one-shot step post-hook per monitor; it touches the attribute only while it still
+        holds this monitor's flag.
+        """
+        if self._found_inf_hook is not None:
+            self._found_inf_hook.remove()
+        handle = None
+
+        def clear(opt: Any, args: Any, kwargs: Any) -> None:
+            if getattr(opt, "found_inf", None) is flag:
+                del opt.found_inf
+            handle.remove()
+            if self._found_inf_hook is handle:
+                self._found_inf_hook = None
+
+        handle = optimizer.register_step_post_hook(clear)
+        self._found_inf_hook = handle
+
+    def _present_index(self, names: list[str]) -> Tensor:
+        key = tuple(self._index[name] for name in names)
+        index = self._index_cache.get(key)
+        if index is None:
+            # pinned, non-blocking: step() must not wait for the GPU
+            index = host_to_device(list(key), torch.int64, self.device)
+            self._index_cache.put(key, index)
+        return index
+
+    def _write_row(self, step_no: int, stats: GradStats, found: Tensor | None) -> None:
+        ring = self._ring
+        row = self._recorded % self.capacity
+        self._recorded += 1
+        ring.host_steps[row] = step_no
+        n = len(self.names)
+        fields = [
+            (ring.norms, stats.norms),
+            (ring.max_abs, stats.max_abs),
+            (ring.nan, stats.nan_count),
+            (ring.inf, stats.inf_count),
+        ]
+        if len(stats) == n:
+            for buf, value in fields:
+                buf[row].copy_(value)
+            ring.present[row].fill_(True)
+        else:
+            index = self._present_index(stats.names)
+            for buf, value in fields:
+                buf[row].zero_()
+                if len(stats):
+                    buf[row].index_copy_(0, index, value.to(self.device, buf.dtype))
+            ring.present[row].zero_()
+            if len(stats):
+                ring.present[row].index_fill_(0, index, True)
+        total = stats.total_norm.to(self.device, self.dtype)
+        ring.total[row].copy_(total)
+        if stats.clip_coef is not None:
+            ring.coef[row].copy_(stats.clip_coef)
+        else:
+            ring.coef[row].fill_(1.0)
+        # A NaN/Inf anywhere makes the total norm non-finite, and so does an overflow of
+        # the float32 accumulation; ``found`` is what step() acted on.
+        ring.found[row].copy_(found if found is not None else ~torch.isfinite(total))
+        if self.skip_nonfinite:
+            ring.skipped[row].copy_(ring.found[row])
+        self._update_spikes(row, total)
+
+    def _update_spikes(self, row: int, total: Tensor) -> None:
+        ring = self._ring
+        values = torch.cat([ring.norms[row], total.reshape(1)])
+        # The total counts as present when any gradient was: a step without gradients must
+        # not pull the total's EMA toward log(0).
+        present = ring.present[row]
+        present = torch.cat([present, present.any().reshape(1)])
+        valid = present & torch.isfinite(values)
+        logs = torch.log(values.clamp_min(TINY))
+        # Warm-up per parameter: a parameter that first gets gradients late (a layer
+        # unfrozen later, a rarely routed MoE expert) is not judged against an EMA that
+        # never saw it.
+        count = self._ema_count
+        warm = count >= max(self.spike_warmup, 1)
+        deviation = logs - self._ema_mean
+        std = self._ema_var.sqrt()
+        spike = (
+            valid
+            & warm
+            & (deviation > self.spike_threshold * std)
+            & (deviation > math.log(self.spike_min_ratio))
+        )
+        ring.spike[row].copy_(spike)
+        # Average over each parameter's first updates, then a plain EMA (no start-up bias
+        # toward 0).
+        alpha = torch.clamp(1.0 / (count + 1.0), min=1.0 - self.spike_beta)
+        delta = torch.where(valid, logs - self._ema_mean, 0.0)
+        self._ema_mean.add_(alpha * delta)
+        self._ema_var.copy_(
+            torch.where(
+                valid, (1.0 - alpha) * (self._ema_var + alpha * delta * delta), self._ema_var
+            )
+        )
+        count.add_(valid.to(count.dtype))
+
+    # -- syncing side: once per logging interval ----------------------------------------
+
+    def flush(self) -> History:
+        """Copy the rows recorded since the last flush to the host (one sync) and log them.
+
+        Returns those rows as a :class:`History` (oldest first); updates the tallies
+        (NaN/Inf first seen, spikes, skipped and clipped steps) and calls the writers.
+        """
+        new = self._recorded - self._flushed
+        lost = max(0, new - self.capacity)
+        self.lost_rows += lost
+        count = new - lost
+        first = self._recorded - count
+        rows = [r % self.capacity for r in range(first, self._recorded)]
+        chunk = self._gather(rows)
+        self._flushed = self._recorded
+        self._merge_mirror(rows, chunk)
+        self._events.add(chunk, spike_cap=1000)
+        if lost:
+            warnings.warn(
+                f"GradMonitor: {lost} recorded steps were overwritten before flush(); "
+                f"flush at least every history={self.capacity} recorded steps",
+                stacklevel=2,
+            )
+        for writer in self._writers:
+            writer.write(chunk)
+        return chunk
+
+    def _gather(self, rows: list[int]) -> History:
+        return self._as_history(self._ring.gather(rows))
+
+    def _as_history(self, arrays: dict[str, np.ndarray]) -> History:
+        return History(
+            names=list(self.names),
+            numels=list(self.numels),
+            ndims=list(self.ndims),
+            norm_type=self.norm_type,
+            max_norm=self.max_norm,
+            keys=self.keys,
+            **arrays,
+        )
+
+    def _merge_mirror(self, rows: list[int], chunk: History) -> None:
+        if self._mirror is None:
+            self._mirror = self._as_history(empty_arrays(self.capacity, len(self.names)))
+        for name in ARRAY_FIELDS:
+            getattr(self._mirror, name)[rows] = getattr(chunk, name)
+
+    def history(self) -> History:
+        """The last ``min(recorded, history)`` recorded steps, oldest first (flushes)."""
+        self.flush()
+        count = min(self._recorded, self.capacity)
+        rows = [r % self.capacity for r in range(self._recorded - count, self._recorded)]
+        if self._mirror is None:
+            return self._gather([])
+        return self._mirror.select(rows)
+
+    def report(self, **kwargs: Any) -> Diagnosis:
+        """Flush and diagnose (see :func:`diagnose` for ``kwargs``); ``str()`` it to print."""
+        return diagnose(self.history(), events=self._events, **kwargs)
+
+    def to_dict(self) -> dict[str, float]:
+        """The latest recorded step as plain floats for any logger; one sync (a flush).
+
+        Keys (``key_style="fastgradstats"``, p = 2, ``prefix`` in front of each):
+        ``grad_norm/<name>``, ``grad_norm_total`` (:attr:`total_key`),
+        ``grad_max_abs/<name>``, ``grad_nonfinite/<name>`` (only when non-zero),
+        ``grad_clip_coef``, ``grad_nonfinite``, ``grad_skipped``, ``grad_spike_total``, and
+        running tallies ``grad_stats/nonfinite_steps``, ``grad_stats/skipped_steps``,
+        ``grad_stats/spikes``. See :mod:`fastgradstats.monitor.keys` for the other styles.
+        """
+        hist = self.history()
+        out = hist.row_dict(len(hist) - 1) if len(hist) else {}
+        out[self.keys.tally("nonfinite_steps")] = float(self._events.nonfinite_steps)
+        out[self.keys.tally("skipped_steps")] = float(self._events.skipped_steps)
+        out[self.keys.tally("spikes")] = float(self._events.spike_count)
+        return out
+
+    def log_jsonl(self, path: str | Path) -> JsonlWriter:
+        """Append every flushed step to a JSON-lines file (see :class:`JsonlWriter`)."""
+        return self.add_writer(JsonlWriter(path))  # type: ignore[return-value]
+
+    def log_csv(self, path: str | Path) -> CsvWriter:
+        """Append every flushed step to a long-format CSV file (see :class:`CsvWriter`)."""
+        return self.add_writer(CsvWriter(path))  # type: ignore[return-value]
+
+    def log_tensorboard(self, writer: Any = None, log_dir: str | None = None) -> TensorBoardWriter:
+        """Log every flushed step to TensorBoard (needs ``tensorboard``)."""
+        return self.add_writer(TensorBoardWriter(writer, log_dir))  # type: ignore[return-value]
+
+    def log_wandb(self, run: Any = None, *, rows: str = "latest") -> WandbWriter:
+        """Log flushed steps to Weights & Biases (needs ``wandb``) without moving its step.
+
+        ``rows="latest"``: each flush merges its newest row into the run's current step;
+        ``rows="all"``: one W&B step per recorded row (see :class:`WandbWriter`).
+        """
+        return self.add_writer(WandbWriter(run, keys=self.keys, rows=rows))  # type: ignore[return-value]
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Save the heatmap + total-norm figure of :meth:`history` as a PNG (matplotlib)."""
+        return plot_history(self.history(), path, title=title)
+
+
+__all__ = ["GradMonitor"]

@@ -1,0 +1,215 @@
+"""Writers: where :meth:`GradMonitor.flush` sends the rows recorded since the last flush.
+
+Each writer has ``write(history)``; the monitor calls it with a :class:`History` of the new
+rows. JSON lines and CSV need nothing; TensorBoard and W&B are optional extras imported
+only when a writer for them is created.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .history import History, nonfinite_json
+from .keys import Keys
+
+
+class HistoryWriter(Protocol):
+    """Anything with ``write(history)`` (called with the rows new since the last flush)."""
+
+    def write(self, history: History) -> None: ...
+
+
+class JsonlWriter:
+    """Appends one JSON object per recorded step to ``path``.
+
+    Keys: ``step``, ``total_norm``, ``clip_coef``, ``nonfinite``, ``skipped``,
+    ``spike_total``, and per-parameter dicts ``norm``, ``max_abs``, ``nan_count``,
+    ``inf_count``, ``spike`` keyed by parameter name (absent gradients left out).
+    Non-finite floats are written as the strings ``"NaN"``/``"Infinity"`` (``float()``
+    reads them back), so the file stays standard JSON.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write(self, history: History) -> None:
+        with self.path.open("a") as fh:
+            for t in range(len(history)):
+                idx = [j for j in range(len(history.names)) if history.present[t, j]]
+                names = [history.names[j] for j in idx]
+
+                def per(arr: np.ndarray, cast: Callable[[Any], Any], t=t, idx=idx, names=names):
+                    return {name: cast(arr[t, j]) for name, j in zip(names, idx)}
+
+                record = {
+                    "step": int(history.steps[t]),
+                    "total_norm": nonfinite_json(float(history.total_norm[t])),
+                    "clip_coef": nonfinite_json(float(history.clip_coef[t])),
+                    "nonfinite": bool(history.nonfinite[t]),
+                    "skipped": bool(history.skipped[t]),
+                    "spike_total": bool(history.spike_total[t]),
+                    "norm": per(history.norms, lambda v: nonfinite_json(float(v))),
+                    "max_abs": per(history.max_abs, lambda v: nonfinite_json(float(v))),
+                    "nan_count": per(history.nan_count, int),
+                    "inf_count": per(history.inf_count, int),
+                    "spike": per(history.spike_layer, bool),
+                }
+                fh.write(json.dumps(record) + "\n")
+
+
+class CsvWriter:
+    """Long-format CSV, one row per (step, parameter).
+
+    Columns: ``step, param, norm, max_abs, nan_count, inf_count, spike, total_norm,
+    clip_coef, nonfinite, skipped`` (the last four repeat per step). Absent gradients are
+    left out; NaN/Inf are written as ``nan``/``inf`` (``float()`` reads them back).
+    """
+
+    columns = (
+        "step",
+        "param",
+        "norm",
+        "max_abs",
+        "nan_count",
+        "inf_count",
+        "spike",
+        "total_norm",
+        "clip_coef",
+        "nonfinite",
+        "skipped",
+    )
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as fh:
+            csv.writer(fh).writerow(self.columns)
+
+    def write(self, history: History) -> None:
+        with self.path.open("a", newline="") as fh:
+            out = csv.writer(fh)
+            for t in range(len(history)):
+                shared = [
+                    repr(float(history.total_norm[t])),
+                    repr(float(history.clip_coef[t])),
+                    int(history.nonfinite[t]),
+                    int(history.skipped[t]),
+                ]
+                for j, name in enumerate(history.names):
+                    if not history.present[t, j]:
+                        continue
+                    out.writerow(
+                        [
+                            int(history.steps[t]),
+                            name,
+                            repr(float(history.norms[t, j])),
+                            repr(float(history.max_abs[t, j])),
+                            int(history.nan_count[t, j]),
+                            int(history.inf_count[t, j]),
+                            int(history.spike_layer[t, j]),
+                            *shared,
+                        ]
+                    )
+
+
+class TensorBoardWriter:
+    """Logs every recorded step's :meth:`History.row_dict` as scalars to a SummaryWriter.
+
+    ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` (or anything with
+    ``add_scalar(tag, value, step)``); ``log_dir`` creates one (needs ``tensorboard``).
+    Each recorded step is written at its own step number (TensorBoard accepts any order),
+    and the writer is flushed after each monitor flush so the event file is up to date.
+    """
+
+    def __init__(self, writer: Any = None, log_dir: str | None = None) -> None:
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is an optional extra
+                raise ImportError(
+                    "TensorBoardWriter needs the `tensorboard` package: pip install tensorboard"
+                ) from exc
+            writer = SummaryWriter(log_dir=log_dir)
+        self.writer = writer
+
+    def write(self, history: History) -> None:
+        for t in range(len(history)):
+            step = int(history.steps[t])
+            for key, value in history.row_dict(t).items():
+                self.writer.add_scalar(key, value, step)
+        flush = getattr(self.writer, "flush", None)
+        if len(history) and callable(flush):
+            flush()
+
+
+class WandbWriter:
+    """Logs flushed rows to Weights & Biases without ever moving or fighting the run's step.
+
+    W&B writes only to a run's current step (its docs: "It is not possible to write to a
+    specific history step"), and a flush comes after the steps it holds. So:
+
+    * ``rows="latest"`` (default): each flush merges its newest recorded row into the run's
+      current step with ``run.log(row, commit=False)``. The run's step is never advanced,
+      so rows the user logs with ``run.log(..., step=step)`` are all kept. The rows in
+      between stay in ``monitor.history()`` and the JSONL/CSV writers; flush every step to
+      send every row.
+    * ``rows="all"``: every recorded row becomes its own W&B step (``run.log(row)``). Use it
+      only when nothing else in the run passes ``step=`` (W&B drops rows logged with a
+      step lower than the current one).
+
+    Every monitor key is plotted against its own x axis, ``grad/step`` (the monitor's step
+    number; ``define_metric``), so the charts are right in both modes.
+    """
+
+    modes = ("latest", "all")
+
+    def __init__(self, run: Any = None, *, keys: Keys | None = None, rows: str = "latest") -> None:
+        if rows not in self.modes:
+            raise ValueError(f"rows must be one of {self.modes}, got {rows!r}")
+        if run is None:
+            try:
+                import wandb
+            except ImportError as exc:  # wandb is an optional extra
+                raise ImportError(
+                    "WandbWriter needs the `wandb` package: pip install wandb"
+                ) from exc
+            run = wandb.run
+            if run is None:
+                raise RuntimeError("WandbWriter: call wandb.init() first or pass run=")
+        self.run = run
+        self.rows = rows
+        self._defined: Keys | None = None
+        if keys is not None:
+            self._define(keys)
+
+    def _define(self, keys: Keys) -> None:
+        self.run.define_metric(keys.step_metric)
+        for pattern in keys.patterns():
+            self.run.define_metric(pattern, step_metric=keys.step_metric)
+        self._defined = keys
+
+    def write(self, history: History) -> None:
+        if not len(history):
+            return
+        keys = history.key_names()
+        if self._defined != keys:
+            self._define(keys)
+        last = len(history) - 1
+        for t in range(len(history)) if self.rows == "all" else (last,):
+            row = history.row_dict(t)
+            row[keys.step_metric] = int(history.steps[t])
+            if self.rows == "all":
+                self.run.log(row)
+            else:
+                self.run.log(row, commit=False)
+
+
+__all__ = ["CsvWriter", "HistoryWriter", "JsonlWriter", "TensorBoardWriter", "WandbWriter"]
