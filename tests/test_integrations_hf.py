@@ -212,6 +212,21 @@ def test_attach_takes_max_grad_norm_and_records_norms_before_clipping(tmp_path, 
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_attach_with_another_norm_type_keeps_the_trainers_2_norm(tmp_path, max_grad_norm):
+    reference = train(make_trainer(tmp_path, max_grad_norm=max_grad_norm))
+    trainer = make_trainer(tmp_path, max_grad_norm=max_grad_norm)
+    callback = attach(trainer, norm_type=1.0)
+    train(trainer)
+    assert callback.monitor.norm_type == 1.0 and callback.monitor.max_norm is None
+    history = callback.monitor.history()
+    assert (history.total_norm > 0.5).all()  # 1-norms before any clipping
+    # grad_norm is still the 2-norm, and the clipping still the Trainer's (by the 2-norm).
+    assert logged(trainer, "grad_norm") == pytest.approx(logged(reference, "grad_norm"), rel=1e-5)
+    for mine, theirs in zip(trainer.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_attach_with_both_limits_clips_once_at_the_smaller(tmp_path):
     trainer = make_trainer(tmp_path, max_grad_norm=2.0)
     callback = attach(trainer, max_norm=0.5)
@@ -363,3 +378,15 @@ def test_attach_rejects_mixed_arguments_and_keeps_one_copy(tmp_path):
     assert callbacks[0] is callback and callbacks.count(callback) == 1
     with pytest.raises(TypeError, match="GradMonitorCallback"):
         attach(trainer, OldRecipe())
+
+
+def test_monitor_kwargs_pass_through_and_history_covers_the_logging_interval(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, logging_steps=1500)
+    callback = attach(trainer, norm_type=1.0)
+    train(trainer)
+    assert callback.monitor.norm_type == 1.0
+    assert callback.monitor.capacity == 1501  # holds every step between two logs
+    with pytest.raises(ValueError, match="max_norm"):
+        GradMonitorCallback(max_norm="auto")
+    with pytest.raises(TypeError, match="model"):
+        GradMonitorCallback(model=None)

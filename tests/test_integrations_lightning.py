@@ -262,6 +262,10 @@ def test_monitor_kwargs_pass_through_and_bad_ones_fail_early():
     callback = GradMonitorCallback(norm_type=1.0, every=2)
     fit([callback], max_steps=4)
     assert callback.monitor.norm_type == 1.0 and len(callback.monitor.history()) == 2
+    assert callback.monitor.capacity == 1000
+    callback = GradMonitorCallback()
+    fit([callback], max_steps=2, log_every_n_steps=1500)
+    assert callback.monitor.capacity == 1501  # holds every step between two writes
     with pytest.raises(ValueError, match="max_norm"):
         GradMonitorCallback(max_norm="auto")
     with pytest.raises(TypeError, match="optimizer"):

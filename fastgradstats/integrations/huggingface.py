@@ -41,7 +41,7 @@ import transformers
 from packaging.version import Version
 from transformers import TrainerCallback
 
-from ..clip import get_total_norm
+from ..clip import clip_grad_norm_, get_total_norm
 from ..monitor import GradMonitor
 from . import inner_optimizer
 
@@ -140,8 +140,19 @@ class GradMonitorCallback(TrainerCallback):
         trainer_clips = trainer_norm > 0
         own = None if self.max_norm in (None, _FROM_TRAINER) else float(self.max_norm)
         if self.attached:
+            both = own is not None and trainer_clips and own != trainer_norm
+            if not self._l2:
+                # The Trainer's clipping is by the 2-norm: the monitor cannot do it in its
+                # pass with another norm_type; attach() clips separately after measuring.
+                if both:
+                    warnings.warn(
+                        f"GradMonitorCallback(max_norm={own}) and TrainingArguments("
+                        f"max_grad_norm={trainer_norm}) both clip",
+                        stacklevel=3,
+                    )
+                return own
             # The monitor does the Trainer's clipping in its own pass (see attach()).
-            if own is not None and trainer_clips and own != trainer_norm:
+            if both:
                 warnings.warn(
                     f"GradMonitorCallback(max_norm={own}) and TrainingArguments("
                     f"max_grad_norm={trainer_norm}) both clip: clipping once at the smaller",
@@ -159,6 +170,15 @@ class GradMonitorCallback(TrainerCallback):
             )
         return own
 
+    @property
+    def _l2(self) -> bool:
+        """Whether the monitor's norms are 2-norms, as the Trainer's clipping and grad_norm."""
+        norm_type = self.monitor_kwargs.get("norm_type", 2.0)
+        try:
+            return float(norm_type) == 2.0
+        except (TypeError, ValueError):
+            return False
+
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kw
     ) -> None:
@@ -175,11 +195,16 @@ class GradMonitorCallback(TrainerCallback):
                 "and clipping would be wrong. Use bf16, or the default fp16 AMP of "
                 "accelerate."
             )
+        kwargs = dict(self.monitor_kwargs)
+        # The monitor flushes at each log; its ring must hold the steps in between.
+        interval = getattr(state, "logging_steps", None)
+        if isinstance(interval, (int, float)) and interval >= 1:
+            kwargs.setdefault("history", max(1000, int(interval) + 1))
         self.monitor = GradMonitor(
             model,
             max_norm=self._resolve_max_norm(args),
             optimizer=inner_optimizer(optimizer),
-            **self.monitor_kwargs,
+            **kwargs,
         )
         self._measured_at = -1
         self._merged_steps = 0
@@ -279,17 +304,22 @@ def _route_norms(trainer: Any, callback: GradMonitorCallback) -> None:
     def clip_grad_norm(model: Any) -> Any:
         callback = usable(model)
         if callback is not None:
-            # monitor.max_norm includes max_grad_norm (see _resolve_max_norm): one pass
             total = callback.measure(trainer.state, trainer.optimizer)
-            if total is not None:
+            if total is not None and callback._l2:
+                # monitor.max_norm includes max_grad_norm (see _resolve_max_norm): one pass
                 return total
+            # Another norm_type (or an unrecorded step): the Trainer's 2-norm clipping, on
+            # gradients the measurement already unscaled.
+            return clip_grad_norm_(callback.monitor.params, trainer.args.max_grad_norm)
         return original_clip(model)
 
     def get_grad_norm(model: Any, grad_norm: Any = None) -> Any:
         callback = usable(model) if grad_norm is None else None
         if callback is not None:
             grad_norm = callback.measure(trainer.state, trainer.optimizer)
-            if grad_norm is None:  # a step the monitor does not record (every > 1)
+            if grad_norm is None or not callback._l2:
+                # An unrecorded step (every > 1) or another norm_type: the Trainer logs the
+                # 2-norm, so compute it (the gradients are already unscaled).
                 grads = [p.grad for p in callback.monitor.params if p.grad is not None]
                 grad_norm = get_total_norm(grads)
         return original_get(model, grad_norm=grad_norm)

@@ -143,9 +143,8 @@ class GradMonitorCallback(pl.Callback):
         max_norm = self._resolve_max_norm(trainer, pl_module)
         optimizers = [inner_optimizer(opt) for opt in trainer.optimizers]
         kwargs = dict(self.monitor_kwargs)
-        every = trainer.log_every_n_steps or 0
         # The monitor flushes at each write; its ring must hold the steps in between.
-        kwargs.setdefault("history", max(1000, every * kwargs.get("every", 1) + 1))
+        kwargs.setdefault("history", max(1000, (trainer.log_every_n_steps or 0) + 1))
         self.monitor = GradMonitor(
             pl_module,
             max_norm=max_norm,
