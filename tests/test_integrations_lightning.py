@@ -218,6 +218,18 @@ def test_takes_max_norm_from_the_trainer_and_clips_once(monkeypatch, backend):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_another_norm_type_leaves_lightnings_2_norm_clipping(monkeypatch):
+    reference_module = Regressor()
+    fit([], module=reference_module, gradient_clip_val=0.5, max_steps=6)
+    calls = count_torch_clips(monkeypatch)
+    callback = GradMonitorCallback(norm_type=1.0)
+    _, module, _ = fit([callback], gradient_clip_val=0.5, max_steps=6)
+    assert len(calls) == 6 and callback.monitor.max_norm is None
+    assert callback.monitor.history().total_norm.min() > 0.5  # recorded before clipping
+    for mine, theirs in zip(module.parameters(), reference_module.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_explicit_max_norm_warns_when_the_trainer_clips_too():
     callback = GradMonitorCallback(max_norm=2.0)
     with pytest.warns(UserWarning, match="both clip"):

@@ -50,6 +50,13 @@ def _clips_by_norm(trainer: Any) -> bool:
     return algorithm is None or str(getattr(algorithm, "value", algorithm)).lower() == "norm"
 
 
+def _is_two(norm_type: Any) -> bool:
+    try:
+        return float(norm_type) == 2.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _overrides_clipping(pl_module: Any) -> bool:
     own = type(pl_module).configure_gradient_clipping
     return own is not pl.LightningModule.configure_gradient_clipping
@@ -113,6 +120,10 @@ class GradMonitorCallback(pl.Callback):
         trainer_clips = _clips_by_norm(trainer)
         if self.max_norm == _FROM_TRAINER:
             if not trainer_clips:
+                return None
+            if not _is_two(self.monitor_kwargs.get("norm_type", 2.0)):
+                # Lightning clips by the 2-norm: the monitor's pass cannot do that with
+                # another norm_type, so Lightning keeps clipping (after the monitor records).
                 return None
             if _overrides_clipping(pl_module):
                 # The module's own configure_gradient_clipping decides: leave it alone.
