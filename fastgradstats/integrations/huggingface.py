@@ -107,6 +107,8 @@ class GradMonitorCallback(TrainerCallback):
             monitor's pass); ``None``: the monitor does not clip; a number: the monitor
             clips at it (with :func:`attach` and ``max_grad_norm > 0`` too, at the smaller
             of the two, once; without ``attach`` the Trainer clips first and it warns).
+            With a ``norm_type`` other than 2 the Trainer's clipping and ``grad_norm`` log
+            stay 2-norms, computed after the monitor's pass.
         **monitor_kwargs: passed to :class:`~fastgradstats.GradMonitor` (``norm_type``,
             ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, ...).
 

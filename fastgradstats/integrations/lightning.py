@@ -90,8 +90,9 @@ class GradMonitorCallback(pl.Callback):
     Args:
         max_norm: ``"trainer"`` (default): clip at Lightning's ``gradient_clip_val`` when it
             clips by norm, in the monitor's pass (Lightning's norm clipping is switched off
-            for the run); ``None``: the monitor never clips; a number: the monitor clips at
-            it (warns if Lightning clips by norm too).
+            for the run; with a ``norm_type`` other than 2 Lightning keeps its 2-norm
+            clipping); ``None``: the monitor never clips; a number: the monitor clips at it
+            (warns if Lightning clips by norm too).
         log: send :meth:`GradMonitor.to_dict` to the loggers on Lightning's schedule.
         **monitor_kwargs: passed to :class:`~fastgradstats.GradMonitor` (``norm_type``,
             ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, ...).
