@@ -1,4 +1,4 @@
-"""The `fastgradstats demo` main job and the command line around it."""
+"""The `fastgradstats demo` runs (fastgradstats.demo), through the command line too."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fastgradstats import cli
+from fastgradstats import cli, demo
 
 
 def test_demo_writes_the_report(tmp_path, capsys):
@@ -44,28 +44,11 @@ def test_demo_quiet_prints_nothing(tmp_path, capsys):
 
 def test_progress_bar_on_a_non_terminal_prints_one_line():
     stream = io.StringIO()
-    bar = cli.ProgressBar(50, "run", stream=stream)
+    bar = demo.ProgressBar(50, "run", stream=stream)
     bar.update(10, "loss 1")
     bar.close("done", done=30)
     text = stream.getvalue()
     assert text.count("\n") == 1 and "30/50" in text and "done" in text
-
-
-def test_bad_steps_is_a_usage_error(tmp_path):
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["demo", "--out", str(tmp_path), "--steps", "0"])
-    assert excinfo.value.code == 2
-
-
-def test_no_command_prints_help(capsys):
-    assert cli.main([]) == 0
-    assert "demo" in capsys.readouterr().out
-
-
-def test_bench_without_benchmarks_explains(monkeypatch, capsys):
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    assert cli.main(["bench"]) == 2
-    assert "python -m benchmarks" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs(tmp_path):
@@ -82,14 +65,9 @@ def test_python_dash_m_runs(tmp_path):
     assert (tmp_path / "summary.md").exists()
 
 
-def test_bench_passes_options_through(monkeypatch):
-    seen = {}
-
-    def fake_run_module(name, run_name, alter_sys):
-        seen["argv"] = list(sys.argv)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(cli.runpy, "run_module", fake_run_module)
-    assert cli.main(["bench", "--quick", "--device", "cpu"]) == 0
-    assert seen["argv"] == ["benchmarks", "--quick", "--device", "cpu"]
+def test_run_writes_the_report_without_the_command_line(tmp_path, capsys):
+    assert demo.run(out=tmp_path / "r", steps=6, seed=2, quiet=True) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["seed"] == 2
+    assert [r["key"] for r in summary["runs"]] == [r.key for r in demo.RUNS]
+    assert capsys.readouterr().out == ""
