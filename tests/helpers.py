@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+from types import ModuleType
 
+import pytest
 import torch
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -72,3 +76,14 @@ def assert_same_tensors(actual, expected, msg: str = "") -> None:
             a.view(-1).view(torch.uint8) if a.numel() else a,
             e.view(-1).view(torch.uint8) if e.numel() else e,
         ), f"{msg} tensor {i} differs"
+
+
+def require_extra(module: str) -> ModuleType:
+    """Import an optional package for a test: skip without it, except in CI.
+
+    ``.ci/run`` sets ``FASTGRADSTATS_REQUIRE_EXTRAS=1`` and installs every extra, so there a
+    missing package fails the test instead of skipping it.
+    """
+    if os.environ.get("FASTGRADSTATS_REQUIRE_EXTRAS"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

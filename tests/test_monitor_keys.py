@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import require_extra
 from monitor_helpers import reference_norms, set_random_grads, tiny_model
 
 from fastgradstats import GradMonitor
@@ -143,7 +144,7 @@ def test_history_without_keys_uses_the_default_style():
 
 @pytest.mark.parametrize("norm_type", [2.0, 1, "inf"])
 def test_lightning_style_matches_lightnings_own_grad_norm(norm_type):
-    lightning = pytest.importorskip("lightning.pytorch.utilities")
+    lightning = require_extra("lightning.pytorch.utilities")
     model = tiny_model(seed=5)
     set_random_grads(model, torch.Generator().manual_seed(5))
     theirs = {k: float(v) for k, v in lightning.grad_norm(model, norm_type).items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import require_extra
 from monitor_helpers import set_random_grads, tiny_model
 
 from fastgradstats import GradMonitor
@@ -16,7 +17,7 @@ from fastgradstats import GradMonitor
 
 
 def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
-    pytest.importorskip("tensorboard")
+    require_extra("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = tiny_model(seed=1)
@@ -104,7 +105,7 @@ def _wandb_history(run_dir, timeout: float = 30.0) -> list[dict]:
 
 @pytest.fixture
 def wandb_run(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = require_extra("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
