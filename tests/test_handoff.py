@@ -335,3 +335,20 @@ def test_hand_off_path_never_reads_the_device(forbid_host_reads, monkeypatch):
     handoff.set_found_inf_(opt, torch.tensor(False))
     opt.step()
     assert not hasattr(opt, "grad_scale")
+
+
+def test_clip_step_benchmark_row_quick():
+    """The "clip + optimizer step" benchmark row: well formed, and its check passes."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import ops, suite
+
+    settings = suite.Settings(device=torch.device("cpu"), quick=True, budget_s=0.01)
+    row = suite.run_clip_step("gpt2-124m-fp32", settings)
+    assert row["op"] == "clip_step" and row["tensors"] == 148 and row["rounds"] >= 3
+    assert set(row["times"]) == set(ops.CLIP_STEP_IMPLS)
+    assert row["check"]["ok"] and row["check"]["handoff_used"], row["check"]
+    assert all(v > 0 and math.isfinite(v) for v in row["ratios"].values())
+    assert row["target"]["ratio"] == "handoff/fgs_clip_step"
+    assert "clip + optimizer step" in "\n".join(suite.format_clip_step([row]))
