@@ -351,4 +351,6 @@ def test_clip_step_benchmark_row_quick():
     assert row["check"]["ok"] and row["check"]["handoff_used"], row["check"]
     assert all(v > 0 and math.isfinite(v) for v in row["ratios"].values())
     assert row["target"]["ratio"] == "handoff/fgs_clip_step"
+    assert set(row["noclip"]["times"]) == set(ops.CLIP_STEP_IMPLS)
+    assert row["noclip"]["max_norm"] > row["max_norm"]
     assert "clip + optimizer step" in "\n".join(suite.format_clip_step([row]))
