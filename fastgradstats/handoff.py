@@ -8,8 +8,12 @@ optional attributes in ``step()``, the ones ``torch.amp.GradScaler`` sets:
 * ``optimizer.found_inf``: where it is 1 the update (and the step counter) is skipped.
 
 So a clip can compute the norm (one read of the gradients) and hand ``1 / coef`` to the
-optimizer, which reads and writes every gradient anyway: the clip's own read-and-write pass
-disappears. After ``step()`` the parameters, the optimizer state and the gradients are what
+optimizer, which reads every gradient anyway and, with ``grad_scale`` set, writes it back:
+a clipped step saves the clip's own read. On the CPU nothing is handed over when the
+coefficient is >= 1 (reading it is free there); on a GPU that would need a sync, so a step
+that needs no clipping pays the write-back that the Triton scale kernel would skip.
+
+After ``step()`` the parameters, the optimizer state and the gradients are what
 ``torch.nn.utils.clip_grad_norm_`` + ``step()`` give, up to the rounding of ``g / (1/c)``
 against ``g * c`` (one ulp of the gradient dtype).
 
