@@ -171,6 +171,7 @@ class ZClip(_Clipper):
         if not isinstance(skip_update_on_spike, bool):
             raise TypeError(f"skip_update_on_spike must be a bool, got {skip_update_on_spike!r}")
         self.skip_update_on_spike = skip_update_on_spike
+        self._fresh = True  # nothing recorded or loaded: allocate on the device, no copy
         self._alloc(torch.device("cpu"))
 
     def __repr__(self) -> str:
@@ -193,7 +194,9 @@ class ZClip(_Clipper):
         self._var = torch.zeros((), dtype=dtype, device=device)
 
     def _to(self, device: torch.device) -> None:
-        if self._mean.device != device:
+        if self._mean.device != device and self._fresh:
+            self._alloc(device)  # zeros made there: no host-to-device copy (which would sync)
+        elif self._mean.device != device:
             dtype = _state_dtype(device)
             self._buffer = self._buffer.to(device, dtype)
             self._count = self._count.to(device)
@@ -202,6 +205,7 @@ class ZClip(_Clipper):
 
     def _coef64(self, total: Tensor) -> tuple[Tensor, Tensor]:
         self._to(total.device)
+        self._fresh = False
         g = total.to(self._mean.dtype)
         finite = torch.isfinite(g)
         g = torch.where(finite, g, torch.zeros_like(g))  # keeps NaN out of unused branches
@@ -283,6 +287,7 @@ class ZClip(_Clipper):
                 f"warmup_steps={self.warmup_steps} (a buffer of {self._window})"
             )
         device, dtype = self._mean.device, self._mean.dtype
+        self._fresh = False
         self._buffer = buffer.to(device, dtype).clone()
         self._count = torch.as_tensor(state["count"]).to(device, torch.int64).reshape(())
         self._mean = torch.as_tensor(state["mean"]).to(device, dtype).reshape(()).clone()
@@ -310,6 +315,7 @@ class AutoClip(_Clipper):
         self.history = None if history is None else _count(history, "history", 1)
         self._steps = 0  # calls so far (host): bounds how much of the buffer is in use
         cap = self._INITIAL if self.history is None else min(self._INITIAL, self.history)
+        self._fresh = True  # nothing recorded or loaded: allocate on the device, no copy
         self._alloc(torch.device("cpu"), cap)
 
     def __repr__(self) -> str:
@@ -321,7 +327,9 @@ class AutoClip(_Clipper):
         self._count = torch.zeros((), dtype=torch.int64, device=device)
 
     def _to(self, device: torch.device) -> None:
-        if self._norms.device != device:
+        if self._norms.device != device and self._fresh:
+            self._alloc(device, self._norms.numel())
+        elif self._norms.device != device:
             self._norms = self._norms.to(device, _state_dtype(device))
             self._count = self._count.to(device)
 
@@ -342,6 +350,7 @@ class AutoClip(_Clipper):
 
     def _coef64(self, total: Tensor) -> tuple[Tensor, Tensor]:
         self._to(total.device)
+        self._fresh = False
         self._steps += 1
         in_use = self._in_use(self._steps)
         self._grow(in_use)
@@ -401,6 +410,7 @@ class AutoClip(_Clipper):
                 f"steps={steps} and history={self.history}"
             )
         device, dtype = self._norms.device, self._norms.dtype
+        self._fresh = False
         count = torch.as_tensor(state["count"]).to(device, torch.int64).reshape(())
         capacity = max(in_use, 1)
         self._norms = torch.full((capacity,), math.nan, dtype=dtype, device=device)
