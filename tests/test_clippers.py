@@ -381,3 +381,17 @@ def test_call_never_reads_the_device_on_the_triton_path(forbid_host_reads):
     for clipper in (fgs.ZClip(warmup_steps=2), fgs.AutoClip()):
         for step in range(4):
             clipper(_params(1.0 + 10 * (step == 3), seed=step), backend="triton")
+
+
+def test_autoclip_buffer_doubles_on_the_host_step_count():
+    unbounded, bounded = fgs.AutoClip(), fgs.AutoClip(history=100)
+    capacities = []
+    for step in range(1, 300):
+        g = torch.tensor(math.nan if step % 3 == 0 else float(step))
+        unbounded.compute_coef(g)
+        bounded.compute_coef(g)
+        capacities.append((unbounded._norms.numel(), bounded._norms.numel()))
+    # grows when the number of calls (known on the host) outgrows it, skipped steps included
+    assert capacities[63] == (64, 64) and capacities[64] == (128, 100)
+    assert capacities[-1] == (512, 100)
+    assert int(unbounded.state_dict()["count"]) == sum(s % 3 != 0 for s in range(1, 300))
