@@ -293,19 +293,148 @@ def check_op(op_name: str, grads: list[Tensor], backend: str | None = None) -> d
     return {"ok": ok, "tolerance": tol, "errors": errors}
 
 
+# ----------------------------------------------------------------- clip + optimizer step
+#
+# Not part of the OPS matrix: each implementation steps a real optimizer on real
+# parameters, so it has its own runner (suite.run_clip_step). Implementations, all with
+# ``AdamW(fused=True)``, on the same parameters, gradients and optimizer:
+#
+#   step             opt.step() alone (the floor)
+#   handoff          fgs.clip_grad_norm_(params, max_norm, optimizer=opt); opt.step()
+#   fgs_clip_step    fgs.clip_grad_norm_(params, max_norm); opt.step()
+#   torch_clip_step  torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True); opt.step()
+#
+# max_norm is half the initial total norm, so every call clips by ~0.5; the untimed reset
+# doubles the gradients back (the hand-off's step writes them back divided, like a clip).
+
+STEP = "step"
+HANDOFF = "handoff"
+FGS_CLIP_STEP = "fgs_clip_step"
+TORCH_CLIP_STEP = "torch_clip_step"
+CLIP_STEP_IMPLS = (STEP, HANDOFF, FGS_CLIP_STEP, TORCH_CLIP_STEP)
+
+
+@dataclass
+class StepCase:
+    """Parameters with gradients, the fused optimizer stepping them, the clip threshold."""
+
+    params: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    max_norm: float
+    backend: str | None = None
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
+
+
+def make_step_case(grads: list[Tensor], backend: str | None = None, lr: float = 1e-4) -> StepCase:
+    """Parameters (random, same shapes, dtype, device as ``grads``) holding ``grads``, and
+    ``AdamW(fused=True)`` over them; ``max_norm`` is half the gradients' total norm."""
+    gen = torch.Generator(device=grads[0].device).manual_seed(1) if grads else None
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(
+            torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) * 0.02
+        )
+        p.grad = g
+        params.append(p)
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
+    total = total_norm_f64(grads)
+    return StepCase(params, optimizer, 0.5 * (total if total > 0 else 1.0), backend)
+
+
+def clip_step_impls(case: StepCase) -> dict[str, Callable[[], Any]]:
+    """The four implementations of one training-step tail, as zero-argument callables."""
+    opt, params, max_norm, backend = case.optimizer, case.params, case.max_norm, case.backend
+
+    def step() -> None:
+        opt.step()
+
+    def handoff() -> None:
+        fgs.clip_grad_norm_(params, max_norm, backend=backend, optimizer=opt)
+        opt.step()
+
+    def fgs_clip_step() -> None:
+        fgs.clip_grad_norm_(params, max_norm, backend=backend)
+        opt.step()
+
+    def torch_clip_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        opt.step()
+
+    return {
+        STEP: step,
+        HANDOFF: handoff,
+        FGS_CLIP_STEP: fgs_clip_step,
+        TORCH_CLIP_STEP: torch_clip_step,
+    }
+
+
+def restore_after_clip_step(case: StepCase) -> None:
+    """Untimed, after a clipping implementation: double the gradients back."""
+    torch._foreach_mul_(case.grads, 2.0)
+
+
+def _copy_case(grads: list[Tensor], backend: str | None) -> StepCase:
+    return make_step_case([g.clone() for g in grads], backend)
+
+
+def check_clip_step(grads: list[Tensor], backend: str | None = None) -> dict[str, Any]:
+    """One step of each clipping implementation from identical parameters, gradients and
+    optimizer state; the hand-off must match torch's clip + step (params, grads, moments)
+    and must actually hand the coefficient over (no scaling pass of its own)."""
+    cases = {name: _copy_case(grads, backend) for name in (HANDOFF, FGS_CLIP_STEP,
+                                                            TORCH_CLIP_STEP)}  # fmt: skip
+    used = False
+    for name, case in cases.items():
+        if name == HANDOFF:  # the impl, unrolled to see grad_scale between clip and step
+            fgs.clip_grad_norm_(case.params, case.max_norm, backend=backend,
+                                optimizer=case.optimizer)  # fmt: skip
+            used = hasattr(case.optimizer, "grad_scale")
+            case.optimizer.step()
+        else:
+            clip_step_impls(case)[name]()
+    ref = cases[TORCH_CLIP_STEP]
+    errors: dict[str, float] = {}
+    for name in (HANDOFF, FGS_CLIP_STEP):
+        case = cases[name]
+        errors[f"{name}_params"] = _list_rel_err([p.detach() for p in case.params],
+                                                 [p.detach() for p in ref.params])  # fmt: skip
+        errors[f"{name}_grads"] = _list_rel_err(case.grads, ref.grads)
+        for key in ("exp_avg", "exp_avg_sq"):
+            errors[f"{name}_{key}"] = _list_rel_err(
+                [case.optimizer.state[p][key] for p in case.params],
+                [ref.optimizer.state[p][key] for p in ref.params],
+            )
+    tol = tolerance(grads[0].dtype)
+    ok = used and all(err <= tol for err in errors.values())
+    return {"ok": ok, "tolerance": tol, "handoff_used": used, "errors": errors}
+
+
 __all__ = [
+    "CLIP_STEP_IMPLS",
     "FGS",
+    "FGS_CLIP_STEP",
+    "HANDOFF",
     "OPS",
     "OP_NAMES",
+    "STEP",
+    "TORCH_CLIP_STEP",
     "TORCH_FOREACH",
     "TORCH_LOOP",
     "TORCH_USER",
     "Case",
     "Op",
+    "StepCase",
+    "check_clip_step",
     "check_op",
+    "clip_step_impls",
     "make_case",
+    "make_step_case",
     "rel_err",
     "restore_after_clip",
+    "restore_after_clip_step",
     "tolerance",
     "torch_user_stats",
     "total_norm_f64",

@@ -13,8 +13,10 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,24 @@ import fastgradstats
 from fastgradstats import dispatch
 
 from . import timing
-from .ops import FGS, OP_NAMES, OPS, TORCH_FOREACH, TORCH_LOOP, Case, check_op
+from .ops import (
+    CLIP_STEP_IMPLS,
+    FGS,
+    FGS_CLIP_STEP,
+    HANDOFF,
+    OP_NAMES,
+    OPS,
+    STEP,
+    TORCH_CLIP_STEP,
+    TORCH_FOREACH,
+    TORCH_LOOP,
+    Case,
+    check_clip_step,
+    check_op,
+    clip_step_impls,
+    make_step_case,
+    restore_after_clip_step,
+)
 from .ops import make_case as _make_case
 from .workloads import WORKLOAD_NAMES, Workload, grad_holders, make_grads, make_workload
 
@@ -55,6 +74,7 @@ class Settings:
     backend: str | None = None  # fastgradstats backend: None -> $FASTGRADSTATS_BACKEND / auto
     budget_s: float | None = None  # seconds per (workload, op) measurement
     verify: bool = True
+    clip_step: bool = True  # also "clip + optimizer step" (GPT-2 workloads, when "clip" runs)
 
     @property
     def scale(self) -> float:
@@ -341,6 +361,127 @@ def gpu_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+CLIP_STEP_WORKLOADS = ("gpt2-124m-fp32", "gpt2-124m-bf16")
+CLIP_STEP_RATIOS = (
+    (HANDOFF, FGS_CLIP_STEP),  # the hand-off against our own clip + step: must be <= 1
+    (HANDOFF, TORCH_CLIP_STEP),
+    (FGS_CLIP_STEP, TORCH_CLIP_STEP),
+    (STEP, HANDOFF),  # how much of the hand-off's time is the step itself
+)
+
+
+def _timed_rounds(
+    device: torch.device,
+    fns: dict[str, Any],
+    resets: dict[str, Any],
+    *,
+    min_rounds: int,
+    max_rounds: int,
+    budget_s: float,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Seconds per call, one sample per implementation per round, the order rotating each
+    round, so a neighbour's load spike hits every implementation of that round alike.
+
+    Each call starts on an idle device (CUDA: synchronized, timed with events); the
+    untimed reset runs after it."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+            resets[name]()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    started, r = time.perf_counter(), 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() - started < budget_s):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
+            resets[name]()
+        r += 1
+    return samples
+
+
+def run_clip_step(name: str, settings: Settings) -> dict[str, Any]:
+    """The "clip + optimizer step" row: ``AdamW(fused=True)`` on one workload's shapes.
+
+    The hand-off (norm, then ``grad_scale = 1/coef`` for the fused step), our own clip +
+    step and torch's clip + step, plus the step alone, interleaved in one run; ratios are
+    medians of per-round ratios. The correctness check runs on the same shapes at the
+    ``--quick`` scale (three optimizers at full size would triple the memory).
+    """
+    device = settings.device
+    workload = make_workload(name, device, settings.scale)
+    check = None
+    if settings.verify:
+        small = make_workload(name, device, QUICK_SCALE)
+        check = check_clip_step(make_grads(small, device), settings.backend)
+    case = make_step_case(make_grads(workload, device), settings.backend)
+    fns = clip_step_impls(case)
+    resets = {
+        impl: (lambda: None) if impl == STEP else (lambda: restore_after_clip_step(case))
+        for impl in CLIP_STEP_IMPLS
+    }
+    if settings.quick:
+        rounds = {"min_rounds": 3, "max_rounds": 5, "warmup": 1}
+    else:
+        rounds = {"min_rounds": 9, "max_rounds": 60, "warmup": 2}
+    samples = _timed_rounds(device, fns, resets, budget_s=2 * settings.budget, **rounds)
+    clip_max_norm = case.max_norm
+    # Nothing to clip (max_norm above the norm): what the hand-off costs on such steps.
+    case.max_norm = 4.0 * clip_max_norm
+    noclip_fns = clip_step_impls(case)
+    noclip_resets = {impl: (lambda: None) for impl in CLIP_STEP_IMPLS}
+    noclip = _timed_rounds(device, noclip_fns, noclip_resets, budget_s=settings.budget, **rounds)
+
+    def median_ratios(samples: dict[str, list[float]]) -> dict[str, float]:
+        return {
+            f"{a}/{b}": statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+            for a, b in CLIP_STEP_RATIOS
+        }
+
+    ratios = median_ratios(samples)
+    key = f"{HANDOFF}/{FGS_CLIP_STEP}"
+    row = {
+        "workload": name,
+        "description": workload.description,
+        "dtype": str(workload.dtype).replace("torch.", ""),
+        "tensors": workload.count,
+        "numel": workload.numel,
+        "grad_bytes": workload.nbytes,
+        "op": "clip_step",
+        "op_description": "clip_grad_norm_ (clipping needed) + AdamW(fused=True).step()",
+        "optimizer": "AdamW(fused=True, lr=1e-4)",
+        "max_norm": clip_max_norm,
+        "fgs_backend": fgs_backend_name(device, workload.dtype, settings.backend),
+        "rounds": len(samples[STEP]),
+        "times": {impl: timing.summarize(samples[impl]).to_json() for impl in CLIP_STEP_IMPLS},
+        "ratios": ratios,
+        "target": {"ratio": key, "value": ratios[key], "target": 1.0, "met": ratios[key] <= 1.0},
+        "noclip": {
+            "max_norm": case.max_norm,
+            "rounds": len(noclip[STEP]),
+            "times": {impl: timing.summarize(noclip[impl]).to_json() for impl in CLIP_STEP_IMPLS},
+            "ratios": median_ratios(noclip),
+        },
+        "check": check,
+    }
+    case = fns = resets = noclip_fns = None  # free params, grads and optimizer state
+    _free(device)
+    return row
+
+
 def run_suite(settings: Settings, log: Any = None) -> dict[str, Any]:
     """Measure copy bandwidth, then every workload x op; returns the JSON-able result."""
     for name in settings.workloads:
@@ -369,9 +510,24 @@ def run_suite(settings: Settings, log: Any = None) -> dict[str, Any]:
                     file=log,
                     flush=True,
                 )
+    steps = []
+    if settings.clip_step and "clip" in settings.ops:
+        for name in settings.workloads:
+            if name in CLIP_STEP_WORKLOADS:
+                steps.append(run_clip_step(name, settings))
+                if log:
+                    t = steps[-1]["times"]
+                    print(
+                        f"  {name:<15} clip_step    hand-off {_fmt_ms(t[HANDOFF]['median_s'])} ms "
+                        f"vs {_fmt_ms(t[FGS_CLIP_STEP]['median_s'])} ms",
+                        file=log,
+                        flush=True,
+                    )
     if hasattr(os, "getloadavg"):
         meta["host"]["loadavg_end"] = list(os.getloadavg())
     result = {"meta": meta, "copy_bandwidth": bandwidth, "results": rows}
+    if steps:
+        result["clip_step"] = steps
     if device.type == "cpu":
         result["targets_cpu_issue2"] = cpu_targets(rows)
     else:
@@ -391,6 +547,38 @@ COLUMNS = (
     ("workload", 15), ("op", 12), ("fgs ms", 8), ("torch ms", 9), ("baseline", 13),
     ("ratio", 6), ("speedup", 7), ("loop ms", 8), ("GB/s", 7), ("% copy", 6), ("check", 5),
 )  # fmt: skip
+
+
+def format_clip_step(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines for the "clip + optimizer step" rows (medians; ratios: medians per round)."""
+    lines = ["clip + optimizer step, AdamW(fused=True), clipping needed (median ms):"]
+    head = (
+        f"  {'workload':<15} {'step':>8} {'hand-off':>9} {'fgs clip':>9} {'torch clip':>10}"
+        f"  {'hand-off/fgs':>12} {'hand-off/torch':>14}  check"
+    )
+    lines.append(head)
+    for r in rows:
+        t, q = r["times"], r["ratios"]
+        check = r["check"]
+        verdict = "-" if check is None else ("ok" if check["ok"] else "FAIL")
+        lines.append(
+            f"  {r['workload']:<15} {_fmt_ms(t[STEP]['median_s']):>8} "
+            f"{_fmt_ms(t[HANDOFF]['median_s']):>9} {_fmt_ms(t[FGS_CLIP_STEP]['median_s']):>9} "
+            f"{_fmt_ms(t[TORCH_CLIP_STEP]['median_s']):>10}  "
+            f"{q[f'{HANDOFF}/{FGS_CLIP_STEP}']:>12.3f} {q[f'{HANDOFF}/{TORCH_CLIP_STEP}']:>14.3f}"
+            f"  {verdict}  ({'met' if r['target']['met'] else 'MISSED'}: hand-off/fgs <= 1)"
+        )
+        if "noclip" in r:
+            t, q = r["noclip"]["times"], r["noclip"]["ratios"]
+            lines.append(
+                f"  {'  no clip needed':<15} {_fmt_ms(t[STEP]['median_s']):>8} "
+                f"{_fmt_ms(t[HANDOFF]['median_s']):>9} "
+                f"{_fmt_ms(t[FGS_CLIP_STEP]['median_s']):>9} "
+                f"{_fmt_ms(t[TORCH_CLIP_STEP]['median_s']):>10}  "
+                f"{q[f'{HANDOFF}/{FGS_CLIP_STEP}']:>12.3f} "
+                f"{q[f'{HANDOFF}/{TORCH_CLIP_STEP}']:>14.3f}"
+            )
+    return lines
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -432,6 +620,9 @@ def format_table(result: dict[str, Any]) -> str:
                 t = targets[key]
                 verdict = "met" if t["met"] else "MISSED"
                 lines.append(f"  {key:<26} {t['ratio']:.3f}  (target <= {t['target']})  {verdict}")
+    if result.get("clip_step"):
+        lines.append("")
+        lines += format_clip_step(result["clip_step"])
     gpu = result.get("targets_gpu_issue4")
     if gpu:
         lines.append("")
@@ -496,11 +687,13 @@ __all__ = [
     "Settings",
     "cpu_targets",
     "default_device",
+    "format_clip_step",
     "format_markdown",
     "format_table",
     "gpu_targets",
     "metadata",
     "results_path",
+    "run_clip_step",
     "run_suite",
     "run_workload",
     "write_json",

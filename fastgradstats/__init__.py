@@ -4,18 +4,22 @@ Public API (nothing else is exported here):
 
 * :func:`clip_grad_norm_`, :func:`clip_grad_value_`, :func:`get_total_norm`,
   :func:`clip_grads_with_norm_` -- drop-ins for ``torch.nn.utils``;
-* :func:`grad_stats` / :class:`GradStats` -- named per-tensor stats that stay on the device.
+* :func:`grad_stats` / :class:`GradStats` -- named per-tensor stats that stay on the device;
+* :class:`ZClip`, :class:`AutoClip` -- adaptive clipping with its state on the device.
 """
 
 from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .clippers import AutoClip, ZClip
 from .monitor import GradMonitor
 from .stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClip",
     "GradMonitor",
     "GradStats",
+    "ZClip",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

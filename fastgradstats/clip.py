@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, distributed
+from . import core, distributed, handoff
 from .stats import GradStats, compute, empty_stats
 
 
@@ -126,6 +126,7 @@ def clip_grad_norm_(
     return_stats: bool = False,
     backend: str | None = None,
     process_group: Any = None,
+    optimizer: Any = None,
 ) -> Tensor | tuple[Tensor, GradStats]:
     """Clip the gradient norm of ``parameters`` in place; drop-in for torch's.
 
@@ -141,6 +142,10 @@ def clip_grad_norm_(
         process_group: the torch.distributed group plain-tensor gradients are shards over;
             the norm is then that of the full parameters (DTensor gradients need nothing;
             see :mod:`fastgradstats.distributed`).
+        optimizer: the optimizer about to step on these gradients. A fused one (``Adam``,
+            ``AdamW``, ``SGD`` with ``fused=True``) whose parameters are exactly these gets
+            the coefficient as ``grad_scale`` instead (no scaling pass here; ``.grad`` holds
+            the unclipped values until its ``step()``); see :mod:`fastgradstats.handoff`.
 
     Returns:
         The total norm (0-d tensor, first gradient's device, promoted grad dtype; for
@@ -169,7 +174,8 @@ def clip_grad_norm_(
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, stats, sharding)
 
     coef = core.clip_coefficient(max_norm, total)
-    core.scale_groups_(groups, coef, backend, foreach)
+    if not handoff.hand_off_(optimizer, grads.params, coef):
+        core.scale_groups_(groups, coef, backend, foreach)
     result = distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
     if stats is not None:
         stats.clip_coef = coef
