@@ -183,6 +183,14 @@ def _device_codes(flat: Tensor, out: Tensor) -> None:
         out.index_put_((codes,), ones, accumulate=True)
 
 
+def _group_codes_device(grads: list[Tensor]) -> Tensor:
+    """int64 [n, _CODES] on any device without reading a value back (the CUDA reference)."""
+    ext = torch.zeros((len(grads), _CODES), dtype=torch.int64, device=grads[0].device)
+    for i, g in enumerate(grads):
+        _device_codes(_flat(g), ext[i])
+    return ext
+
+
 def _group_codes_cpu(grads: list[Tensor]) -> Tensor:
     n = len(grads)
     ext = torch.zeros((n, _CODES), dtype=torch.int64)
@@ -225,13 +233,7 @@ def group_histogram(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     grads = _check_grads(grads, "grads")
     if not grads:
         return torch.zeros((0, NUM_BINS), dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    device = grads[0].device
-    if device.type == "cpu":
-        ext = _group_codes_cpu(grads)
-    else:
-        ext = torch.zeros((len(grads), _CODES), dtype=torch.int64, device=device)
-        for i, g in enumerate(grads):
-            _device_codes(_flat(g), ext[i])
+    ext = _group_codes_cpu(grads) if grads[0].device.type == "cpu" else _group_codes_device(grads)
     zeros = ext[:, _ZERO].clone()
     hist = ext[:, :NUM_BINS].clone()
     hist[:, 0] += zeros
@@ -532,8 +534,8 @@ def precision_lines(
     """Plain-words findings of ``report`` (one host sync), worst first.
 
     E.g. "41% of `layers.3.mlp.w2` gradients fall below fp16's smallest normal (12% flush
-    to zero); a loss scale of 2^9 would keep them". Tensors below ``min_fraction`` on
-    every count are left out.
+    to zero); a loss scale of 2^9 would keep them". Shares below ``min_fraction`` are left
+    out, except a definite overflow (``report.overflow > 0``), which is always reported.
     """
     n = report.nonzero.numel()
     names = [str(i) for i in range(n)] if names is None else list(names)

@@ -42,6 +42,19 @@ def abs_bits(x):
 
 
 @triton.jit
+def abs_bits_of(x, DTYPE: tl.constexpr):
+    """Sign-less float32 bit pattern of ``x`` as loaded (fp32, bf16 or fp16).
+
+    bf16 is widened in integers (it is the top half of an fp32): exact everywhere, where the
+    CPU interpreter's float conversion flushes bf16 subnormals (Triton 3.9).
+    """
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr argument)
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16) & 0x7FFFFFFF
+    else:
+        return abs_bits(x.to(tl.float32))
+
+
+@triton.jit
 def bin_index(u, SUBNORMALS: tl.constexpr, LAST_BIN: tl.constexpr):
     """Histogram bin (int32, 0..LAST_BIN) of the float32 whose sign-less pattern is ``u``.
 
@@ -82,10 +95,10 @@ def histogram_kernel(
     start = (pid - tl.load(table_ptr + 2 * n_tensors + t)) * BLOCK  # int64: no overflow
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
     if start + BLOCK <= numel:  # unmasked, so the compiler can emit vector loads
-        x = tl.load(base + offsets).to(tl.float32)
+        x = tl.load(base + offsets)
     else:  # past the end reads NaN: in no bin and not a zero, so no second mask is needed
-        x = tl.load(base + offsets, mask=offsets < numel, other=float("nan")).to(tl.float32)
-    u = abs_bits(x)
+        x = tl.load(base + offsets, mask=offsets < numel, other=float("nan"))
+    u = abs_bits_of(x, DTYPE)
     b = bin_index(u, SUBNORMALS, NUM_BINS - 1)
     hist = tl.histogram(b, HIST_BINS, mask=u < 0x7F800000)
     index = tl.arange(0, HIST_BINS)
@@ -133,6 +146,7 @@ __all__ = [
     "FINITE_LIMIT",
     "HIST_BINS",
     "abs_bits",
+    "abs_bits_of",
     "bin_index",
     "group_histogram_triton",
     "histogram_kernel",
