@@ -54,7 +54,7 @@ _ZERO = NUM_BINS + 1  # exact zero (its own column, folded into bin 0 at the end
 _CODES = NUM_BINS + 2
 _KEYS = 1 << 15  # top 16 bits without the sign
 _CPU_BIG_NUMEL = 1 << 16  # from here a tensor gets its own bincount (below: one shared)
-_CPU_CHUNK = 1 << 20  # elements per bincount: a 2 MiB int16 buffer, not numel-sized
+_CPU_CHUNK = 1 << 19  # elements per bincount: a 1 MiB int16 buffer, not numel-sized
 _DEVICE_CHUNK = 1 << 24  # elements per step of the (reference) non-CPU path
 
 
@@ -140,16 +140,29 @@ def _flat(g: Tensor) -> Tensor:
     return g.detach().reshape(-1)  # a view when dense and contiguous, else one copy
 
 
+_WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _cpu_key_counts(flat: Tensor) -> Tensor:
-    """int64 [32768]: how many elements have each sign-less top-16-bit pattern (CPU)."""
-    high = _high_half(flat)
-    n = high.numel()
+    """int64 [32768]: how many elements have each sign-less top-16-bit pattern (CPU).
+
+    Chunked so the int16 keys stay in cache. For 32/64-bit floats the keys come from one
+    contiguous shift of the integer view narrowed into int16 (vectorised), not from the
+    stride-2 int16 view (a scalar loop, 1.5-2x slower on GPT-2's embedding).
+    """
+    size = flat.element_size()
+    words = flat.view(_WORD[size])
+    n = words.numel()
     buf = torch.empty(min(n, _CPU_CHUNK), dtype=torch.int16)
     counts = None
     for start in range(0, n, _CPU_CHUNK):
         stop = min(n, start + _CPU_CHUNK)
         keys = buf[: stop - start]
-        torch.bitwise_and(high[start:stop], 0x7FFF, out=keys)
+        if size == 2:
+            torch.bitwise_and(words[start:stop], 0x7FFF, out=keys)
+        else:
+            torch.bitwise_right_shift(words[start:stop], 8 * size - 16, out=keys)
+            keys.bitwise_and_(0x7FFF)
         part = torch.bincount(keys, minlength=_KEYS)
         counts = part if counts is None else counts.add_(part)
     return counts if counts is not None else torch.zeros(_KEYS, dtype=torch.int64)
