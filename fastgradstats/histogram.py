@@ -88,6 +88,22 @@ def _high_half(flat: Tensor) -> Tensor:
 
 
 _lut_cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_edges_cache: dict[torch.device, Tensor] = {}
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without a host sync (pinned on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _edges_on(device: torch.device) -> Tensor:
+    """:func:`histogram_edges` on ``device``, copied there once (sync-free)."""
+    edges = _edges_cache.get(device)
+    if edges is None:
+        edges = _edges_cache[device] = _to_device(histogram_edges(), device)
+    return edges
 
 
 def _lut(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -109,7 +125,7 @@ def _lut(dtype: torch.dtype, device: torch.device) -> Tensor:
         lut[~torch.isfinite(low)] = _EXCLUDED
         if dtype in (torch.float16, torch.bfloat16):
             lut[0] = _ZERO  # the whole value: pattern 0 is exactly ±0
-        lut = lut.to(device)
+        lut = _to_device(lut, device)
         _lut_cache[key] = lut
     return lut
 
@@ -193,7 +209,7 @@ def _device_codes(flat: Tensor, out: Tensor) -> None:
     for start in range(0, flat.numel(), _DEVICE_CHUNK):
         codes = _codes(flat[start : start + _DEVICE_CHUNK])
         ones = torch.ones((), dtype=torch.int64, device=flat.device).expand(codes.numel())
-        out.index_put_((codes,), ones, accumulate=True)
+        out.scatter_add_(0, codes, ones)  # integer atomics on CUDA: no sync, deterministic
 
 
 def _group_codes_device(grads: list[Tensor]) -> Tensor:
@@ -441,7 +457,7 @@ def precision_report(
     total = cum[:, -1]
     nonzero = total - zeros
     denom = torch.where(nonzero > 0, nonzero, torch.ones_like(nonzero))
-    edges = histogram_edges(device)
+    edges = _edges_on(device)
     lower, upper = edges[:-1].contiguous(), edges[1:].contiguous()
 
     # amax: exact from max_abs when given and finite, else the highest bin's upper edge.
