@@ -623,3 +623,38 @@ def test_wandb_histogram_offline(tmp_path, monkeypatch):
     finally:
         run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def test_histogram_benchmark_quick(tmp_path):
+    """``python -m benchmarks.histogram --quick`` in-process: runs, checks, writes JSON."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import histogram as bench
+
+    result = bench.main(["--quick", "--rounds", "1", "--budget", "0", "--out", str(tmp_path)])
+    assert result["check"]["equals_numpy_histogram"] is True
+    assert set(result["median_s"]) == {
+        "fastgradstats",
+        "torch_log2_histc",
+        "torch_log2_bincount",
+        "wandb_hook",
+        "grad_stats",
+    }
+    assert all(v > 0 for v in result["median_s"].values())
+    (path,) = tmp_path.glob("cpu-*-histogram-fp32-quick.json")
+    assert json.loads(path.read_text())["workload"]["tensors"] == 148
+    # The user's code computes the same histograms, up to histc's float bin edges.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.exp2(torch.rand(5000, generator=gen) * 110 - 100) * (torch.rand(5000) - 0.5).sign()
+    x[::50] = 0.0
+    ours, zeros = H.group_histogram([x])
+    (counts, user_zeros), *_ = bench.torch_log2_histc([x])
+    assert user_zeros == int(zeros[0]) == 100
+    moved = int((torch.tensor(counts).long() - ours[0]).abs().sum()) // 2
+    assert moved <= 5, moved  # of 5000 (0 here; histc can move values next to an edge)

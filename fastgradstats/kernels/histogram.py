@@ -87,10 +87,9 @@ def histogram_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + 3 * n_tensors + 1 + pid)
-    address = tl.load(table_ptr + t)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    base = address.to(tl.pointer_type(DTYPE))
+    base = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # on the pointer: a hint on the int64 address is lost in the cast
+        base = tl.multiple_of(base, 16)
     numel = tl.load(table_ptr + n_tensors + t)
     start = (pid - tl.load(table_ptr + 2 * n_tensors + t)) * BLOCK  # int64: no overflow
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
