@@ -658,3 +658,49 @@ def test_histogram_benchmark_quick(tmp_path):
     assert user_zeros == int(zeros[0]) == 100
     moved = int((torch.tensor(counts).long() - ours[0]).abs().sum()) // 2
     assert moved <= 5, moved  # of 5000 (0 here; histc can move values next to an edge)
+
+
+_CODEGEN = """
+import json, re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastgradstats.histogram import NUM_BINS
+from fastgradstats.kernels.histogram import HIST_BINS, histogram_kernel
+sig = {"table_ptr": "*i64", "counts_ptr": "*i64", "zeros_ptr": "*i64", "n_tensors": "i64"}
+consts = dict(DTYPE=getattr(tl, sys.argv[1]), BLOCK=4096, ALIGNED=True, SUBNORMALS=True,
+              NUM_BINS=NUM_BINS, HIST_BINS=HIST_BINS)
+sig.update(dict.fromkeys(consts, "constexpr"))
+k = triton.compile(ASTSource(histogram_kernel, sig, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+print(json.dumps(re.findall(r"^\\s+(?:@%p\\d+\\s+)?([a-z]+(?:\\.[a-z0-9]+)*)", k.asm["ptx"], re.M)))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernel_codegen_sm90(dtype):
+    """Offline sm_90 PTX (no GPU needed): 16-byte loads, one shared atomic per element,
+    and the per-bin global adds vectorised over the threads (not per element)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", _CODEGEN, dtype],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    ops = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "ld.global.v4.b32" in ops
+    per_thread = 4096 // (8 * 32)
+    assert sum(o.startswith("atom") and ".shared" in o for o in ops) == per_thread
+    assert sum(o.startswith(("atom.global", "red.global")) for o in ops) <= 2
