@@ -435,7 +435,8 @@ def precision_report(
     * subnormal: ``2**(s - 1) <= |x| < 2**e``, ``2**e`` the smallest normal (input value:
       values a hair below ``2**e`` that round up to it still count).
     * overflow: ``|x| >= t`` (``> t`` for e4m3fn, whose tie rounds down to 448), ``t`` the
-      largest finite value plus half an ulp (fp16: 65520). ``t`` is no power of two, so the
+      largest finite value plus half an ulp (fp16: 65520): the cast gives ±Inf, or for
+      e4m3fn (no Inf) torch saturates to ±448. ``t`` is no power of two, so the
       bin holding it is ambiguous: ``overflow`` leaves it out (lower bound),
       ``overflow_upper`` counts it, and both are 0 where ``max_abs < t``.
     * A threshold inside bin 0 (below ``2**-133``: bf16's flush threshold, scaled
@@ -459,6 +460,9 @@ def precision_report(
         raise ValueError(f"zero_count must be a tensor of shape [{n}]")
     if numel is not None and len(numel) != n:
         raise ValueError(f"numel must have {n} entries, got {len(numel)}")
+    for arg, value in (("max_abs", max_abs), ("overflow_count", overflow_count)):
+        if value is not None and (not isinstance(value, Tensor) or value.shape != (n,)):
+            raise ValueError(f"{arg} must be a tensor of shape [{n}]")
     if not isinstance(margin, int):
         raise TypeError(f"margin must be an int, got {type(margin).__name__}")
     f64 = torch.float64

@@ -487,6 +487,10 @@ def test_precision_report_bad_input():
         H.precision_report(hist, zeros[:0], None, torch.float16)
     with pytest.raises(ValueError, match="numel"):
         H.precision_report(hist, zeros, [1, 2], torch.float16)
+    with pytest.raises(ValueError, match="max_abs"):
+        H.precision_report(hist, zeros, None, torch.float16, max_abs=torch.ones(2))
+    with pytest.raises(ValueError, match="overflow_count"):
+        H.precision_report(hist, zeros, None, torch.float16, overflow_count=[0])
     with pytest.raises(TypeError, match="margin"):
         H.precision_report(hist, zeros, None, torch.float16, margin=1.5)
 
