@@ -24,6 +24,34 @@ from . import core, distributed
 from .stats import GradStats, compute, empty_stats
 
 
+def _fused_stats(call: core.Fused, norm_type: float) -> GradStats:
+    names = call.names if call.names is not None else call.plan.position_names
+    floats, counts = call.floats, call.counts
+    return GradStats(
+        names=names,
+        norms=floats[0],
+        max_abs=floats[1],
+        nan_count=counts[0],
+        inf_count=counts[1],
+        total_norm=call.exact_total,
+        norm_type=norm_type,
+        clip_coef=call.coef,
+        numels=call.numels,
+    )
+
+
+def _raise_if_nonfinite_fused(
+    call: core.Fused, items: list, use_grad: bool, norm_type: float, backend: str | None
+) -> None:
+    if bool(torch.isfinite(call.total)):  # the one host sync this option costs, as in torch
+        return
+    grads = core.collect(items, arg_name="parameters" if use_grad else "tensors",
+                         use_grad=use_grad)  # fmt: skip
+    stats = compute(grads, norm_type, backend)
+    per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
+    raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
+
+
 def _nonfinite_error(norm_type: float, names: list[str], stats_text: str) -> RuntimeError:
     return RuntimeError(
         f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
@@ -43,7 +71,7 @@ def _raise_if_nonfinite(
     sharding: distributed.Sharding | None = None,
 ) -> None:
     if bool(torch.isfinite(total)):  # the one host sync this option costs, as in torch
-        return
+        return  # ``total`` is the value returned (fp16: > 65504 is inf there, and raises)
     if stats is None:
         stats = compute(grads, norm_type, backend, foreach, groups, sharding)
     per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
@@ -68,18 +96,38 @@ def get_total_norm(
     :func:`clip_grad_norm_`.
     """
     p = core.check_norm_type(norm_type)
+    if process_group is None:
+        tensors = core.as_list(tensors, arg_name="tensors")
+        call = core.fused(tensors, p, backend, use_grad=False)
+        if call is not None:
+            if error_if_nonfinite:
+                _raise_if_nonfinite_fused(call, tensors, False, p, backend)
+            return call.total
     grads = core.collect(tensors, arg_name="tensors", use_grad=False)
     sharding = distributed.localize(grads, process_group)
     if not grads.grads:
         return torch.tensor(0.0)
     groups = core.group(grads.grads)
     norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
-    if sharding is not None:  # sharded grads: global per-tensor norms, one all-reduce
-        norms = sharding.reduce_norms(norms, p)
-    total = core.total_norm(norms, p)
+    total = _total(groups, norms, p, sharding, grads)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None, sharding)
-    return total.to(core.result_dtype(grads.grads))
+    return total
+
+
+def _total(
+    groups: core.Groups,
+    norms: Tensor,
+    norm_type: float,
+    sharding: distributed.Sharding | None,
+    grads: core.GradList,
+) -> Tensor:
+    """The total norm to return (promoted grad dtype), from local per-tensor norms."""
+    if sharding is None:
+        return core.finish_total(groups, norms, norm_type)
+    # sharded grads: global per-tensor norms (one all-reduce), then the total
+    norms = sharding.reduce_norms(norms, norm_type)
+    return core.total_norm(norms, norm_type).to(core.result_dtype(grads.grads))
 
 
 @torch.no_grad()
@@ -105,6 +153,7 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     total_norm = distributed.local_tensor(total_norm)
+    core.check_writable(grads)
     coef = core.clip_coefficient(max_norm, total_norm)
     core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
 
@@ -142,6 +191,15 @@ def clip_grad_norm_(
     """
     max_norm = core.check_max_norm(max_norm)
     p = core.check_norm_type(norm_type)
+    if process_group is None:  # the fused path: 3 launches, no torch op between them
+        parameters = core.as_list(parameters, warn_empty_generator=True)
+        call = core.fused(parameters, p, backend, stats=return_stats, max_norm=max_norm)
+        if call is not None:
+            if error_if_nonfinite:
+                _raise_if_nonfinite_fused(call, parameters, True, p, backend)
+            call.scale_()  # the one place the coefficient is applied on this path
+            return (call.total, _fused_stats(call, p)) if return_stats else call.total
+
     grads = core.collect(parameters, warn_empty_generator=True)
     sharding = distributed.localize(grads, process_group)
     if not grads.grads:
@@ -152,22 +210,23 @@ def clip_grad_norm_(
     stats: GradStats | None = None
     if return_stats:
         stats = compute(grads, p, backend, foreach, groups, sharding)
-        total = stats.total_norm
+        if sharding is None:
+            total = core.finish_total(groups, stats.norms, p)
+        else:  # the stats are global already
+            total = stats.total_norm.to(core.result_dtype(grads.grads))
     else:
         norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
-        if sharding is not None:  # sharded grads: global per-tensor norms, one all-reduce
-            norms = sharding.reduce_norms(norms, p)
-        total = core.total_norm(norms, p)
+        total = _total(groups, norms, p, sharding, grads)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, stats, sharding)
 
+    core.check_writable(grads)
     coef = core.clip_coefficient(max_norm, total)
-    core.scale_groups_(groups, coef, backend, foreach)
-    result = total.to(core.result_dtype(grads.grads))
+    core.scale_groups_(groups, coef, backend, foreach)  # the generic path's one application
     if stats is not None:
         stats.clip_coef = coef
-        return result, stats
-    return result
+        return total, stats
+    return total
 
 
 @torch.no_grad()
@@ -184,6 +243,7 @@ def clip_grad_value_(
     distributed.to_local_(grads)  # DTensor grads -> their local shards (aliases)
     if not grads.grads:
         return
+    core.check_writable(grads)
     core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
 
 
