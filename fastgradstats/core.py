@@ -402,15 +402,15 @@ def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> st
 
 
 __all__ = [
+    "Fused",
     "GradList",
     "Groups",
+    "as_list",
     "check_grad",
     "check_max_norm",
     "check_norm_type",
-    "clamp_groups_",
-    "Fused",
-    "as_list",
     "check_writable",
+    "clamp_groups_",
     "clip_coefficient",
     "collect",
     "finish_total",
