@@ -3,8 +3,11 @@
 Same signatures, return values and return dtypes as torch 2.13, plus keyword-only extras
 (``backend=``, ``return_stats=``). Differences, all on purpose:
 
-* per-tensor norms of 16-bit gradients are accumulated in float32 (torch rounds them to
-  the gradient dtype first), so results are at least as close to the exact norm;
+* the total norm returned, and the clip coefficient, are rounded as torch rounds them
+  (each per-tensor norm in its gradient dtype, the total and the coefficient in the
+  promoted dtype), so clipped 16-bit gradients are bit-identical to torch's; the
+  per-tensor norms and ``total_norm`` of ``return_stats=True`` keep float32 (closer to
+  the exact norm than torch's 16-bit roundings);
 * when clipping is not needed the gradients are not written at all (torch multiplies
   them by 1.0, which leaves the same bits);
 * ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;

@@ -248,7 +248,6 @@ class Workspace:
     partials: Tensor  # float32 [4, max(num_blocks, 1)]
     floats: Tensor  # float32 [2, n]: per-tensor results nobody asked for
     counts: Tensor  # int64 [2, n]
-    scalars: Tensor  # float32 [3]: exact total, coefficient, torch-rounded total scratch
     ticket: Tensor  # int32 [1], 0 between calls (the finalize resets it)
 
 
@@ -258,7 +257,6 @@ def _workspace(table: tables.TensorTable) -> Workspace:
         torch.empty((stats_kernels.N_PARTIALS, max(table.num_blocks, 1)), device=device),
         torch.empty((2, n), device=device),
         torch.empty((2, n), dtype=torch.int64, device=device),
-        torch.empty(3, device=device),
         torch.zeros(1, dtype=torch.int32, device=device),
     )
 
@@ -276,6 +274,7 @@ class Plan:
     workspaces: dict[Any, Workspace] = field(default_factory=dict)
     numel_list: list[int] = field(default_factory=list)
     _names: list[str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def position_names(self) -> list[str]:
@@ -293,15 +292,24 @@ class Plan:
         )
 
     def workspace(self) -> Workspace:
-        if self.device.type != "cuda":
-            # CPU (the interpreter): kernels run synchronously in the calling thread, so a
-            # fresh workspace per call keeps concurrent threads apart.
-            return _workspace(self.table)
-        key = torch.cuda.current_stream(self.device).cuda_stream
+        """This stream's workspace (CUDA launches on one stream are ordered, so reuse is
+        safe; another stream gets its own). Made on the first call on a stream, e.g. the
+        warm-up before a CUDA graph capture."""
+        if self.device.type == "cuda":
+            key: Any = torch.cuda.current_stream(self.device).cuda_stream
+        else:
+            key = None  # CPU (the interpreter): launches run in the caller; see ``lock``
         ws = self.workspaces.get(key)
-        if ws is None:  # first call on this stream (e.g. the warm-up before graph capture)
-            ws = self.workspaces.setdefault(key, _workspace(self.table))
+        if ws is None:
+            with _plans_lock:
+                ws = self.workspaces.setdefault(key, _workspace(self.table))
         return ws
+
+    @property
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Held around the launches on the CPU, where the interpreter runs them in the
+        calling thread: two threads must not share the workspace at the same time."""
+        return self._lock if self.device.type != "cuda" else contextlib.nullcontext()
 
 
 PLAN_CACHE_SIZE = 16
@@ -385,15 +393,15 @@ def run_fused(plan: Plan, norm_type: float, *, stats: bool, max_norm: float | No
     device, n = plan.device, plan.table.n_tensors
     ws = plan.workspace()
     total = torch.empty((), dtype=plan.result_dtype, device=device)
+    scalars = torch.empty(2, device=device)  # exact total, clip coefficient: handed back
     if stats:
         floats = torch.empty((2, n), device=device)
         counts = torch.empty((2, n), dtype=torch.int64, device=device)
-        scalars = torch.empty(2, device=device)
     else:
-        floats, counts, scalars = ws.floats, ws.counts, ws.scalars
+        floats, counts = ws.floats, ws.counts
     exact_total, coef = scalars[0], scalars[1]
     clip = max_norm is not None
-    with _on_device(device):
+    with _on_device(device), plan.lock:
         stats_kernels.launch_stats(plan.table, ws.partials, norm_type, stats)
         stats_kernels.launch_finalize(
             plan.table,

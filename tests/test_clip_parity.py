@@ -120,7 +120,9 @@ def test_clipped_grads_every_dtype_against_float64(backend, dtype):
     total64 = ref_norm(original, 2.0)
     coef = min(max_norm / (total64 + 1e-6), 1.0)
     assert rel_err(float(total), total64) < (1e-12 if dtype == torch.float64 else 5e-3)
-    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+    # 16-bit: the coefficient is computed in the gradient dtype as torch does (4 roundings
+    # of half an ulp each) before the product's own rounding
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.2e-2, torch.float16: 1.5e-3}
     for got, g0 in zip(clone_grads(params), original):
         want = (g0.to(torch.float64) * coef).to(dtype)
         assert got.dtype == dtype
@@ -134,7 +136,8 @@ def test_mixed_dtypes_return_torch_promoted_dtype(backend):
     expected = torch.nn.utils.get_total_norm(original)
     total = fgs.clip_grad_norm_(params, 1e9)
     assert total.dtype == expected.dtype == torch.float32
-    assert rel_err(float(total), ref_norm(original, 2.0)) < 1e-6
+    # torch's roundings (16-bit per-tensor norms in their dtype), as issue 10 item 2 asks
+    assert rel_err(float(total), float(expected)) < 1e-6
     assert_same_tensors(clone_grads(params), original)
 
 

@@ -10,12 +10,13 @@ torch does.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from . import launch, tile_size, triton_dtype
+from . import tile_size, triton_dtype
 from .stats import block_location, round_to
 from .tables import TensorTable
 
@@ -84,40 +85,44 @@ def clamp_kernel(
         _clamp_step(base + full * TILE + lanes, lanes < rest, clip_value, DTYPE)
 
 
+def elementwise_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
+    """The constexprs and ``num_warps`` scale/clamp are launched with (and compiled with by
+    ``benchmarks codegen``)."""
+    return {
+        "DTYPE": triton_dtype(dtype),
+        "BLOCK": block,
+        "TILE": tile_size(dtype, block),
+        "ALIGNED": aligned,
+        "num_warps": settings.NUM_WARPS,
+    }
+
+
 def scale_(table: TensorTable, coef: Tensor) -> None:
     """Multiply every gradient of ``table`` by the 0-d device tensor ``coef``, in place."""
     for seg in table.segments:
-        launch(
+        settings.launch(
             scale_kernel,
             (seg.num_blocks,),
             table.data,
             coef,
             table.n_tensors,
             seg.lo,
-            DTYPE=triton_dtype(seg.dtype),
-            BLOCK=table.block,
-            TILE=tile_size(seg.dtype, table.block),
-            ALIGNED=seg.aligned,
-            num_warps=settings.NUM_WARPS,
+            **elementwise_config(seg.dtype, table.block, seg.aligned),
         )
 
 
 def clamp_(table: TensorTable, clip_value: float) -> None:
     """Clamp every gradient of ``table`` to ``[-clip_value, clip_value]``, in place."""
     for seg in table.segments:
-        launch(
+        settings.launch(
             clamp_kernel,
             (seg.num_blocks,),
             table.data,
             float(clip_value),
             table.n_tensors,
             seg.lo,
-            DTYPE=triton_dtype(seg.dtype),
-            BLOCK=table.block,
-            TILE=tile_size(seg.dtype, table.block),
-            ALIGNED=seg.aligned,
-            num_warps=settings.NUM_WARPS,
+            **elementwise_config(seg.dtype, table.block, seg.aligned),
         )
 
 
-__all__ = ["clamp_", "clamp_kernel", "scale_", "scale_kernel"]
+__all__ = ["clamp_", "clamp_kernel", "elementwise_config", "scale_", "scale_kernel"]

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from . import launch, tile_size, triton_dtype
+from . import tile_size, triton_dtype
 from .tables import TensorTable
 
 N_PARTIALS = 4  # p-partial, max |g|, NaN count, Inf count
@@ -133,15 +133,16 @@ def stats_kernel(
         tl.store(out + num_blocks, block_max)
         if (block_max != block_max) | (block_max == float("inf")):
             # Rare: this block holds a NaN or an Inf. Read it again and count them.
-            nans = tl.zeros([TILE], dtype=tl.int32)
-            infs = tl.zeros([TILE], dtype=tl.int32)
+            # Reduced per step into scalars: few live registers, so no spills here either.
+            nans = tl.sum(tl.zeros([TILE], dtype=tl.int32), axis=0)
+            infs = nans
             for j in range(tl.cdiv(count, TILE)):
                 offsets = j * TILE + lanes
                 y = tl.load(base + offsets, mask=offsets < count, other=0.0).to(tl.float32)
-                nans += (y != y).to(tl.int32)
-                infs += (tl.abs(y) == float("inf")).to(tl.int32)
-            tl.store(out + 2 * num_blocks, tl.sum(nans, axis=0).to(tl.float32))
-            tl.store(out + 3 * num_blocks, tl.sum(infs, axis=0).to(tl.float32))
+                nans += tl.sum((y != y).to(tl.int32), axis=0)
+                infs += tl.sum((tl.abs(y) == float("inf")).to(tl.int32), axis=0)
+            tl.store(out + 2 * num_blocks, nans.to(tl.float32))
+            tl.store(out + 3 * num_blocks, infs.to(tl.float32))
         else:
             tl.store(out + 2 * num_blocks, 0.0)
             tl.store(out + 3 * num_blocks, 0.0)
@@ -253,10 +254,37 @@ def finalize_kernel(
             tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")  # ready for next call
 
 
+def stats_config(
+    dtype: torch.dtype, block: int, aligned: bool, norm_type: float, stats: bool
+) -> dict:
+    """The constexprs and ``num_warps`` :func:`stats_kernel` is launched with (also what
+    ``benchmarks codegen`` compiles)."""
+    return {
+        "DTYPE": triton_dtype(dtype),
+        "BLOCK": block,
+        "TILE": tile_size(dtype, block),
+        "ALIGNED": aligned,
+        "NORM": NORM_CODES[float(norm_type)],
+        "STATS": stats,
+        "num_warps": settings.NUM_WARPS,
+    }
+
+
+def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dtype) -> dict:
+    """The constexprs :func:`finalize_kernel` is launched with (default ``num_warps``)."""
+    return {
+        "NORM": NORM_CODES[float(norm_type)],
+        "STATS": stats,
+        "FINISH": finish,
+        "RESULT": triton_dtype(result),
+        "CHUNK": settings.FINALIZE_CHUNK,
+    }
+
+
 def launch_stats(table: TensorTable, partials: Tensor, norm_type: float, stats: bool) -> None:
     """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``."""
     for seg in table.segments:
-        launch(
+        settings.launch(
             stats_kernel,
             (seg.num_blocks,),
             table.data,
@@ -264,13 +292,7 @@ def launch_stats(table: TensorTable, partials: Tensor, norm_type: float, stats: 
             table.n_tensors,
             partials.shape[1],
             seg.lo,
-            DTYPE=triton_dtype(seg.dtype),
-            BLOCK=table.block,
-            TILE=tile_size(seg.dtype, table.block),
-            ALIGNED=seg.aligned,
-            NORM=NORM_CODES[float(norm_type)],
-            STATS=stats,
-            num_warps=settings.NUM_WARPS,
+            **stats_config(seg.dtype, table.block, seg.aligned, norm_type, stats),
         )
 
 
@@ -289,8 +311,8 @@ def launch_finalize(
     max_norm: float = 0.0,
 ) -> None:
     """The :func:`finalize_kernel` launch (grid: one program per tensor)."""
-    result = triton_dtype(total.dtype) if total is not None else triton_dtype(torch.float32)
-    launch(
+    result = total.dtype if total is not None else torch.float32
+    settings.launch(
         finalize_kernel,
         (table.n_tensors,),
         table.data,
@@ -304,11 +326,7 @@ def launch_finalize(
         table.n_tensors,
         partials.shape[1],
         float(max_norm),
-        NORM=NORM_CODES[float(norm_type)],
-        STATS=stats,
-        FINISH=finish,
-        RESULT=result,
-        CHUNK=settings.FINALIZE_CHUNK,
+        **finalize_config(norm_type, stats, finish, result),
     )
 
 
@@ -335,6 +353,7 @@ __all__ = [
     "FINISH_TOTAL",
     "NORM_CODES",
     "block_location",
+    "finalize_config",
     "finalize_kernel",
     "group_stats",
     "launch_finalize",
@@ -342,5 +361,6 @@ __all__ = [
     "max_nan",
     "round_to",
     "round_trip",
+    "stats_config",
     "stats_kernel",
 ]
