@@ -47,6 +47,7 @@ UNROLL = 2  # 16-byte accesses per thread per loop step
 
 launch_counts: Counter[str] = Counter()
 _count_lock = threading.Lock()
+_interpreter_lock = threading.Lock()
 
 TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -92,8 +93,9 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         kernel[grid](*args, **kwargs)
         return
     # The interpreter runs the kernel in numpy, which warns on the overflow and NaN
-    # arithmetic that Inf/NaN gradients legitimately cause; GPUs do not warn.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    # arithmetic that Inf/NaN gradients legitimately cause; GPUs do not warn. It keeps
+    # global state (the grid, the builder) too, so interpreted launches take turns.
+    with _interpreter_lock, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         kernel[grid](*args, **kwargs)
 
 
