@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import torch_backend
-from .dispatch import backend_for, requested_backend
+from .dispatch import backend_for, requested_backend, triton_module
 from .torch_backend import GroupStats, acc_dtype
 
 CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
@@ -346,9 +346,10 @@ def fused(
     The steady state walks the gradients once: ``.grad``, then ``data_ptr()`` (the plan
     key) and ``numel()`` (the check that the layout behind those addresses is unchanged).
     """
-    if not items or norm_type not in _FUSED_NORMS or requested_backend(backend) == "torch":
+    if not items or norm_type not in _FUSED_NORMS:
         return None
-    if torch.compiler.is_compiling():  # traced code takes the custom-op path (generic)
+    name = requested_backend(backend)
+    if name == "torch" or torch.compiler.is_compiling():  # traced code: custom ops (generic)
         return None
     names = None
     try:
@@ -368,12 +369,13 @@ def fused(
             return None
         ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
         numels = tuple(map(Tensor.numel, grads))
-        first = grads[0]
-        impl = backend_for(first.device, first.dtype, norm_type, backend)
+        if name == "auto" and grads[0].device.type != "cuda":
+            return None  # auto: Triton on CUDA only
     except (AttributeError, TypeError, RuntimeError):
         return None
-    if impl is torch_backend:
-        return None
+    impl = triton_module()
+    if impl is None:
+        return None  # the generic path says why (or falls back to torch for auto)
     kernels = impl.kernels
     plan = impl.plan_for((ptrs, kernels.BLOCK, kernels.TILE, use_grad), grads, numels)
     if plan is None:

@@ -26,7 +26,6 @@ import contextlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,14 +62,11 @@ def _check_group(grads: list[Tensor]) -> None:
             )
 
 
-@contextlib.contextmanager
-def _on_device(device: torch.device) -> Iterator[None]:
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Launch on ``device`` (Triton uses the current CUDA device and stream)."""
     if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _bump_versions(tensors: list[Tensor]) -> None:

@@ -49,6 +49,8 @@ launch_counts: Counter[str] = Counter()
 _count_lock = threading.Lock()
 _interpreter_lock = threading.Lock()
 
+_ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
 TRITON_DTYPES = {
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
@@ -72,7 +74,7 @@ def tile_size(dtype: torch.dtype, block: int) -> int:
         if tile < 1 or tile & (tile - 1):
             raise ValueError(f"kernels.TILE must be a power of two, got {TILE}")
     else:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
         tile = NUM_WARPS * 32 * UNROLL * VECTOR_BYTES // itemsize
     return min(tile, block)
 
