@@ -1,20 +1,30 @@
 """Triton backend: the backend contract of ``torch_backend`` on fused Triton kernels.
 
-Per (device, dtype) group (float32, bfloat16, float16; p in {1, 2, inf}):
+Two entry points:
 
-* ``group_stats`` / ``group_norms``: ONE stats launch reads every element once and a tiny
-  finalize launch reduces per tensor (deterministic, float32 accumulation);
-* ``scale_``: one launch that reads the coefficient on the device and leaves gradient
-  memory untouched when it is >= 1 (NaN is applied);
-* ``clamp_``: one launch that stores only the elements that change.
+* the **fused path** (``plan_for`` / ``run_fused`` / ``scale_fused``, used by
+  ``core.fused``): a whole call's gradients (one device, fp32/bf16/fp16, dense) in one
+  cached plan; stats (one launch per (dtype, alignment) segment) and ONE finalize that
+  writes the per-tensor results, the total norm and the clip coefficient, then one scale
+  launch per segment. No torch op between the launches, no host sync.
+* the **group functions** of the backend contract, per (device, dtype) group (float32,
+  bfloat16, float16; p in {1, 2, inf}), for the generic path (sharded gradients, mixed
+  devices, non-dense layouts, torch.compile):
 
-No host sync anywhere: tensor tables are built from Python ints (``data_ptr()``,
-``numel()``) and cached per storage layout (see ``kernels/tables.py``).
+  - ``group_stats`` / ``group_norms``: one stats launch per segment reads every element
+    once and a finalize launch reduces per tensor (deterministic, float32 accumulation);
+  - ``scale_``: one launch per segment that reads the coefficient on the device and leaves
+    gradient memory untouched when it is >= 1 (NaN is applied);
+  - ``clamp_``: one launch per segment that stores only the elements that change.
+
+No host sync anywhere: tables are built from Python ints (``data_ptr()``, ``numel()``) and
+cached per storage layout (see ``kernels/tables.py``); every cache is thread-safe.
 
 Layouts: any non-overlapping and dense gradient (contiguous, channels_last, transposed)
-is read in place. Other strided gradients (gapped slices, expanded views) take a clear
+is read in place. Other strided gradients (gapped slices, expanded views) take the generic
 path: the stats read a contiguous copy (same single launch, uncached table), while
-scale/clamp apply the torch op to those tensors only.
+scale/clamp apply the torch op to those tensors only, after checking (before any write)
+that none of them has overlapping elements.
 
 float64 and complex gradients, and other p, are not handled here: ``supports`` says so and
 ``dispatch`` sends them to the torch backend (whose conventions this backend follows).
@@ -345,7 +355,14 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
 
 def plan_for(key: tuple, grads: list[Tensor], numels: tuple[int, ...]) -> Plan | None:
     """The cached plan for ``key`` (data_ptrs and settings) after the cheap check, else a
-    new one; ``None`` when the gradients cannot be fused (remembered too)."""
+    new one; ``None`` when the gradients cannot be fused (remembered too).
+
+    The cheap check is the sizes and the first and last dtypes. Gradients of parameters
+    cannot change size or dtype behind the same address unnoticed (``p.grad`` must match
+    ``p``); what it does not see is a gradient replaced by a *non-dense view* with the same
+    address and size (say ``p.grad = buf[:, ::2]``): call ``clear_plans()`` after such
+    surgery.
+    """
     with _plans_lock:
         if key in _plans:
             plan = _plans[key]
