@@ -359,15 +359,18 @@ def fused(
                 return None
             names = [item[0] for item in items]
             tensors = [item[1] for item in items]
-        if use_grad:
-            grads = [g for g in map(_GRAD, tensors) if g is not None]
-            if names is not None and len(grads) < len(tensors):
+        grads = list(map(_GRAD, tensors)) if use_grad else tensors
+        try:
+            ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
+        except TypeError:
+            if not use_grad:
+                return None
+            grads = [g for g in grads if g is not None]  # parameters without a gradient
+            if names is not None:
                 names = [name for name, t in zip(names, tensors) if t.grad is not None]
-        else:
-            grads = tensors
+            ptrs = tuple(map(Tensor.data_ptr, grads))
         if not grads:
             return None
-        ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
         numels = tuple(map(Tensor.numel, grads))
         if name == "auto" and grads[0].device.type != "cuda":
             return None  # auto: Triton on CUDA only
@@ -377,7 +380,7 @@ def fused(
     if impl is None:
         return None  # the generic path says why (or falls back to torch for auto)
     kernels = impl.kernels
-    plan = impl.plan_for((ptrs, kernels.BLOCK, kernels.TILE, use_grad), grads, numels)
+    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads, numels)
     if plan is None:
         return None
     if stats and names is None and use_grad and len(grads) < len(tensors):

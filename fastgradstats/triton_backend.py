@@ -272,6 +272,7 @@ class Plan:
     """Everything a fused call needs that depends only on the gradients' layout."""
 
     table: tables.TensorTable
+    ptrs: tuple[int, ...]
     numels: tuple[int, ...]
     first_dtype: torch.dtype
     last_dtype: torch.dtype
@@ -289,10 +290,12 @@ class Plan:
             self._names = [str(i) for i in range(self.table.n_tensors)]
         return self._names
 
-    def matches(self, grads: list[Tensor], numels: tuple[int, ...]) -> bool:
-        """The cheap check behind a key (data_ptrs) hit: same sizes, same end dtypes."""
+    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]) -> bool:
+        """Same addresses (the key holds only their hash), and the cheap check: same
+        sizes, same first and last dtypes."""
         return (
-            numels == self.numels
+            ptrs == self.ptrs
+            and numels == self.numels
             and grads[0].dtype == self.first_dtype
             and grads[-1].dtype == self.last_dtype
         )
@@ -320,6 +323,8 @@ class Plan:
 
 PLAN_CACHE_SIZE = 16
 _plans: OrderedDict[tuple, Plan | None] = OrderedDict()
+_negative_ptrs: dict[tuple, tuple[int, ...]] = {}  # addresses behind the None entries
+_MISSING: Any = object()
 _plans_lock = threading.Lock()
 plan_stats = {"hits": 0, "builds": 0}
 
@@ -350,12 +355,18 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
         table = tables.build(
             device, kernels.block_size(), [g.data_ptr() for g in grads], numels, dtypes
         )
-    return Plan(table, tuple(numels), dtypes[0], dtypes[-1], result, device, numel_list=numels)
+    ptrs = tuple(g.data_ptr() for g in grads)
+    return Plan(table, ptrs, tuple(numels), dtypes[0], dtypes[-1], result, device,
+                numel_list=numels)  # fmt: skip
 
 
-def plan_for(key: tuple, grads: list[Tensor], numels: tuple[int, ...]) -> Plan | None:
-    """The cached plan for ``key`` (data_ptrs and settings) after the cheap check, else a
-    new one; ``None`` when the gradients cannot be fused (remembered too).
+def plan_for(
+    key: tuple, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]
+) -> Plan | None:
+    """The cached plan for ``key`` (the hash of ``ptrs`` and the settings) after checking
+    ``ptrs`` and the cheap check, else a new one; ``None`` when the gradients cannot be
+    fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
+    the key is hashed once per call.
 
     The cheap check is the sizes and the first and last dtypes. Gradients of parameters
     cannot change size or dtype behind the same address unnoticed (``p.grad`` must match
@@ -364,9 +375,11 @@ def plan_for(key: tuple, grads: list[Tensor], numels: tuple[int, ...]) -> Plan |
     surgery.
     """
     with _plans_lock:
-        if key in _plans:
-            plan = _plans[key]
-            if plan is None or plan.matches(grads, numels):
+        plan = _plans.get(key, _MISSING)
+        if plan is not _MISSING and (plan is None or plan.matches(ptrs, grads, numels)):
+            if plan is None and _negative_ptrs.get(key) != ptrs:
+                plan = _MISSING  # a hash collision with a list that could not be fused
+            else:
                 _plans.move_to_end(key)
                 plan_stats["hits"] += 1
                 return plan
@@ -375,8 +388,11 @@ def plan_for(key: tuple, grads: list[Tensor], numels: tuple[int, ...]) -> Plan |
         plan_stats["builds"] += 1
         _plans[key] = plan
         _plans.move_to_end(key)
+        if plan is None:
+            _negative_ptrs[key] = ptrs
         while len(_plans) > PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
+            old, _ = _plans.popitem(last=False)
+            _negative_ptrs.pop(old, None)
     return plan
 
 
@@ -384,6 +400,7 @@ def clear_plans() -> None:
     """Forget every cached plan (and reset ``plan_stats``)."""
     with _plans_lock:
         _plans.clear()
+        _negative_ptrs.clear()
         plan_stats["hits"] = 0
         plan_stats["builds"] = 0
 
