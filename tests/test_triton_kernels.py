@@ -566,3 +566,46 @@ def test_every_output_entry_is_written(monkeypatch, norm_type):
     assert_stats_match(stats, grads, norm_type)
     all_empty = [_random(0, torch.bfloat16, gen) for _ in range(3)]
     assert_stats_match(triton_backend.group_stats(all_empty, norm_type), all_empty, norm_type)
+
+
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_fused_path_writes_every_output(monkeypatch, norm_type):
+    """The fused path's returned buffers (per-tensor stats, total, coefficient) start
+    poisoned: each must be written by the kernels (many tensors: the finalize's total
+    loops over several chunks of them)."""
+    monkeypatch.setattr(triton_backend, "torch", _PoisonedEmpty())
+    gen = torch.Generator().manual_seed(12)
+    sizes = [0, 1, BLOCK, 7, 5 * BLOCK + 3, 0, 33, 2, 9, 300, 1]
+    params = [torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for n in sizes]
+    for p in params:
+        p.grad = _random(p.numel(), torch.float32, gen)
+    params[4].grad[17] = INF
+    grads = [p.grad.clone() for p in params]
+    total, stats = fgs.clip_grad_norm_(params, 1e9, norm_type=norm_type, return_stats=True,
+                                       backend="triton")  # fmt: skip
+    assert_stats_match(stats, grads, norm_type)
+    assert float(total) == float("inf") and float(stats.total_norm) == float("inf")
+    assert float(stats.clip_coef) == 0.0  # 1e9 / inf, as torch
+    params[4].grad[17] = 1.0
+    for p, g in zip(params, grads):
+        p.grad.copy_(g.nan_to_num(posinf=1.0))
+    total = fgs.clip_grad_norm_(params, 1e9, norm_type=norm_type, backend="triton")
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]), norm_type)
+    torch.testing.assert_close(total, want, rtol=2e-6, atol=0)
+    stats = fgs.grad_stats(params, norm_type=norm_type, backend="triton")
+    torch.testing.assert_close(stats.total_norm, want, rtol=2e-6, atol=0)
+
+
+def test_fused_clip_with_nan_gradient_matches_torch():
+    params = [torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for n in (5, BLOCK + 2)]
+    for p in params:
+        p.grad = torch.randn(p.numel(), device=DEVICE)
+    params[1].grad[BLOCK] = NAN
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        q.grad = p.grad.clone()
+    ours = fgs.clip_grad_norm_(params, 1.0, backend="triton")
+    theirs = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    assert math.isnan(float(ours)) and math.isnan(float(theirs))
+    for p, q in zip(params, twins):
+        assert torch.isnan(p.grad).all() and torch.isnan(q.grad).all()
