@@ -348,8 +348,8 @@ def fused(
     """
     if not items or norm_type not in _FUSED_NORMS:
         return None
-    name = requested_backend(backend)
-    if name == "torch" or torch.compiler.is_compiling():  # traced code: custom ops (generic)
+    requested = requested_backend(backend)
+    if requested == "torch" or torch.compiler.is_compiling():  # traced code: custom ops (generic)
         return None
     names = None
     try:
@@ -367,12 +367,12 @@ def fused(
                 return None
             grads = [g for g in grads if g is not None]  # parameters without a gradient
             if names is not None:
-                names = [name for name, t in zip(names, tensors) if t.grad is not None]
+                names = [n for n, t in zip(names, tensors) if t.grad is not None]
             ptrs = tuple(map(Tensor.data_ptr, grads))
         if not grads:
             return None
         numels = tuple(map(Tensor.numel, grads))
-        if name == "auto" and grads[0].device.type != "cuda":
+        if requested == "auto" and grads[0].device.type != "cuda":
             return None  # auto: Triton on CUDA only
     except (AttributeError, TypeError, RuntimeError):
         return None
