@@ -98,11 +98,18 @@ def kernel_specs() -> list[dict[str, Any]]:
                    "counts_ptr": "*i64", "total_ptr": f"*{_short(name)}",
                    "exact_total_ptr": "*fp32", "coef_ptr": "*fp32", "ticket_ptr": "*i32",
                    "n_tensors": "i32", "num_blocks": "i32", "max_norm": "fp32"}  # fmt: skip
-        specs.append({
-            "kernel": "finalize_kernel", "fn": stats.finalize_kernel, "role": "aux",
-            "variant": "p2-stats-clip", "dtype": name, "signature": fin_sig,
-            "config": stats.finalize_config(2.0, True, stats.FINISH_CLIP, dtype),
-        })  # fmt: skip
+        finishes = [
+            ("p2-stats-clip", 2.0, True, stats.FINISH_CLIP),  # clip, return_stats
+            ("p2-total", 2.0, False, stats.FINISH_TOTAL),
+        ]  # get_total_norm
+        if name == "float32":  # the generic path's per-group stats (no total)
+            finishes.append(("p2-stats-only", 2.0, True, stats.FINISH_NONE))
+        for variant, norm, full, finish in finishes:
+            specs.append({
+                "kernel": "finalize_kernel", "fn": stats.finalize_kernel, "role": "aux",
+                "variant": variant, "dtype": name, "signature": fin_sig,
+                "config": stats.finalize_config(norm, full, finish, dtype),
+            })  # fmt: skip
     return specs
 
 

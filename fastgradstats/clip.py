@@ -5,7 +5,9 @@ Same signatures, return values and return dtypes as torch 2.13, plus keyword-onl
 
 * the total norm returned, and the clip coefficient, are rounded as torch rounds them
   (each per-tensor norm in its gradient dtype, the total and the coefficient in the
-  promoted dtype), so clipped 16-bit gradients are bit-identical to torch's; the
+  promoted dtype), so clipped 16-bit gradients are bit-identical to torch's (unless a
+  per-tensor norm sits within float32 summation-order error of a 16-bit rounding
+  boundary: then one ulp of that norm can differ); the
   per-tensor norms and ``total_norm`` of ``return_stats=True`` keep float32 (closer to
   the exact norm than torch's 16-bit roundings);
 * when clipping is not needed the gradients are not written at all (torch multiplies

@@ -286,9 +286,13 @@ def test_large_16bit_tensors_at_least_as_accurate_as_torch(backend, dtype, norm_
     assert rel_err(float(stats.total_norm), reference) < 1e-4  # float32, before rounding
     for i, g in enumerate(grads):
         assert rel_err(float(stats.norms[i]), ref_norm([g], norm_type)) < 1e-4
-    ours = rel_err(float(fgs.get_total_norm(grads, norm_type)), reference)
-    theirs = rel_err(float(torch.nn.utils.get_total_norm(grads, norm_type)), reference)
-    assert ours <= theirs + 1e-7
+    # The returned total follows torch's roundings (issue 10 item 2: per-tensor norms in
+    # the gradient dtype, then the total); where torch's own float32 accumulation drifts
+    # on big 16-bit tensors a per-tensor norm may round one 16-bit ulp the other way. The
+    # accuracy promise is on ``stats`` (float32), checked above.
+    ours = float(fgs.get_total_norm(grads, norm_type))
+    theirs = float(torch.nn.utils.get_total_norm(grads, norm_type))
+    assert rel_err(ours, theirs) <= (2**-7 if dtype == torch.bfloat16 else 2**-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
