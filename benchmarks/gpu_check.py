@@ -126,7 +126,7 @@ def step_cuda_graph() -> dict[str, Any]:
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):  # the stream the warm-up ran on
         static_total = step()
     # the twin replays the same history eagerly with torch
     for seed in range(3):
