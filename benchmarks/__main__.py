@@ -6,6 +6,9 @@ Examples::
     python -m benchmarks --device cpu --workloads gpt2-124m-fp32
     python -m benchmarks --quick --out /tmp/b  # tiny sizes, seconds (CI)
     python -m benchmarks --sweep               # also the size / tensor-count sweeps + PNGs
+    python -m benchmarks codegen --out DIR     # offline sm_90/sm_80 PTX/SASS report (no GPU)
+    python -m benchmarks host                  # host cost per call, launches stubbed
+    python -m benchmarks gpu-check             # everything that needs a GPU, one command
 """
 
 from __future__ import annotations
@@ -115,6 +118,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+SUBCOMMANDS = {
+    "codegen": "benchmarks.codegen",
+    "host": "benchmarks.host",
+    "gpu-check": "benchmarks.gpu_check",
+}
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        module = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
+        sys.exit(module.main(sys.argv[2:]))
     outcome = main()
     sys.exit(1 if any(r["check"] and not r["check"]["ok"] for r in outcome["results"]) else 0)

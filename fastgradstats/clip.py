@@ -3,8 +3,13 @@
 Same signatures, return values and return dtypes as torch 2.13, plus keyword-only extras
 (``backend=``, ``return_stats=``). Differences, all on purpose:
 
-* per-tensor norms of 16-bit gradients are accumulated in float32 (torch rounds them to
-  the gradient dtype first), so results are at least as close to the exact norm;
+* the total norm returned, and the clip coefficient, are rounded as torch rounds them
+  (each per-tensor norm in its gradient dtype, the total and the coefficient in the
+  promoted dtype), so clipped 16-bit gradients are bit-identical to torch's (unless a
+  per-tensor norm sits within float32 summation-order error of a 16-bit rounding
+  boundary: then one ulp of that norm can differ); the
+  per-tensor norms and ``total_norm`` of ``return_stats=True`` keep float32 (closer to
+  the exact norm than torch's 16-bit roundings);
 * when clipping is not needed the gradients are not written at all (torch multiplies
   them by 1.0, which leaves the same bits), except under ``torch.compile`` on the torch
   backend, which multiplies them by 1.0 too (a graph cannot branch on the coefficient);
@@ -29,6 +34,34 @@ from . import core, distributed, handoff
 from .stats import GradStats, compute, empty_stats
 
 
+def _fused_stats(call: core.Fused, norm_type: float) -> GradStats:
+    names = call.names if call.names is not None else call.plan.position_names
+    floats, counts = call.floats, call.counts
+    return GradStats(
+        names=names,
+        norms=floats[0],
+        max_abs=floats[1],
+        nan_count=counts[0],
+        inf_count=counts[1],
+        total_norm=call.exact_total,
+        norm_type=norm_type,
+        clip_coef=call.coef,
+        numels=call.numels,
+    )
+
+
+def _raise_if_nonfinite_fused(
+    call: core.Fused, items: list, use_grad: bool, norm_type: float, backend: str | None
+) -> None:
+    if bool(torch.isfinite(call.total)):  # the one host sync this option costs, as in torch
+        return
+    grads = core.collect(items, arg_name="parameters" if use_grad else "tensors",
+                         use_grad=use_grad)  # fmt: skip
+    stats = compute(grads, norm_type, backend)
+    per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
+    raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
+
+
 def _nonfinite_error(norm_type: float, names: list[str], stats_text: str) -> RuntimeError:
     return RuntimeError(
         f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
@@ -48,11 +81,17 @@ def _raise_if_nonfinite(
     sharding: distributed.Sharding | None = None,
 ) -> None:
     if bool(torch.isfinite(total)):  # the one host sync this option costs, as in torch
-        return
+        return  # ``total`` is the value returned (fp16: > 65504 is inf there, and raises)
     if stats is None:
         stats = compute(grads, norm_type, backend, foreach, groups, sharding)
     per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
     raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
+
+
+def _params_with_grad(items: list) -> list[Tensor]:
+    """The parameters of a ``parameters`` list (tensors or named pairs) that have a grad."""
+    tensors = (item[1] if type(item) is tuple else item for item in items)
+    return [t for t in tensors if t.grad is not None]
 
 
 @torch.no_grad()
@@ -74,18 +113,38 @@ def get_total_norm(
     :func:`clip_grad_norm_`.
     """
     p = core.check_norm_type(norm_type)
+    if process_group is None:
+        tensors = core.as_list(tensors, arg_name="tensors")
+        call = core.fused(tensors, p, backend, use_grad=False)
+        if call is not None:
+            if error_if_nonfinite:
+                _raise_if_nonfinite_fused(call, tensors, False, p, backend)
+            return call.total
     grads = core.collect(tensors, arg_name="tensors", use_grad=False)
     sharding = distributed.localize(grads, process_group)
     if not grads.grads:
         return torch.tensor(0.0)
     groups = core.group(grads.grads)
     norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
-    if sharding is not None:  # sharded grads: global per-tensor norms, one all-reduce
-        norms = sharding.reduce_norms(norms, p)
-    total = core.total_norm(norms, p)
+    total = _total(groups, norms, p, sharding, grads)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None, sharding)
-    return distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
+    return distributed.as_total_norm(total, sharding)
+
+
+def _total(
+    groups: core.Groups,
+    norms: Tensor,
+    norm_type: float,
+    sharding: distributed.Sharding | None,
+    grads: core.GradList,
+) -> Tensor:
+    """The total norm to return (promoted grad dtype), from local per-tensor norms."""
+    if sharding is None:
+        return core.finish_total(groups, norms, norm_type)
+    # sharded grads: global per-tensor norms (one all-reduce), then the total
+    norms = sharding.reduce_norms(norms, norm_type)
+    return core.total_norm(norms, norm_type).to(core.result_dtype(grads.grads))
 
 
 @torch.no_grad()
@@ -111,6 +170,7 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     total_norm = distributed.local_tensor(total_norm)
+    core.check_writable(grads)
     coef = core.clip_coefficient(max_norm, total_norm)
     core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
 
@@ -154,6 +214,19 @@ def clip_grad_norm_(
     """
     max_norm = core.check_max_norm(max_norm)
     p = core.check_norm_type(norm_type)
+    if process_group is None:  # the fused path: 3 launches, no torch op between them
+        parameters = core.as_list(parameters, warn_empty_generator=True)
+        call = core.fused(parameters, p, backend, stats=return_stats, max_norm=max_norm)
+        if call is not None:
+            if error_if_nonfinite:
+                _raise_if_nonfinite_fused(call, parameters, True, p, backend)
+            # the one place the coefficient is applied on this path
+            if optimizer is None or not handoff.hand_off_(
+                optimizer, _params_with_grad(parameters), call.coef
+            ):
+                call.scale_()
+            return (call.total, _fused_stats(call, p)) if return_stats else call.total
+
     grads = core.collect(parameters, warn_empty_generator=True)
     sharding = distributed.localize(grads, process_group)
     if not grads.grads:
@@ -164,23 +237,25 @@ def clip_grad_norm_(
     stats: GradStats | None = None
     if return_stats:
         stats = compute(grads, p, backend, foreach, groups, sharding)
-        total = stats.total_norm
+        if sharding is None:
+            total = core.finish_total(groups, stats.norms, p)
+        else:  # the stats are global already
+            total = stats.total_norm.to(core.result_dtype(grads.grads))
     else:
         norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
-        if sharding is not None:  # sharded grads: global per-tensor norms, one all-reduce
-            norms = sharding.reduce_norms(norms, p)
-        total = core.total_norm(norms, p)
+        total = _total(groups, norms, p, sharding, grads)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, grads, groups, p, backend, foreach, stats, sharding)
 
+    core.check_writable(grads)
     coef = core.clip_coefficient(max_norm, total)
     if not handoff.hand_off_(optimizer, grads.params, coef):
-        core.scale_groups_(groups, coef, backend, foreach)
-    result = distributed.as_total_norm(total.to(core.result_dtype(grads.grads)), sharding)
+        core.scale_groups_(groups, coef, backend, foreach)  # the generic path's one application
+    total = distributed.as_total_norm(total, sharding)
     if stats is not None:
         stats.clip_coef = coef
-        return result, stats
-    return result
+        return total, stats
+    return total
 
 
 @torch.no_grad()
@@ -197,6 +272,7 @@ def clip_grad_value_(
     distributed.to_local_(grads)  # DTensor grads -> their local shards (aliases)
     if not grads.grads:
         return
+    core.check_writable(grads)
     core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
 
 

@@ -1,14 +1,27 @@
-"""The single-pass engine behind the public functions.
+"""The engine behind the public functions: collect -> plan -> kernels -> finish -> apply.
 
-Input normalisation (tensors, generators, ``named_parameters()`` pairs), validation, the
-(device, dtype) grouping, one backend call per group, and the device-side finalize
-(total norm, clip coefficient). Nothing here syncs with the device unless a caller asks
-for an error check that needs a host decision (``error_if_nonfinite``).
+Two paths give the same results:
+
+* the **fused path** (:func:`fused`): every gradient a dense fp32/bf16/fp16 tensor on one
+  device, Triton handling them all, no sharding. One walk over the gradients in Python
+  (``.grad``, ``data_ptr()``, ``numel()``) finds the cached plan; the kernels compute the
+  per-tensor results, the total norm and the clip coefficient on the device (2 launches
+  per (dtype, alignment) segment + 1); :meth:`Fused.scale_` applies the coefficient.
+* the **generic path**: input normalisation and validation (:func:`collect`), the
+  (device, dtype) grouping, one backend call per group, cross-rank reduction
+  (``distributed``), then :func:`finish_total` and :func:`clip_coefficient` as torch ops.
+
+Both return the total norm rounded the way ``torch.nn.utils`` rounds it (per-tensor norms
+in the gradient dtype, the total and the coefficient in the promoted gradient dtype), so
+clipped 16-bit gradients match torch's bit for bit. Nothing here syncs with the device
+unless a caller asks for an error check that needs a host decision
+(``error_if_nonfinite``).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import types
 import warnings
 from collections.abc import Iterable
@@ -20,7 +33,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import torch_backend
-from .dispatch import backend_for
+from .dispatch import backend_for, requested_backend, triton_module
 from .torch_backend import GroupStats, acc_dtype
 
 CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
@@ -226,9 +239,49 @@ def total_norm(norms: Tensor, norm_type: float) -> Tensor:
     return torch.linalg.vector_norm(norms, norm_type)
 
 
+def finish_total(groups: Groups, norms: Tensor, norm_type: float) -> Tensor:
+    """The total norm as ``torch.nn.utils`` computes it, in the promoted gradient dtype.
+
+    torch takes each group's per-tensor norms in the gradient dtype (``_foreach_norm``
+    rounds them), stacks them group after group (promoting) and takes ``vector_norm``;
+    the same roundings are reproduced from our accumulation-dtype norms ``norms`` [n]
+    (input order), so the clip coefficient, and the clipped 16-bit gradients, match
+    torch's bit for bit.
+    """
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    dtypes = [dtype.to_real() if dtype.is_complex else dtype for _, dtype in groups.keys]
+    if groups.in_order:
+        stacked = norms.to(dtypes[0])
+    else:
+        parts = []
+        for dtype, indices in zip(dtypes, groups.indices):
+            index = torch_backend.host_to_device(indices, torch.int64, norms.device)
+            parts.append(norms.index_select(0, index).to(dtype))
+        stacked = torch.cat(parts)  # promotes, as torch.stack does
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
 def clip_coefficient(max_norm: float, total: Tensor) -> Tensor:
-    """``min(max_norm / (total + 1e-6), 1)`` on the device, as torch computes it."""
+    """``min(max_norm / (total + 1e-6), 1)`` on the device, as torch computes it (in
+    ``total``'s dtype: same roundings as torch)."""
     return torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
+
+
+def check_writable(grads: GradList) -> None:
+    """Refuse, before anything is written, a gradient that cannot be written in place.
+
+    An expanded (stride 0) gradient has elements sharing memory; torch's in-place ops
+    refuse it, and they would do so after other gradients were already scaled.
+    """
+    for name, g in zip(grads.names, grads.grads):
+        if not g.is_contiguous() and torch._debug_has_internal_overlap(g) == 1:
+            raise RuntimeError(
+                f"gradient of parameter {name!r} (shape {tuple(g.shape)}, stride "
+                f"{g.stride()}) has elements that share memory (an expanded view), so it "
+                "cannot be modified in place; no gradient was modified. Make it a real "
+                "tensor, e.g. p.grad = p.grad.contiguous()"
+            )
 
 
 def scale_groups_(groups: Groups, coef: Tensor, backend: str | None, foreach: bool | None) -> None:
@@ -247,6 +300,102 @@ def clamp_groups_(
         impl.clamp_(tensors, clip_value, foreach)
 
 
+# --- the fused path -----------------------------------------------------------------------
+
+_GRAD = operator.attrgetter("grad")
+_FUSED_NORMS = (1.0, 2.0, math.inf)
+
+
+@dataclass
+class Fused:
+    """A fused call in flight: the kernels' results and how to apply the coefficient."""
+
+    grads: list[Tensor]
+    plan: Any  # triton_backend.Plan
+    impl: Any  # the triton_backend module
+    total: Tensor  # 0-d, promoted gradient dtype, torch's roundings
+    exact_total: Tensor  # 0-d float32, from the float32 per-tensor norms
+    floats: Tensor  # float32 [2, n]: per-tensor norm, max |g|
+    counts: Tensor  # int64 [2, n]: NaN and Inf counts
+    coef: Tensor | None  # 0-d float32 clip coefficient
+    names: list[str] | None  # None: unnamed input, names are the input positions
+
+    @property
+    def numels(self) -> list[int]:
+        return self.plan.numel_list
+
+    def scale_(self) -> None:
+        """Apply the clip coefficient (the kernel leaves memory alone when it is >= 1)."""
+        assert self.coef is not None
+        self.impl.scale_fused(self.plan, self.coef, self.grads)
+
+
+def as_list(items: Any, arg_name: str = "parameters", warn_empty_generator: bool = False) -> list:
+    """``items`` as a list (a list is returned as is), with the checks of :func:`collect`."""
+    if type(items) is list:
+        return items
+    return _materialize(items, arg_name, warn_empty_generator)
+
+
+def fused(
+    items: list,
+    norm_type: float,
+    backend: str | None,
+    *,
+    use_grad: bool = True,
+    stats: bool = False,
+    max_norm: float | None = None,
+) -> Fused | None:
+    """Run the fused stats + finalize for ``items``, or ``None`` for the generic path.
+
+    The steady state walks the gradients once: ``.grad``, then ``data_ptr()`` (the plan
+    key) and ``numel()`` (the check that the layout behind those addresses is unchanged).
+    """
+    if not items or norm_type not in _FUSED_NORMS:
+        return None
+    requested = requested_backend(backend)
+    if requested == "torch" or torch.compiler.is_compiling():  # traced code: custom ops (generic)
+        return None
+    names = None
+    try:
+        tensors = items
+        if type(items[0]) is tuple:  # named_parameters() pairs
+            if not all(map(_is_named_pair, items)):
+                return None
+            names = [item[0] for item in items]
+            tensors = [item[1] for item in items]
+        grads = list(map(_GRAD, tensors)) if use_grad else tensors
+        try:
+            ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
+        except TypeError:
+            if not use_grad:
+                return None
+            grads = [g for g in grads if g is not None]  # parameters without a gradient
+            if names is not None:
+                names = [n for n, t in zip(names, tensors) if t.grad is not None]
+            ptrs = tuple(map(Tensor.data_ptr, grads))
+        if not grads:
+            return None
+        numels = tuple(map(Tensor.numel, grads))
+        if requested == "auto" and grads[0].device.type != "cuda":
+            return None  # auto: Triton on CUDA only
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    impl = triton_module()
+    if impl is None:
+        return None  # the generic path says why (or falls back to torch for auto)
+    kernels = impl.kernels
+    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads, numels)
+    if plan is None:
+        return None
+    if stats and names is None and use_grad and len(grads) < len(tensors):
+        names = [str(i) for i, t in enumerate(tensors) if t.grad is not None]
+    out = impl.run_fused(plan, norm_type, stats=stats, max_norm=max_norm)
+    return Fused(
+        grads, plan, impl, out.total, out.exact_total, out.floats, out.counts, out.coef, names
+    )
+
+
 def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> str:
     """A human sentence naming the tensors that hold NaN/Inf (syncs once)."""
     nan = stats.nan_count.tolist()
@@ -263,14 +412,19 @@ def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> st
 
 
 __all__ = [
+    "Fused",
     "GradList",
     "Groups",
+    "as_list",
     "check_grad",
     "check_max_norm",
     "check_norm_type",
+    "check_writable",
     "clamp_groups_",
     "clip_coefficient",
     "collect",
+    "finish_total",
+    "fused",
     "group",
     "nonfinite_report",
     "per_tensor_norms",

@@ -58,6 +58,12 @@ def _triton_backend_or_error() -> ModuleType | str:
     return _triton_backend
 
 
+def triton_module() -> ModuleType | None:
+    """The Triton backend module, or ``None`` when it does not import here."""
+    module = _triton_backend_or_error()
+    return None if isinstance(module, str) else module
+
+
 def triton_available() -> bool:
     """True when the Triton backend imports on this machine."""
     return not isinstance(_triton_backend_or_error(), str)

@@ -160,6 +160,19 @@ def compute(
     """Per-tensor stats and total norm of already collected gradients (no host sync)."""
     if not grads.grads:
         return empty_stats(norm_type)
+    if sharding is None and groups is None:  # one stats + one finalize launch on Triton
+        call = core.fused(grads.grads, norm_type, backend, use_grad=False, stats=True)
+        if call is not None:
+            return GradStats(
+                names=grads.names,
+                norms=call.floats[0],
+                max_abs=call.floats[1],
+                nan_count=call.counts[0],
+                inf_count=call.counts[1],
+                total_norm=call.exact_total,
+                norm_type=norm_type,
+                numels=call.numels,
+            )
     groups = groups if groups is not None else core.group(grads.grads)
     n = len(grads.grads)
     per_tensor = core.per_tensor_stats(groups, n, norm_type, backend, foreach)

@@ -1,20 +1,30 @@
 """Triton backend: the backend contract of ``torch_backend`` on fused Triton kernels.
 
-Per (device, dtype) group (float32, bfloat16, float16; p in {1, 2, inf}):
+Two entry points:
 
-* ``group_stats`` / ``group_norms``: ONE stats launch reads every element once and a tiny
-  finalize launch reduces per tensor (deterministic, float32 accumulation);
-* ``scale_``: one launch that reads the coefficient on the device and leaves gradient
-  memory untouched when it is >= 1 (NaN is applied);
-* ``clamp_``: one launch that stores only the elements that change.
+* the **fused path** (``plan_for`` / ``run_fused`` / ``scale_fused``, used by
+  ``core.fused``): a whole call's gradients (one device, fp32/bf16/fp16, dense) in one
+  cached plan; stats (one launch per (dtype, alignment) segment) and ONE finalize that
+  writes the per-tensor results, the total norm and the clip coefficient, then one scale
+  launch per segment. No torch op between the launches, no host sync.
+* the **group functions** of the backend contract, per (device, dtype) group (float32,
+  bfloat16, float16; p in {1, 2, inf}), for the generic path (sharded gradients, mixed
+  devices, non-dense layouts, torch.compile):
 
-No host sync anywhere: tensor tables are built from Python ints (``data_ptr()``,
-``numel()``) and cached per storage layout (see ``kernels/tables.py``).
+  - ``group_stats`` / ``group_norms``: one stats launch per segment reads every element
+    once and a finalize launch reduces per tensor (deterministic, float32 accumulation);
+  - ``scale_``: one launch per segment that reads the coefficient on the device and leaves
+    gradient memory untouched when it is >= 1 (NaN is applied);
+  - ``clamp_``: one launch per segment that stores only the elements that change.
+
+No host sync anywhere: tables are built from Python ints (``data_ptr()``, ``numel()``) and
+cached per storage layout (see ``kernels/tables.py``); every cache is thread-safe.
 
 Layouts: any non-overlapping and dense gradient (contiguous, channels_last, transposed)
-is read in place. Other strided gradients (gapped slices, expanded views) take a clear
+is read in place. Other strided gradients (gapped slices, expanded views) take the generic
 path: the stats read a contiguous copy (same single launch, uncached table), while
-scale/clamp apply the torch op to those tensors only.
+scale/clamp apply the torch op to those tensors only, after checking (before any write)
+that none of them has overlapping elements.
 
 float64 and complex gradients, and other p, are not handled here: ``supports`` says so and
 ``dispatch`` sends them to the torch backend (whose conventions this backend follows).
@@ -24,7 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,14 +72,11 @@ def _check_group(grads: list[Tensor]) -> None:
             )
 
 
-@contextlib.contextmanager
-def _on_device(device: torch.device) -> Iterator[None]:
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Launch on ``device`` (Triton uses the current CUDA device and stream)."""
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _bump_versions(tensors: list[Tensor]) -> None:
@@ -93,7 +103,19 @@ def _fused_stats_eager(grads: list[Tensor], norm_type: float) -> tuple[Tensor, T
         return stats_kernels.group_stats(table, norm_type)
 
 
+def _check_writable(grads: list[Tensor]) -> None:
+    """Refuse, before anything is written, a gradient that in-place ops cannot write."""
+    for i, g in enumerate(grads):
+        if not tables.is_dense(g) and torch._debug_has_internal_overlap(g) == 1:
+            raise RuntimeError(
+                f"gradient {i} of the group (shape {tuple(g.shape)}, stride {g.stride()}) has "
+                "elements that share memory (an expanded view); it cannot be scaled or "
+                "clamped in place. No gradient was modified"
+            )
+
+
 def _scale_eager(grads: list[Tensor], coef: Tensor) -> None:
+    _check_writable(grads)
     dense, other = _split_dense(grads)
     if dense:
         with _on_device(coef.device):
@@ -107,6 +129,7 @@ def _scale_eager(grads: list[Tensor], coef: Tensor) -> None:
 
 
 def _clamp_eager(grads: list[Tensor], clip_value: float) -> None:
+    _check_writable(grads)
     dense, other = _split_dense(grads)
     if dense:
         with _on_device(grads[0].device):
@@ -214,4 +237,237 @@ def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None = None) 
         _clamp_eager(grads, float(clip_value))
 
 
-__all__ = ["clamp_", "group_norms", "group_stats", "scale_", "supports"]
+# --- fused calls: a plan per gradient layout, 2 launches per segment + 1 ----------------
+#
+# The public functions (core) take this path when every gradient is a dense fp32/bf16/fp16
+# tensor on one device and Triton handles them all. The plan (table, workspace) is cached
+# per layout; a call then costs: stats (one launch per segment), finalize (one launch:
+# per-tensor results, total norm, clip coefficient), and, when clipping, scale (one launch
+# per segment). No torch op runs between them; the only torch calls are ``torch.empty`` for
+# the tensors handed back to the caller.
+
+
+@dataclass
+class Workspace:
+    """Scratch buffers a plan's launches write and read back; stream-ordered, reused."""
+
+    partials: Tensor  # float32 [4, max(num_blocks, 1)]
+    floats: Tensor  # float32 [2, n]: per-tensor results nobody asked for
+    counts: Tensor  # int64 [2, n]
+    ticket: Tensor  # int32 [1], 0 between calls (the finalize resets it)
+
+
+def _workspace(table: tables.TensorTable) -> Workspace:
+    device, n = table.device, table.n_tensors
+    return Workspace(
+        torch.empty((stats_kernels.N_PARTIALS, max(table.num_blocks, 1)), device=device),
+        torch.empty((2, n), device=device),
+        torch.empty((2, n), dtype=torch.int64, device=device),
+        torch.zeros(1, dtype=torch.int32, device=device),
+    )
+
+
+@dataclass
+class Plan:
+    """Everything a fused call needs that depends only on the gradients' layout."""
+
+    table: tables.TensorTable
+    ptrs: tuple[int, ...]
+    numels: tuple[int, ...]
+    first_dtype: torch.dtype
+    last_dtype: torch.dtype
+    result_dtype: torch.dtype  # promoted gradient dtype: the dtype of the returned total
+    device: torch.device
+    workspaces: dict[Any, Workspace] = field(default_factory=dict)
+    numel_list: list[int] = field(default_factory=list)
+    _names: list[str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def position_names(self) -> list[str]:
+        """``["0", "1", ...]``: the names of unnamed gradients (shared; do not mutate)."""
+        if self._names is None:
+            self._names = [str(i) for i in range(self.table.n_tensors)]
+        return self._names
+
+    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]) -> bool:
+        """Same addresses (the key holds only their hash), and the cheap check: same
+        sizes, same first and last dtypes."""
+        return (
+            ptrs == self.ptrs
+            and numels == self.numels
+            and grads[0].dtype == self.first_dtype
+            and grads[-1].dtype == self.last_dtype
+        )
+
+    def workspace(self) -> Workspace:
+        """This stream's workspace (CUDA launches on one stream are ordered, so reuse is
+        safe; another stream gets its own). Made on the first call on a stream, e.g. the
+        warm-up before a CUDA graph capture."""
+        if self.device.type == "cuda":
+            key: Any = torch.cuda.current_stream(self.device).cuda_stream
+        else:
+            key = None  # CPU (the interpreter): launches run in the caller; see ``lock``
+        ws = self.workspaces.get(key)
+        if ws is None:
+            with _plans_lock:
+                ws = self.workspaces.setdefault(key, _workspace(self.table))
+        return ws
+
+    @property
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Held around the launches on the CPU, where the interpreter runs them in the
+        calling thread: two threads must not share the workspace at the same time."""
+        return self._lock if self.device.type != "cuda" else contextlib.nullcontext()
+
+
+PLAN_CACHE_SIZE = 16
+_plans: OrderedDict[tuple, Plan | None] = OrderedDict()
+_negative_ptrs: dict[tuple, tuple[int, ...]] = {}  # addresses behind the None entries
+_MISSING: Any = object()
+_plans_lock = threading.Lock()
+plan_stats = {"hits": 0, "builds": 0}
+
+
+def _fusable(grads: list[Tensor]) -> bool:
+    device = grads[0].device
+    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on())):
+        return False
+    for g in grads:
+        if type(g) not in (Tensor, torch.nn.Parameter) or g.device != device:
+            return False
+        if g.dtype not in SUPPORTED_DTYPES or g.layout != torch.strided or not tables.is_dense(g):
+            return False
+    return True
+
+
+def build_plan(grads: list[Tensor]) -> Plan | None:
+    """A plan for ``grads``, or ``None`` when they cannot take the fused path."""
+    if not grads or not _fusable(grads):
+        return None
+    device = grads[0].device
+    dtypes = [g.dtype for g in grads]
+    result = dtypes[0]
+    for d in set(dtypes):
+        result = torch.promote_types(result, d)
+    numels = [g.numel() for g in grads]
+    with _on_device(device):
+        table = tables.build(
+            device, kernels.block_size(), [g.data_ptr() for g in grads], numels, dtypes
+        )
+    ptrs = tuple(g.data_ptr() for g in grads)
+    return Plan(table, ptrs, tuple(numels), dtypes[0], dtypes[-1], result, device,
+                numel_list=numels)  # fmt: skip
+
+
+def plan_for(
+    key: tuple, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]
+) -> Plan | None:
+    """The cached plan for ``key`` (the hash of ``ptrs`` and the settings) after checking
+    ``ptrs`` and the cheap check, else a new one; ``None`` when the gradients cannot be
+    fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
+    the key is hashed once per call.
+
+    The cheap check is the sizes and the first and last dtypes. Gradients of parameters
+    cannot change size or dtype behind the same address unnoticed (``p.grad`` must match
+    ``p``); what it does not see is a gradient replaced by a *non-dense view* with the same
+    address and size (say ``p.grad = buf[:, ::2]``): call ``clear_plans()`` after such
+    surgery.
+    """
+    with _plans_lock:
+        plan = _plans.get(key, _MISSING)
+        if plan is not _MISSING and (plan is None or plan.matches(ptrs, grads, numels)):
+            if plan is None and _negative_ptrs.get(key) != ptrs:
+                plan = _MISSING  # a hash collision with a list that could not be fused
+            else:
+                _plans.move_to_end(key)
+                plan_stats["hits"] += 1
+                return plan
+    plan = build_plan(grads)
+    with _plans_lock:
+        plan_stats["builds"] += 1
+        _plans[key] = plan
+        _plans.move_to_end(key)
+        if plan is None:
+            _negative_ptrs[key] = ptrs
+        while len(_plans) > PLAN_CACHE_SIZE:
+            old, _ = _plans.popitem(last=False)
+            _negative_ptrs.pop(old, None)
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (and reset ``plan_stats``)."""
+    with _plans_lock:
+        _plans.clear()
+        _negative_ptrs.clear()
+        plan_stats["hits"] = 0
+        plan_stats["builds"] = 0
+
+
+@dataclass
+class FusedResult:
+    """What a fused stats/finalize pass hands back (device tensors, nothing synced)."""
+
+    total: Tensor  # 0-d, result dtype, rounded as torch.nn.utils rounds it
+    exact_total: Tensor  # 0-d float32: total of the float32 per-tensor norms
+    floats: Tensor  # float32 [2, n]: per-tensor p-norm, max |g|
+    counts: Tensor  # int64 [2, n]: NaN, Inf counts
+    coef: Tensor | None  # 0-d float32 clip coefficient (clip calls)
+    workspace: Workspace
+
+
+def run_fused(plan: Plan, norm_type: float, *, stats: bool, max_norm: float | None) -> FusedResult:
+    """Stats launches + one finalize: per-tensor results, total and (with ``max_norm``)
+    the clip coefficient, all computed on the device."""
+    device, n = plan.device, plan.table.n_tensors
+    ws = plan.workspace()
+    total = torch.empty((), dtype=plan.result_dtype, device=device)
+    scalars = torch.empty(2, device=device)  # exact total, clip coefficient: handed back
+    if stats:
+        floats = torch.empty((2, n), device=device)
+        counts = torch.empty((2, n), dtype=torch.int64, device=device)
+    else:
+        floats, counts = ws.floats, ws.counts
+    exact_total, coef = scalars[0], scalars[1]
+    clip = max_norm is not None
+    with _on_device(device), plan.lock:
+        stats_kernels.launch_stats(plan.table, ws.partials, norm_type, stats)
+        stats_kernels.launch_finalize(
+            plan.table,
+            ws.partials,
+            floats,
+            counts,
+            norm_type,
+            stats,
+            stats_kernels.FINISH_CLIP if clip else stats_kernels.FINISH_TOTAL,
+            total,
+            exact_total,
+            coef,
+            ws.ticket,
+            max_norm if clip else 0.0,
+        )
+    return FusedResult(total, exact_total, floats, counts, coef if clip else None, ws)
+
+
+def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
+    """Scale every gradient of ``plan`` by the device coefficient (no write when >= 1)."""
+    with _on_device(plan.device):
+        scale_kernels.scale_(plan.table, coef)
+    _bump_versions(grads)
+
+
+__all__ = [
+    "FusedResult",
+    "Plan",
+    "build_plan",
+    "clamp_",
+    "clear_plans",
+    "group_norms",
+    "group_stats",
+    "plan_for",
+    "run_fused",
+    "scale_",
+    "scale_fused",
+    "supports",
+]

@@ -120,7 +120,9 @@ def test_clipped_grads_every_dtype_against_float64(backend, dtype):
     total64 = ref_norm(original, 2.0)
     coef = min(max_norm / (total64 + 1e-6), 1.0)
     assert rel_err(float(total), total64) < (1e-12 if dtype == torch.float64 else 5e-3)
-    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+    # 16-bit: the coefficient is computed in the gradient dtype as torch does (4 roundings
+    # of half an ulp each) before the product's own rounding
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.2e-2, torch.float16: 1.5e-3}
     for got, g0 in zip(clone_grads(params), original):
         want = (g0.to(torch.float64) * coef).to(dtype)
         assert got.dtype == dtype
@@ -134,7 +136,8 @@ def test_mixed_dtypes_return_torch_promoted_dtype(backend):
     expected = torch.nn.utils.get_total_norm(original)
     total = fgs.clip_grad_norm_(params, 1e9)
     assert total.dtype == expected.dtype == torch.float32
-    assert rel_err(float(total), ref_norm(original, 2.0)) < 1e-6
+    # torch's roundings (16-bit per-tensor norms in their dtype), as issue 10 item 2 asks
+    assert rel_err(float(total), float(expected)) < 1e-6
     assert_same_tensors(clone_grads(params), original)
 
 
@@ -283,9 +286,13 @@ def test_large_16bit_tensors_at_least_as_accurate_as_torch(backend, dtype, norm_
     assert rel_err(float(stats.total_norm), reference) < 1e-4  # float32, before rounding
     for i, g in enumerate(grads):
         assert rel_err(float(stats.norms[i]), ref_norm([g], norm_type)) < 1e-4
-    ours = rel_err(float(fgs.get_total_norm(grads, norm_type)), reference)
-    theirs = rel_err(float(torch.nn.utils.get_total_norm(grads, norm_type)), reference)
-    assert ours <= theirs + 1e-7
+    # The returned total follows torch's roundings (issue 10 item 2: per-tensor norms in
+    # the gradient dtype, then the total); where torch's own float32 accumulation drifts
+    # on big 16-bit tensors a per-tensor norm may round one 16-bit ulp the other way. The
+    # accuracy promise is on ``stats`` (float32), checked above.
+    ours = float(fgs.get_total_norm(grads, norm_type))
+    theirs = float(torch.nn.utils.get_total_norm(grads, norm_type))
+    assert rel_err(ours, theirs) <= (2**-7 if dtype == torch.bfloat16 else 2**-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -236,6 +236,7 @@ def test_property_random_shapes(backend, shapes, dtype, norm_type, plant, seed):
     if math.isnan(want) or math.isinf(want):
         assert got == want or (math.isnan(got) and math.isnan(want))
     else:
-        # the result is rounded once to the gradient dtype
-        rtol = {torch.bfloat16: 2**-8, torch.float16: 2**-11}.get(dtype, NORM_RTOL[dtype] * 10)
+        # rounded as torch rounds it: each per-tensor norm, then the total, to the gradient
+        # dtype (half an ulp, 2**-8 for bf16 and 2**-11 for fp16, each time)
+        rtol = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(dtype, NORM_RTOL[dtype] * 10)
         assert got == pytest.approx(want, rel=rtol, abs=1e-30)

@@ -27,6 +27,7 @@ from fastgradstats.kernels import tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 128
+TILE = 32
 KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NORMS = [1.0, 2.0, math.inf]
 NAN, INF = float("nan"), float("inf")
@@ -34,12 +35,18 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Small blocks and finalize chunks, and a fresh table cache, for every test."""
+    """Small blocks, loop steps and finalize chunks, and fresh caches, for every test.
+
+    TILE = BLOCK / 4: a full block takes 4 loop steps, so the steady-state loop, its
+    masked tail, and blocks that are all tail are all exercised."""
     monkeypatch.setattr(kernels, "BLOCK", BLOCK)
+    monkeypatch.setattr(kernels, "TILE", TILE)
     monkeypatch.setattr(kernels, "FINALIZE_CHUNK", 4)
     tables.clear_cache()
+    triton_backend.clear_plans()
     yield
     tables.clear_cache()
+    triton_backend.clear_plans()
 
 
 def _random(n: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0):
@@ -149,7 +156,7 @@ def test_all_empty_group_gives_zeros_without_a_stats_launch():
     grads = [torch.empty(0, device=DEVICE), torch.empty(0, 3, device=DEVICE)]
     kernels.launch_counts.clear()
     stats = triton_backend.group_stats(grads, math.inf)
-    assert kernels.launch_counts["block_partials_kernel"] == 0
+    assert kernels.launch_counts["stats_kernel"] == 0
     for field in stats:
         assert field.tolist() == [0, 0]
 
@@ -244,14 +251,22 @@ def test_clamp_is_bit_identical_to_torch_and_keeps_nan_bits(dtype, clip_value):
 
 def test_table_layout_and_int64_entries():
     grads = [torch.randn(n, device=DEVICE) for n in (3, 0, BLOCK, BLOCK + 1)]
+    grads.insert(1, torch.randn(2 * BLOCK, device=DEVICE, dtype=torch.bfloat16))
     table = tables.table_for(grads, BLOCK)
-    assert table.data.dtype == torch.int64 and table.num_blocks == 1 + 0 + 1 + 2
+    assert table.data.dtype == torch.int64 and table.num_blocks == 1 + 2 + 0 + 1 + 2
     n = len(grads)
     data = table.data.cpu().tolist()
     assert data[:n] == [g.data_ptr() for g in grads]
-    assert data[n : 2 * n] == [3, 0, BLOCK, BLOCK + 1]
-    assert data[2 * n : 3 * n + 1] == [0, 1, 1, 2, 4]
-    assert data[3 * n + 1 :] == [0, 2, 3, 3]
+    assert data[n : 2 * n] == [3, 2 * BLOCK, 0, BLOCK, BLOCK + 1]
+    # fp32 blocks first (segment 0), then the bf16 tensor's (segment 1); input order kept
+    assert data[2 * n : 3 * n] == [0, 4, 1, 1, 2]  # block_start
+    assert data[3 * n : 4 * n] == [1, 6, 1, 2, 4]  # block_end
+    assert data[4 * n : 5 * n] == [0, 1, 0, 0, 0]  # kinds
+    assert data[5 * n :] == [0, 3, 4, 4, 1, 1]
+    assert [(s.dtype, s.lo, s.hi) for s in table.segments] == [
+        (torch.float32, 0, 4),
+        (torch.bfloat16, 4, 6),
+    ]
 
 
 def _model_with_grads(seed: int) -> torch.nn.Module:
@@ -262,18 +277,18 @@ def _model_with_grads(seed: int) -> torch.nn.Module:
     return model
 
 
-def test_table_cache_hit_then_rebuild_after_set_to_none():
+def test_plan_cache_hit_then_rebuild_after_set_to_none():
     model = _model_with_grads(0)
     fgs.grad_stats(model.parameters(), backend="triton")
-    assert tables.cache_stats == {"hits": 0, "builds": 1}
+    assert triton_backend.plan_stats == {"hits": 0, "builds": 1}
     fgs.grad_stats(model.parameters(), backend="triton")
-    assert tables.cache_stats == {"hits": 1, "builds": 1}
+    assert triton_backend.plan_stats == {"hits": 1, "builds": 1}
 
     # Same storage, new values (zero_grad(set_to_none=False) + backward): cache hit, new values.
     model.zero_grad(set_to_none=False)
     model(torch.randn(4, 9, device=DEVICE)).sum().backward()
     stats = fgs.grad_stats(model.parameters(), backend="triton")
-    assert tables.cache_stats["hits"] == 2
+    assert triton_backend.plan_stats["hits"] == 2
     assert_stats_match(stats, [p.grad for p in model.parameters()], 2.0)
 
     # New storage: keep the old grads alive so the allocator cannot hand back their addresses.
@@ -283,7 +298,7 @@ def test_table_cache_hit_then_rebuild_after_set_to_none():
     new = [p.grad for p in model.parameters()]
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(old, new))
     stats = fgs.grad_stats(model.parameters(), backend="triton")
-    assert tables.cache_stats["builds"] == 2
+    assert triton_backend.plan_stats["builds"] == 2
     assert_stats_match(stats, new, 2.0)
 
 
@@ -325,7 +340,7 @@ def test_non_dense_grads_stats_read_a_copy_and_are_correct():
     kernels.launch_counts.clear()
     stats = triton_backend.group_stats(grads, 2.0)
     assert_stats_match(stats, grads, 2.0)
-    assert kernels.launch_counts["block_partials_kernel"] == 1
+    assert kernels.launch_counts["stats_kernel"] == 1
     assert tables.cache_stats["hits"] == 0 and len(tables._cache) == 0  # copies: not cached
 
 
@@ -355,27 +370,18 @@ def test_offsets_past_two_to_the_31_elements():
     real[100:] = 0.0
     skipped = 2**31 + 2**20  # elements before the real block, a multiple of BLOCK
     virtual_base = real.data_ptr() - skipped * real.element_size()
+    # ptrs, numels, block_start (block 0 is block skipped // BLOCK of the tensor),
+    # block_end, kinds, block_tensor
     data = torch.tensor(
-        [virtual_base, skipped + 100, -(skipped // BLOCK), 1, 0], dtype=torch.int64
+        [virtual_base, skipped + 100, -(skipped // BLOCK), 1, 0, 0], dtype=torch.int64
     ).to(DEVICE)
-    table = tables.TensorTable(
-        torch.device(DEVICE), torch.float32, BLOCK, 1, 1, False, data, data.cpu()
-    )
-    partials = torch.full((5, 1), NAN, device=DEVICE)
-    kernels.launch(
-        stats_kernels.block_partials_kernel,
-        (1,),
-        data,
-        partials,
-        1,
-        1,
-        DTYPE=kernels.triton_dtype(torch.float32),
-        BLOCK=BLOCK,
-        ALIGNED=False,
-    )
+    segment = tables.Segment(torch.float32, False, 0, 1)
+    table = tables.TensorTable(torch.device(DEVICE), BLOCK, 1, 1, (segment,), data, data.cpu())
+    partials = torch.full((4, 1), NAN, device=DEVICE)
+    stats_kernels.launch_stats(table, partials, 2.0, True)
     v = real[:100].double()
     assert math.isclose(float(partials[0, 0]), float(v.square().sum()), rel_tol=1e-6)
-    assert float(partials[2, 0]) == float(v.abs().max())
+    assert float(partials[1, 0]) == float(v.abs().max())
     real[100:] = 7.0  # past the virtual end: must be neither read nor written
     expected = torch.cat([real[:100] * 0.5, real[100:]])
     scale_kernels.scale_(table, torch.tensor(0.5, device=DEVICE))
@@ -410,7 +416,7 @@ def _three_dtype_params(count: int = 40):
 def test_one_stats_launch_per_device_dtype_group(monkeypatch):
     """Counted twice: by the launcher's counter and by patching Triton's own launch method."""
     runs = []
-    kernel_class = type(stats_kernels.block_partials_kernel)
+    kernel_class = type(stats_kernels.stats_kernel)
     original_run = kernel_class.run
 
     def counting_run(self, *args, **kwargs):
@@ -422,14 +428,16 @@ def test_one_stats_launch_per_device_dtype_group(monkeypatch):
 
     kernels.launch_counts.clear()
     fgs.grad_stats(params, backend="triton")
-    assert runs.count("block_partials_kernel") == 3
-    assert runs.count("finalize_kernel") == 3
-    assert len(runs) == 6 and kernels.launch_counts.total() == 6
+    # one table for the whole list: a stats launch per dtype, one finalize for all
+    assert runs.count("stats_kernel") == 3
+    assert runs.count("finalize_kernel") == 1
+    assert len(runs) == 4 and kernels.launch_counts.total() == 4
 
     runs.clear()
     fgs.clip_grad_norm_(params, 0.1, backend="triton")
-    assert sorted(set(runs)) == ["block_partials_kernel", "finalize_kernel", "scale_kernel"]
-    assert all(runs.count(name) == 3 for name in set(runs))
+    assert sorted(set(runs)) == ["finalize_kernel", "scale_kernel", "stats_kernel"]
+    assert runs.count("stats_kernel") == runs.count("scale_kernel") == 3
+    assert runs.count("finalize_kernel") == 1
 
 
 class HostSyncError(AssertionError):
@@ -558,3 +566,46 @@ def test_every_output_entry_is_written(monkeypatch, norm_type):
     assert_stats_match(stats, grads, norm_type)
     all_empty = [_random(0, torch.bfloat16, gen) for _ in range(3)]
     assert_stats_match(triton_backend.group_stats(all_empty, norm_type), all_empty, norm_type)
+
+
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_fused_path_writes_every_output(monkeypatch, norm_type):
+    """The fused path's returned buffers (per-tensor stats, total, coefficient) start
+    poisoned: each must be written by the kernels (many tensors: the finalize's total
+    loops over several chunks of them)."""
+    monkeypatch.setattr(triton_backend, "torch", _PoisonedEmpty())
+    gen = torch.Generator().manual_seed(12)
+    sizes = [0, 1, BLOCK, 7, 5 * BLOCK + 3, 0, 33, 2, 9, 300, 1]
+    params = [torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for n in sizes]
+    for p in params:
+        p.grad = _random(p.numel(), torch.float32, gen)
+    params[4].grad[17] = INF
+    grads = [p.grad.clone() for p in params]
+    total, stats = fgs.clip_grad_norm_(params, 1e9, norm_type=norm_type, return_stats=True,
+                                       backend="triton")  # fmt: skip
+    assert_stats_match(stats, grads, norm_type)
+    assert float(total) == float("inf") and float(stats.total_norm) == float("inf")
+    assert float(stats.clip_coef) == 0.0  # 1e9 / inf, as torch
+    params[4].grad[17] = 1.0
+    for p, g in zip(params, grads):
+        p.grad.copy_(g.nan_to_num(posinf=1.0))
+    total = fgs.clip_grad_norm_(params, 1e9, norm_type=norm_type, backend="triton")
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]), norm_type)
+    torch.testing.assert_close(total, want, rtol=2e-6, atol=0)
+    stats = fgs.grad_stats(params, norm_type=norm_type, backend="triton")
+    torch.testing.assert_close(stats.total_norm, want, rtol=2e-6, atol=0)
+
+
+def test_fused_clip_with_nan_gradient_matches_torch():
+    params = [torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for n in (5, BLOCK + 2)]
+    for p in params:
+        p.grad = torch.randn(p.numel(), device=DEVICE)
+    params[1].grad[BLOCK] = NAN
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        q.grad = p.grad.clone()
+    ours = fgs.clip_grad_norm_(params, 1.0, backend="triton")
+    theirs = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    assert math.isnan(float(ours)) and math.isnan(float(theirs))
+    for p, q in zip(params, twins):
+        assert torch.isnan(p.grad).all() and torch.isnan(q.grad).all()

@@ -8,18 +8,28 @@ Importing this package imports Triton; ``fastgradstats.dispatch`` only does so l
 Module-level settings (read at launch time, so tests can shrink them):
 
 ``BLOCK``
-    elements per program (a power of two). 4096 suits GPUs; tests use 128 so that the
-    interpreter stays fast and block boundaries are crossed by small tensors.
+    elements per program (a power of two). 32768 suits GPUs: a program loops over its
+    block ``TILE`` elements at a time with register accumulators, so the per-block
+    reductions are paid once per 32768 elements. Tests use 128 so that the interpreter
+    stays fast and block boundaries are crossed by small tensors.
+``TILE``
+    elements per loop step, or ``None`` for the default: two 16-byte loads per thread
+    (``NUM_WARPS * 32 * 2 * 16 / itemsize``), capped at ``BLOCK``. Tests shrink it so that
+    the loop runs several steps.
 ``FINALIZE_CHUNK``
     partials a finalize program reduces per loop step (a power of two).
+``NUM_WARPS``
+    warps per program of the per-block kernels.
 
-``launch_counts`` counts every kernel launch by kernel name; tests read it to prove that a
-group costs exactly one stats launch (plus its tiny finalize).
+``launch_counts`` counts every kernel launch by kernel name; tests read it to prove how
+many launches a call costs. ``launch`` is the one place kernels are launched, so stubbing
+it (``benchmarks host``) removes the device work and keeps the host work.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from typing import Any
 
@@ -28,11 +38,18 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096
+BLOCK = 32768
+TILE: int | None = None
 FINALIZE_CHUNK = 1024
 NUM_WARPS = 8
+VECTOR_BYTES = 16  # one 128-bit load or store
+UNROLL = 2  # 16-byte accesses per thread per loop step
 
 launch_counts: Counter[str] = Counter()
+_count_lock = threading.Lock()
+_interpreter_lock = threading.Lock()
+
+_ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -50,6 +67,18 @@ def block_size() -> int:
     return block
 
 
+def tile_size(dtype: torch.dtype, block: int) -> int:
+    """Elements per loop step of the per-block kernels for ``dtype`` (``kernels.TILE``)."""
+    if TILE is not None:
+        tile = int(TILE)
+        if tile < 1 or tile & (tile - 1):
+            raise ValueError(f"kernels.TILE must be a power of two, got {TILE}")
+    else:
+        itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
+        tile = NUM_WARPS * 32 * UNROLL * VECTOR_BYTES // itemsize
+    return min(tile, block)
+
+
 def triton_dtype(dtype: torch.dtype) -> Any:
     """The Triton element type of a supported gradient dtype."""
     try:
@@ -60,13 +89,15 @@ def triton_dtype(dtype: torch.dtype) -> Any:
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Launch ``kernel[grid](*args, **kwargs)`` and count it in ``launch_counts``."""
-    launch_counts[kernel.__name__] += 1
+    with _count_lock:
+        launch_counts[kernel.__name__] += 1
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         kernel[grid](*args, **kwargs)
         return
     # The interpreter runs the kernel in numpy, which warns on the overflow and NaN
-    # arithmetic that Inf/NaN gradients legitimately cause; GPUs do not warn.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    # arithmetic that Inf/NaN gradients legitimately cause; GPUs do not warn. It keeps
+    # global state (the grid, the builder) too, so interpreted launches take turns.
+    with _interpreter_lock, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         kernel[grid](*args, **kwargs)
 
 
@@ -74,9 +105,11 @@ __all__ = [
     "BLOCK",
     "FINALIZE_CHUNK",
     "NUM_WARPS",
+    "TILE",
     "block_size",
     "launch",
     "launch_counts",
+    "tile_size",
     "triton",
     "triton_dtype",
 ]

@@ -1,15 +1,22 @@
-"""Fused per-tensor gradient statistics: one read of every element, one launch per group.
+"""Fused per-tensor gradient statistics: one read of every element, one launch per segment.
 
-Two stages, deterministic (fixed reduction order, no float atomics):
+Two stages, deterministic (fixed reduction order, no float atomics in any result):
 
-1. :func:`block_partials_kernel`, grid ``(num_blocks,)``: each program reads one block of
-   one tensor once and writes five float32 partials: sum g^2, sum |g|, max |g| (NaN
-   ignored), NaN count, Inf count (counts are exact in float32: a block holds <= 2**24).
+1. :func:`stats_kernel`, grid ``(blocks of the segment,)``: each program owns one block of
+   ``BLOCK`` elements of one tensor and loops over it ``TILE`` elements at a time (two
+   16-byte loads per thread), accumulating in registers: the p-partial (sum g^2, sum |g|
+   or max |g|) and, for full statistics, max |g| (NaN-propagating). The block's reductions
+   happen once, after the loop. NaN/Inf are counted only in a block whose max |g| is not
+   finite (a second read of that block alone): the steady-state loop does 2 floating
+   point operations per element.
 2. :func:`finalize_kernel`, grid ``(n_tensors,)``: each program reduces its tensor's
-   partials in block order and writes the per-tensor p-norm, max |g| (NaN when the tensor
-   holds a NaN), and int64 NaN/Inf counts.
+   partials in block order and writes the per-tensor p-norm, max |g|, NaN/Inf counts. With
+   ``FINISH`` the last program to finish (an int32 ticket counter, reset by that program)
+   also computes the total norm and the clip coefficient, rounded the way
+   ``torch.nn.utils`` rounds them, so no torch op runs between the launches.
 
-Accumulation is float32 for every supported gradient dtype (fp32, bf16, fp16).
+Partials are a float32 ``[4, num_blocks]`` workspace: p-partial, max |g|, #NaN, #Inf
+(counts are exact in float32: a block holds <= 2**24 elements).
 """
 
 from __future__ import annotations
@@ -20,153 +27,340 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from . import launch, triton_dtype
+from . import tile_size, triton_dtype
 from .tables import TensorTable
 
-N_PARTIALS = 5  # sum g^2, sum |g|, max |g|, NaN count, Inf count
-NORM_CODES = {1.0: 1, 2.0: 2, float("inf"): 0}  # the NORM constexpr of finalize_kernel
+N_PARTIALS = 4  # p-partial, max |g|, NaN count, Inf count
+NORM_CODES = {1.0: 1, 2.0: 2, float("inf"): 0}  # the NORM constexpr
+FINISH_NONE, FINISH_TOTAL, FINISH_CLIP = 0, 1, 2
+CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
 
 
 @triton.jit
-def block_location(table_ptr, pid, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                   ALIGNED: tl.constexpr):  # fmt: skip
-    """Where block ``pid`` lives: (typed base pointer, int64 element offsets [BLOCK],
-    tensor numel, whether the whole block lies inside the tensor)."""
-    t = tl.load(table_ptr + 3 * n_tensors + 1 + pid)
-    address = tl.load(table_ptr + t)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    base = address.to(tl.pointer_type(DTYPE))
-    numel = tl.load(table_ptr + n_tensors + t)
-    start = (pid - tl.load(table_ptr + 2 * n_tensors + t)) * BLOCK  # int64: no overflow
-    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-    return base, offsets, numel, start + BLOCK <= numel
+def max_nan(a, b):
+    """max that propagates NaN (one FMNMX.NAN on sm_80+)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _load_block(table_ptr, pid, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                ALIGNED: tl.constexpr):  # fmt: skip
-    """Program ``pid``'s block as float32 [BLOCK] (0 past the tensor's end)."""
-    base, offsets, numel, full = block_location(table_ptr, pid, n_tensors, DTYPE, BLOCK, ALIGNED)
-    if full:  # unmasked, so the compiler can emit vector loads
-        x = tl.load(base + offsets)
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even in ``DTYPE``.
+
+    bfloat16 is rounded with integer ops: the Triton interpreter truncates fp32 -> bf16 casts,
+    which would make CPU tests disagree with torch (and with the GPU) by one ulp.
+    """
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr, not a constant)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        x = tl.load(base + offsets, mask=offsets < numel, other=0.0)
-    return x.to(tl.float32)
+        return x.to(DTYPE)
 
 
 @triton.jit
-def block_partials_kernel(
-    table_ptr,  # int64 table of the group (see tables.py for its layout)
-    partials_ptr,  # float32 [5, num_blocks] out: sum g^2, sum |g|, max |g|, #NaN, #Inf
-    n_tensors,  # tensors in the group
-    num_blocks,  # blocks in the group: the grid size and the partials' row stride
-    DTYPE: tl.constexpr,  # element type of the gradients
+def round_trip(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to ``DTYPE`` and back to float32 (what a torch op in DTYPE keeps)."""
+    if DTYPE == tl.float32:  # noqa: SIM300
+        return x
+    else:
+        return round_to(x, DTYPE).to(tl.float32)
+
+
+@triton.jit
+def block_location(table_ptr, b, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                   ALIGNED: tl.constexpr):  # fmt: skip
+    """Block ``b``: (typed pointer to its first element, elements in it (1..BLOCK)).
+
+    The alignment hint goes on the pointer after the int -> pointer cast (on the int64
+    address the compiler loses it); the block start is a multiple of BLOCK elements, so
+    with ALIGNED every TILE step starts on a 16-byte boundary.
+    """
+    t = tl.load(table_ptr + 5 * n_tensors + b)
+    base = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    numel = tl.load(table_ptr + n_tensors + t)
+    start = (b - tl.load(table_ptr + 2 * n_tensors + t)) * BLOCK  # int64: no overflow
+    return base + start, tl.minimum(numel - start, BLOCK)
+
+
+@triton.jit
+def _accumulate(x, acc, big, NORM: tl.constexpr, STATS: tl.constexpr):
+    if NORM == 2:
+        acc += x * x
+    elif NORM == 1:
+        acc += tl.abs(x)
+    if STATS or NORM == 0:
+        big = max_nan(big, tl.abs(x))
+    return acc, big
+
+
+@triton.jit
+def stats_kernel(
+    table_ptr,  # int64 table (see tables.py for its layout)
+    partials_ptr,  # float32 [4, num_blocks] out: p-partial, max |g|, #NaN, #Inf
+    n_tensors,  # tensors in the table
+    num_blocks,  # blocks in the table: the partials' row stride
+    block_lo,  # the segment's first block
+    DTYPE: tl.constexpr,  # element type of the segment's gradients
     BLOCK: tl.constexpr,  # elements per block (the table's block size)
-    ALIGNED: tl.constexpr,  # every data_ptr is 16-byte aligned (enables vector loads)
+    TILE: tl.constexpr,  # elements per loop step
+    ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
+    NORM: tl.constexpr,  # 2: sum g^2, 1: sum |g|, 0: max |g|
+    STATS: tl.constexpr,  # also max |g| and the NaN/Inf counts
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    x = _load_block(table_ptr, pid, n_tensors, DTYPE, BLOCK, ALIGNED)
-    magnitude = tl.abs(x)
-    is_nan = x != x
-    is_inf = magnitude == float("inf")
-    # NaN is counted instead of maxed: how maximum treats NaN differs between backends.
-    block_max = tl.max(tl.where(is_nan, 0.0, magnitude), axis=0)
-    out = partials_ptr + pid
-    tl.store(out, tl.sum(x * x, axis=0))
-    tl.store(out + num_blocks, tl.sum(magnitude, axis=0))
-    tl.store(out + 2 * num_blocks, block_max)
-    tl.store(out + 3 * num_blocks, tl.sum(is_nan.to(tl.float32), axis=0))
-    tl.store(out + 4 * num_blocks, tl.sum(is_inf.to(tl.float32), axis=0))
+    b = block_lo + tl.program_id(0).to(tl.int64)
+    base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
+    lanes = tl.arange(0, TILE)
+    acc = tl.zeros([TILE], dtype=tl.float32)
+    big = tl.zeros([TILE], dtype=tl.float32)
+    full = count // TILE
+    for i in range(full):  # the steady state: unmasked, contiguous, aligned -> 128-bit loads
+        x = tl.load(base + i * TILE + lanes).to(tl.float32)
+        acc, big = _accumulate(x, acc, big, NORM, STATS)
+    rest = count - full * TILE
+    if rest > 0:
+        x = tl.load(base + full * TILE + lanes, mask=lanes < rest, other=0.0).to(tl.float32)
+        acc, big = _accumulate(x, acc, big, NORM, STATS)
+    out = partials_ptr + b
+    if NORM == 0:
+        tl.store(out, tl.reduce(big, 0, max_nan))
+    else:
+        tl.store(out, tl.sum(acc, axis=0))
+    if STATS:
+        block_max = tl.reduce(big, 0, max_nan)
+        tl.store(out + num_blocks, block_max)
+        if (block_max != block_max) | (block_max == float("inf")):
+            # Rare: this block holds a NaN or an Inf. Read it again and count them.
+            # Reduced per step into scalars: few live registers, so no spills here either.
+            nans = tl.sum(tl.zeros([TILE], dtype=tl.int32), axis=0)
+            infs = nans
+            for j in range(tl.cdiv(count, TILE)):
+                offsets = j * TILE + lanes
+                y = tl.load(base + offsets, mask=offsets < count, other=0.0).to(tl.float32)
+                nans += tl.sum((y != y).to(tl.int32), axis=0)
+                infs += tl.sum((tl.abs(y) == float("inf")).to(tl.int32), axis=0)
+            tl.store(out + 2 * num_blocks, nans.to(tl.float32))
+            tl.store(out + 3 * num_blocks, infs.to(tl.float32))
+        else:
+            tl.store(out + 2 * num_blocks, 0.0)
+            tl.store(out + 3 * num_blocks, 0.0)
+
+
+@triton.jit
+def _norm_of(acc, NORM: tl.constexpr):
+    """The p-norm from per-lane partials ([CHUNK] sums, or maxima for the inf-norm)."""
+    if NORM == 0:
+        return tl.reduce(acc, 0, max_nan)
+    elif NORM == 2:
+        return tl.sqrt_rn(tl.sum(acc, axis=0))
+    else:
+        return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _add_norm(acc, v, NORM: tl.constexpr):
+    """Fold per-tensor norms ``v`` into the total's per-lane partials."""
+    if NORM == 0:
+        return max_nan(acc, v)
+    elif NORM == 2:
+        return acc + v * v
+    else:
+        return acc + v
 
 
 @triton.jit
 def finalize_kernel(
-    table_ptr,  # int64 table of the group (first_block is read)
-    partials_ptr,  # float32 [5, num_blocks] from block_partials_kernel
-    floats_ptr,  # float32 [2, n_tensors] out: p-norm, max |g|
-    counts_ptr,  # int64 [2, n_tensors] out: NaN count, Inf count
-    n_tensors,  # tensors in the group: the grid size
+    table_ptr,  # int64 table (block_start, block_end, kinds are read)
+    partials_ptr,  # float32 [4, num_blocks] from stats_kernel
+    floats_ptr,  # float32 [2, n_tensors] out: p-norm, max |g| (max |g| only with STATS)
+    counts_ptr,  # int64 [2, n_tensors] out: NaN count, Inf count (only with STATS)
+    total_ptr,  # 0-d RESULT out: the total norm rounded as torch rounds it (FINISH)
+    exact_total_ptr,  # float32 out: the total norm of the float32 per-tensor norms (FINISH)
+    coef_ptr,  # float32 out: the clip coefficient (FINISH == 2)
+    ticket_ptr,  # int32, 0 between calls: counts finished programs (FINISH)
+    n_tensors,  # tensors in the table: the grid size
     num_blocks,  # row stride of the partials
-    NORM: tl.constexpr,  # 2: sqrt(sum g^2), 1: sum |g|, 0: max |g| (the inf-norm)
-    CHUNK: tl.constexpr,  # partials reduced per loop step
+    max_norm,  # float32 (FINISH == 2)
+    NORM: tl.constexpr,  # 2, 1 or 0 (the inf-norm)
+    STATS: tl.constexpr,  # max |g| and counts are wanted
+    FINISH: tl.constexpr,  # 0: per-tensor only; 1: + total; 2: + total and clip coefficient
+    RESULT: tl.constexpr,  # dtype of the returned total (the promoted gradient dtype)
+    CHUNK: tl.constexpr,  # partials (and, for the total, tensors) per loop step
 ):
     t = tl.program_id(0).to(tl.int64)
-    first = tl.load(table_ptr + 2 * n_tensors + t)
-    last = tl.load(table_ptr + 2 * n_tensors + t + 1)
-    sum_sq = tl.zeros([CHUNK], dtype=tl.float32)
-    sum_abs = tl.zeros([CHUNK], dtype=tl.float32)
-    max_abs = tl.zeros([CHUNK], dtype=tl.float32)
+    lo = tl.load(table_ptr + 2 * n_tensors + t)
+    hi = tl.load(table_ptr + 3 * n_tensors + t)
+    lanes = tl.arange(0, CHUNK).to(tl.int64)
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    big = tl.zeros([CHUNK], dtype=tl.float32)
     nan_count = tl.zeros([CHUNK], dtype=tl.int64)
     inf_count = tl.zeros([CHUNK], dtype=tl.int64)
-    for chunk_start in range(first, last, CHUNK):
-        index = chunk_start + tl.arange(0, CHUNK).to(tl.int64)
-        mask = index < last
+    for start in range(lo, hi, CHUNK):
+        index = start + lanes
+        mask = index < hi
         row = partials_ptr + index
-        sum_sq += tl.load(row, mask=mask, other=0.0)
-        sum_abs += tl.load(row + num_blocks, mask=mask, other=0.0)
-        max_abs = tl.maximum(max_abs, tl.load(row + 2 * num_blocks, mask=mask, other=0.0))
-        nan_count += tl.load(row + 3 * num_blocks, mask=mask, other=0.0).to(tl.int64)
-        inf_count += tl.load(row + 4 * num_blocks, mask=mask, other=0.0).to(tl.int64)
-    nans = tl.sum(nan_count, axis=0)
-    tensor_max = tl.max(max_abs, axis=0)
-    tensor_max = tl.where(nans > 0, float("nan"), tensor_max)
-    if NORM == 2:
-        norm = tl.sqrt_rn(tl.sum(sum_sq, axis=0))
-    elif NORM == 1:
-        norm = tl.sum(sum_abs, axis=0)
-    else:
-        norm = tensor_max
-    norm = tl.where(nans > 0, float("nan"), norm)
-    tl.store(floats_ptr + t, norm)
-    tl.store(floats_ptr + n_tensors + t, tensor_max)
-    tl.store(counts_ptr + t, nans)
-    tl.store(counts_ptr + n_tensors + t, tl.sum(inf_count, axis=0))
+        part = tl.load(row, mask=mask, other=0.0)
+        if NORM == 0:
+            acc = max_nan(acc, part)
+        else:
+            acc += part
+        if STATS:
+            big = max_nan(big, tl.load(row + num_blocks, mask=mask, other=0.0))
+            nan_count += tl.load(row + 2 * num_blocks, mask=mask, other=0.0).to(tl.int64)
+            inf_count += tl.load(row + 3 * num_blocks, mask=mask, other=0.0).to(tl.int64)
+    tl.store(floats_ptr + t, _norm_of(acc, NORM))
+    if STATS:
+        tl.store(floats_ptr + n_tensors + t, tl.reduce(big, 0, max_nan))
+        tl.store(counts_ptr + t, tl.sum(nan_count, axis=0))
+        tl.store(counts_ptr + n_tensors + t, tl.sum(inf_count, axis=0))
+    if FINISH > 0:
+        # The last program to get here reduces every tensor's norm, in tensor order
+        # (deterministic). Barrier + acq_rel atomic: every program's stores above are
+        # visible to whichever program draws the last ticket.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_tensors - 1:
+            exact = tl.zeros([CHUNK], dtype=tl.float32)
+            torchlike = tl.zeros([CHUNK], dtype=tl.float32)
+            for first in range(0, n_tensors, CHUNK):
+                index = first + lanes
+                mask = index < n_tensors
+                # .cg: read from L2, where the other programs' stores are
+                norm = tl.load(floats_ptr + index, mask=mask, other=0.0, cache_modifier=".cg")
+                kind = tl.load(table_ptr + 4 * n_tensors + index, mask=mask, other=0)
+                # torch.nn.utils rounds each per-tensor norm to its gradient's dtype, then
+                # stacks them in the promoted dtype
+                rounded = tl.where(
+                    kind == 1,
+                    round_trip(norm, tl.bfloat16),
+                    tl.where(kind == 2, round_trip(norm, tl.float16), norm),
+                )
+                rounded = round_trip(rounded, RESULT)
+                exact = _add_norm(exact, norm, NORM)
+                torchlike = _add_norm(torchlike, rounded, NORM)
+            total = round_trip(_norm_of(torchlike, NORM), RESULT)
+            tl.store(exact_total_ptr, _norm_of(exact, NORM))
+            tl.store(total_ptr, round_to(total, RESULT))
+            if FINISH == 2:
+                # clamp(max_norm / (total + 1e-6), max=1) with torch's roundings: the add,
+                # the reciprocal (x / y is y.reciprocal() * x) and the product are each
+                # rounded to RESULT; the division is IEEE (div.rn), as torch's.
+                shifted = round_trip(total + 1e-6, RESULT)
+                inverse = round_trip(tl.div_rn(1.0, shifted), RESULT)
+                coef = round_trip(inverse * max_norm, RESULT)
+                tl.store(coef_ptr, tl.where(coef > 1.0, 1.0, coef))  # NaN stays NaN
+            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")  # ready for next call
 
 
-def group_stats(table: TensorTable, norm_type: float) -> tuple[Tensor, Tensor]:
-    """Per-tensor stats of the group described by ``table`` (no host sync).
+def stats_config(
+    dtype: torch.dtype, block: int, aligned: bool, norm_type: float, stats: bool
+) -> dict:
+    """The constexprs and ``num_warps`` :func:`stats_kernel` is launched with (also what
+    ``benchmarks codegen`` compiles)."""
+    return {
+        "DTYPE": triton_dtype(dtype),
+        "BLOCK": block,
+        "TILE": tile_size(dtype, block),
+        "ALIGNED": aligned,
+        "NORM": NORM_CODES[float(norm_type)],
+        "STATS": stats,
+        "num_warps": settings.NUM_WARPS,
+    }
 
-    Returns ``(floats, counts)``: float32 [2, n] (p-norm, max |g|) and int64 [2, n]
-    (NaN count, Inf count) on the table's device. Two launches: partials, finalize.
-    """
-    n, num_blocks = table.n_tensors, table.num_blocks
-    device = table.device
-    floats = torch.empty((2, n), dtype=torch.float32, device=device)
-    counts = torch.empty((2, n), dtype=torch.int64, device=device)
-    partials = torch.empty((N_PARTIALS, max(num_blocks, 1)), dtype=torch.float32, device=device)
-    if num_blocks > 0:  # all tensors empty: nothing to read, finalize writes zeros
-        launch(
-            block_partials_kernel,
-            (num_blocks,),
+
+def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dtype) -> dict:
+    """The constexprs :func:`finalize_kernel` is launched with (default ``num_warps``)."""
+    return {
+        "NORM": NORM_CODES[float(norm_type)],
+        "STATS": stats,
+        "FINISH": finish,
+        "RESULT": triton_dtype(result),
+        "CHUNK": settings.FINALIZE_CHUNK,
+    }
+
+
+def launch_stats(table: TensorTable, partials: Tensor, norm_type: float, stats: bool) -> None:
+    """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``."""
+    for seg in table.segments:
+        settings.launch(
+            stats_kernel,
+            (seg.num_blocks,),
             table.data,
             partials,
-            n,
-            num_blocks,
-            DTYPE=triton_dtype(table.dtype),
-            BLOCK=table.block,
-            ALIGNED=table.aligned,
-            num_warps=settings.NUM_WARPS,
+            table.n_tensors,
+            partials.shape[1],
+            seg.lo,
+            **stats_config(seg.dtype, table.block, seg.aligned, norm_type, stats),
         )
-    launch(
+
+
+def launch_finalize(
+    table: TensorTable,
+    partials: Tensor,
+    floats: Tensor,
+    counts: Tensor,
+    norm_type: float,
+    stats: bool,
+    finish: int = FINISH_NONE,
+    total: Tensor | None = None,
+    exact_total: Tensor | None = None,
+    coef: Tensor | None = None,
+    ticket: Tensor | None = None,
+    max_norm: float = 0.0,
+) -> None:
+    """The :func:`finalize_kernel` launch (grid: one program per tensor)."""
+    result = total.dtype if total is not None else torch.float32
+    settings.launch(
         finalize_kernel,
-        (n,),
+        (table.n_tensors,),
         table.data,
         partials,
         floats,
         counts,
-        n,
-        max(num_blocks, 1),
-        NORM=NORM_CODES[float(norm_type)],
-        CHUNK=settings.FINALIZE_CHUNK,
+        total if total is not None else floats,
+        exact_total if exact_total is not None else floats,
+        coef if coef is not None else floats,
+        ticket if ticket is not None else counts,
+        table.n_tensors,
+        partials.shape[1],
+        float(max_norm),
+        **finalize_config(norm_type, stats, finish, result),
     )
+
+
+def group_stats(table: TensorTable, norm_type: float) -> tuple[Tensor, Tensor]:
+    """Per-tensor stats of the tensors described by ``table`` (no host sync).
+
+    Returns ``(floats, counts)``: float32 [2, n] (p-norm, max |g|) and int64 [2, n]
+    (NaN count, Inf count) on the table's device. One launch per segment, then finalize.
+    """
+    n, device = table.n_tensors, table.device
+    floats = torch.empty((2, n), dtype=torch.float32, device=device)
+    counts = torch.empty((2, n), dtype=torch.int64, device=device)
+    partials = torch.empty((N_PARTIALS, max(table.num_blocks, 1)), dtype=torch.float32,
+                           device=device)  # fmt: skip
+    launch_stats(table, partials, norm_type, True)  # no segment when every tensor is empty
+    launch_finalize(table, partials, floats, counts, norm_type, True)
     return floats, counts
 
 
 __all__ = [
+    "CLIP_EPS",
+    "FINISH_CLIP",
+    "FINISH_NONE",
+    "FINISH_TOTAL",
     "NORM_CODES",
     "block_location",
-    "block_partials_kernel",
+    "finalize_config",
     "finalize_kernel",
     "group_stats",
+    "launch_finalize",
+    "launch_stats",
+    "max_nan",
+    "round_to",
+    "round_trip",
+    "stats_config",
+    "stats_kernel",
 ]

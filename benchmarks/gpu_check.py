@@ -1,0 +1,252 @@
+"""``python -m benchmarks gpu-check``: everything that needs a GPU, in one command (<= 8 min).
+
+Steps, each with its own time limit, each recorded (status, seconds, details) in ONE
+results JSON, ``benchmarks/results/gpu-check-<device>-<date>.json``:
+
+1. ``pytest``: the test suite on CUDA (the kernels compiled and run, not interpreted);
+2. ``big-tensor``: a bf16 gradient of 2**31 + 2**20 + 3 elements (64-bit offsets):
+   its norm against a float64 reference, then a clip, checked at the far end;
+3. ``cuda-graph``: ``clip_grad_norm_`` + a fused AdamW step captured in a CUDA graph
+   after a warm-up, replayed on new gradients, compared with the same steps run eagerly
+   by torch;
+4. ``no-sync``: the steady-state calls under ``torch.cuda.set_sync_debug_mode("error")``
+   (any host sync raises);
+5. ``host``: ``python -m benchmarks host`` on CUDA tensors (launches stubbed);
+6. ``benchmark``: the full benchmark suite, ``python -m benchmarks --device cuda``.
+
+What CUDA-graph capture requires (checked by step 3): one eager call first (it builds
+the plan: the table's H2D copy and the workspace of the capturing stream are made then);
+the same gradient tensors at every replay (refill them with ``copy_``, do not reassign
+``.grad``); the returned total/stats are the graph's static outputs, overwritten at each
+replay; ``error_if_nonfinite=True`` cannot be captured (it syncs by design).
+
+Without CUDA it says so, writes the JSON with every step ``"skipped: needs CUDA"``, and
+exits with status 2 after checking what a CPU can check (the steps exist and import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+LIMITS_S = {
+    "pytest": 210,
+    "big-tensor": 60,
+    "cuda-graph": 60,
+    "no-sync": 45,
+    "host": 60,
+    "benchmark": 170,
+}  # fmt: skip (sums to 10 min of limits; typical ~5 min)
+
+
+def _run(cmd: list[str], limit: int, env: dict | None = None) -> dict[str, Any]:
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit,
+                              env=env)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-3000:]
+        return {"ok": False, "error": f"timed out after {limit} s", "tail": str(tail)}
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode,
+            "tail": (proc.stdout + proc.stderr)[-4000:]}  # fmt: skip
+
+
+def step_pytest() -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                 "tests/"], LIMITS_S["pytest"] - 5, env)  # fmt: skip
+
+
+def step_big_tensor() -> dict[str, Any]:
+    import torch
+
+    import fastgradstats as fgs
+
+    n = 2**31 + 2**20 + 3
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    param = torch.nn.Parameter(torch.empty(n, dtype=torch.bfloat16, device="cuda"))
+    param.grad = torch.empty_like(param).normal_(generator=gen)
+    grad = param.grad
+    grad[-1] = 7.0  # the far end must be read
+    ref = sum(float(c.double().square().sum()) for c in grad.split(2**28)) ** 0.5
+    ours = float(fgs.get_total_norm([grad], backend="triton"))
+    rel = abs(ours - ref) / ref
+    tail_before = grad[-4:].float().clone()
+    fgs.clip_grad_norm_([param], 0.5 * ours, backend="triton")
+    coef = 0.5 * ours / (ours + 1e-6)
+    tail_ok = bool(torch.allclose(grad[-4:].float(), tail_before * coef, rtol=1e-2, atol=0))
+    return {"ok": rel < 1e-3 and tail_ok, "numel": n, "norm": ours, "reference": ref,
+            "rel_err": rel, "far_end_scaled": tail_ok}  # fmt: skip
+
+
+def step_cuda_graph() -> dict[str, Any]:
+    import torch
+
+    import fastgradstats as fgs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(),
+                                torch.nn.Linear(512, 64)).cuda()  # fmt: skip
+    twin = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(),
+                               torch.nn.Linear(512, 64)).cuda()  # fmt: skip
+    twin.load_state_dict(model.state_dict())
+    params, twins = list(model.parameters()), list(twin.parameters())
+    for p, q in zip(params, twins):
+        p.grad = torch.zeros_like(p)
+        q.grad = torch.zeros_like(q)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+    ref_opt = torch.optim.AdamW(twins, lr=1e-3, fused=True, capturable=True)
+
+    def fresh_grads(seed: int) -> list[torch.Tensor]:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        return [torch.randn(p.shape, device="cuda", generator=g) for p in params]
+
+    def step() -> torch.Tensor:
+        total = fgs.clip_grad_norm_(params, 1.0, backend="triton")
+        opt.step()
+        return total
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the capture stream: plan + workspace
+        for seed in range(3):
+            for p, g in zip(params, fresh_grads(seed)):
+                p.grad.copy_(g)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):  # the stream the warm-up ran on
+        static_total = step()
+    # the twin replays the same history eagerly with torch
+    for seed in range(3):
+        for q, g in zip(twins, fresh_grads(seed)):
+            q.grad.copy_(g)
+        torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        ref_opt.step()
+    worst = 0.0
+    for seed in range(10, 15):
+        grads = fresh_grads(seed)
+        for p, q, g in zip(params, twins, grads):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        graph.replay()
+        ref_total = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        ref_opt.step()
+        torch.cuda.synchronize()
+        worst = max(worst, abs(float(static_total) - float(ref_total)) / float(ref_total))
+        for p, q in zip(params, twins):
+            worst = max(worst, float((p - q).abs().max() / q.abs().max().clamp_min(1e-12)))
+    return {"ok": worst < 1e-4, "replays": 5, "worst_rel_diff": worst}
+
+
+def step_no_sync() -> dict[str, Any]:
+    import torch
+
+    import fastgradstats as fgs
+
+    params = [torch.nn.Parameter(torch.zeros(n, device="cuda")) for n in (7, 4096, 1 << 20)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    calls: dict[str, Callable[[], Any]] = {
+        "clip_grad_norm_": lambda: fgs.clip_grad_norm_(params, 0.5),
+        "clip_grad_norm_(return_stats)": lambda: fgs.clip_grad_norm_(params, 0.5,
+                                                                     return_stats=True),
+        "grad_stats": lambda: fgs.grad_stats(params),
+        "get_total_norm": lambda: fgs.get_total_norm([p.grad for p in params]),
+        "clip_grad_value_": lambda: fgs.clip_grad_value_(params, 0.1),
+    }  # fmt: skip
+    failed = {}
+    for name, call in calls.items():
+        call()  # warm-up (the plan's first H2D copy is pinned and non-blocking anyway)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        except RuntimeError as exc:
+            failed[name] = str(exc)[:300]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return {"ok": not failed, "calls": list(calls), "failed": failed}
+
+
+def step_host() -> dict[str, Any]:
+    return _run([sys.executable, "-m", "benchmarks", "host", "--device", "cuda"],
+                LIMITS_S["host"] - 5)  # fmt: skip
+
+
+def step_benchmark() -> dict[str, Any]:
+    return _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--budget", "1"],
+                LIMITS_S["benchmark"] - 5)  # fmt: skip
+
+
+STEPS: dict[str, Callable[[], dict[str, Any]]] = {
+    "pytest": step_pytest,
+    "big-tensor": step_big_tensor,
+    "cuda-graph": step_cuda_graph,
+    "no-sync": step_no_sync,
+    "host": step_host,
+    "benchmark": step_benchmark,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__
+                                     .split("\n")[0])  # fmt: skip
+    parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
+    args = parser.parse_args(sys.argv[2:] if argv is None else argv)
+    import torch
+
+    cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    result: dict[str, Any] = {
+        "meta": {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "steps": {},
+    }
+    if not cuda:
+        print("gpu-check needs a CUDA device (and TRITON_INTERPRET unset); none here. "
+              "Nothing was measured.", file=sys.stderr)  # fmt: skip
+        for name in args.steps:
+            result["steps"][name] = {"ok": None, "status": "skipped: needs CUDA",
+                                     "limit_s": LIMITS_S[name]}  # fmt: skip
+    else:
+        for name in args.steps:
+            start = time.perf_counter()
+            try:
+                outcome = STEPS[name]()
+            except Exception:  # a failed step is recorded, the others still run
+                outcome = {"ok": False, "error": traceback.format_exc()[-3000:]}
+            outcome["seconds"] = round(time.perf_counter() - start, 1)
+            outcome["limit_s"] = LIMITS_S[name]
+            result["steps"][name] = outcome
+            print(f"{name:<12} {'ok' if outcome['ok'] else 'FAILED'} ({outcome['seconds']} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            torch.cuda.empty_cache()
+    result["ok"] = all(s["ok"] for s in result["steps"].values()) if cuda else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "none" if not cuda else result["meta"]["device"].lower().replace(" ", "-")
+    path = args.out / f"gpu-check-{tag}-{result['meta']['date_utc'][:10]}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results written to {path}")
+    if not cuda:
+        return 2
+    return 0 if result["ok"] else 1
+
+
+__all__ = ["LIMITS_S", "STEPS", "main"]

@@ -1,0 +1,37 @@
+"""``python -m benchmarks gpu-check`` runs here too: it says it needs CUDA (issue 9 item 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_step_fits_the_eight_minute_budget_when_typical():
+    assert set(gpu_check.STEPS) == set(gpu_check.LIMITS_S)
+    assert list(gpu_check.STEPS) == [
+        "pytest", "big-tensor", "cuda-graph", "no-sync", "host", "benchmark"
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this runs for real")
+def test_without_cuda_it_says_so_and_records_skipped_steps(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(tmp_path)],
+        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "needs a CUDA device" in proc.stderr
+    [path] = tmp_path.glob("gpu-check-none-*.json")
+    result = json.loads(path.read_text())
+    assert result["ok"] is None
+    assert all(s["status"] == "skipped: needs CUDA" for s in result["steps"].values())

@@ -1,0 +1,190 @@
+"""Launch budgets of the fused Triton path (issue 9 item 4), counted two ways.
+
+* ``kernels.launch`` (the one launch point) is replaced by a recorder: every launch is
+  counted by kernel name, and nothing runs;
+* a ``TorchDispatchMode`` records every aten op the call makes: in steady state the only
+  ones allowed are allocations of the tensors handed back (``empty``) and views of them
+  (``select``), which launch nothing. So no torch op runs between the launches.
+
+Then the same calls run for real (interpreter or CUDA) to check that the counted path is
+the one that computes the right numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastgradstats import dispatch
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or dispatch.triton_interpreter_on()):
+    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import fastgradstats as fgs
+from fastgradstats import kernels, triton_backend
+from fastgradstats.kernels import tables
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALLOWED_OPS = {"aten.empty.memory_format", "aten.select.int"}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(kernels, "BLOCK", 128)
+    monkeypatch.setattr(kernels, "TILE", 32)
+    monkeypatch.setattr(kernels, "FINALIZE_CHUNK", 4)
+    triton_backend.clear_plans()
+    tables.clear_cache()
+    yield
+    triton_backend.clear_plans()
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class Launches:
+    """Replaces ``kernels.launch``: records (kernel, grid, constexprs), runs nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __call__(self, kernel, grid, *args, **kwargs):
+        self.calls.append((kernel.__name__, grid, kwargs))
+
+    @property
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+def _params(dtypes, sizes=(5, 130, 1, 300, 0, 64), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, dtype in enumerate(dtypes):
+        for n in sizes:
+            p = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=DEVICE))
+            p.grad = (torch.randn(n, generator=gen) * (i + 1)).to(DEVICE, dtype)
+            params.append(p)
+    return params
+
+
+def _steady_state(monkeypatch, call):
+    """Warm up ``call`` for real, then run it once more with launches stubbed and ops
+    recorded; returns (launch names, aten ops)."""
+    call()  # warm-up: builds and caches the plan (H2D copy of the table)
+    launches = Launches()
+    monkeypatch.setattr(kernels, "launch", launches)
+    with OpRecorder() as recorder:
+        call()
+    monkeypatch.undo()
+    return launches.names, recorder.ops
+
+
+CALLS = {
+    "clip_grad_norm_": (lambda ps: fgs.clip_grad_norm_(ps, 0.5), ["stats", "finalize", "scale"]),
+    "clip_grad_norm_(return_stats)": (
+        lambda ps: fgs.clip_grad_norm_(ps, 0.5, return_stats=True),
+        ["stats", "finalize", "scale"],
+    ),
+    "clip_grad_norm_(inf)": (
+        lambda ps: fgs.clip_grad_norm_(ps, 0.5, norm_type=math.inf),
+        ["stats", "finalize", "scale"],
+    ),
+    "grad_stats": (lambda ps: fgs.grad_stats(ps), ["stats", "finalize"]),
+    "get_total_norm": (lambda ps: fgs.get_total_norm([p.grad for p in ps]), ["stats", "finalize"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_one_group_launch_budget_and_no_torch_op_between(monkeypatch, name):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    call, expected = CALLS[name]
+    params = _params([torch.float32])
+    names, ops = _steady_state(monkeypatch, lambda: call(params))
+    assert names == [f"{k}_kernel" for k in expected]
+    assert set(ops) <= ALLOWED_OPS, ops
+
+
+@pytest.mark.parametrize("name", ["clip_grad_norm_", "grad_stats"])
+def test_each_extra_group_costs_at_most_two_launches(monkeypatch, name):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    call, expected = CALLS[name]
+    params = _params([torch.float32, torch.bfloat16, torch.float16])
+    names, ops = _steady_state(monkeypatch, lambda: call(params))
+    assert len(names) <= len(expected) + 2 * 2
+    assert names.count("finalize_kernel") == 1  # one finalize for every group
+    assert names.count("stats_kernel") == 3
+    assert set(ops) <= ALLOWED_OPS, ops
+
+
+def test_misaligned_gradient_gets_its_own_segment(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    params = _params([torch.float32])
+    buffer = torch.randn(301, device=DEVICE)
+    odd = torch.nn.Parameter(torch.zeros(300, device=DEVICE))
+    odd.grad = buffer[1:]  # 4 bytes past a 16-byte boundary
+    assert odd.grad.data_ptr() % 16 != 0
+    params.insert(2, odd)
+    fgs.clip_grad_norm_(params, 0.5)
+    launches = Launches()
+    monkeypatch.setattr(kernels, "launch", launches)
+    fgs.clip_grad_norm_(params, 0.5)
+    monkeypatch.undo()
+    stats = [kw for name, _, kw in launches.calls if name == "stats_kernel"]
+    assert sorted(kw["ALIGNED"] for kw in stats) == [False, True]
+    grids = {kw["ALIGNED"]: grid for (name, grid, kw) in launches.calls if name == "stats_kernel"}
+    assert grids[False] == (3,)  # only the misaligned tensor's 3 blocks
+    assert len(launches.calls) == 5
+
+
+def test_the_counted_path_computes_torchs_results(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    params = _params([torch.float32])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        q.grad = p.grad.clone()
+    for _ in range(2):  # cold (plan built) and warm (plan reused)
+        ours = fgs.clip_grad_norm_(params, 0.5)
+        theirs = torch.nn.utils.clip_grad_norm_(twins, 0.5)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-6, atol=1e-9)
+    assert triton_backend.plan_stats["hits"] >= 1
+
+
+def test_plan_is_rebuilt_when_the_layout_behind_the_addresses_changes():
+    """Same data_ptrs, different sizes (views of one buffer): the cheap check rebuilds."""
+    buffer = torch.randn(400, device=DEVICE)
+    first = fgs.get_total_norm([buffer[:100], buffer[200:300]], backend="triton")
+    second = fgs.get_total_norm([buffer[:150], buffer[200:400]], backend="triton")
+    assert triton_backend.plan_stats["builds"] == 2
+    want = torch.linalg.vector_norm(torch.cat([buffer[:150], buffer[200:400]]))
+    torch.testing.assert_close(second, want, rtol=1e-6, atol=0)
+    assert not torch.equal(first, second)
+
+
+def test_none_grads_and_named_pairs_take_the_fused_path(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    params = _params([torch.float32])
+    params[1].grad = None
+    pairs = [(f"w{i}", p) for i, p in enumerate(params)]
+    _, stats = fgs.clip_grad_norm_(pairs, 1e9, return_stats=True)
+    assert stats.names == [f"w{i}" for i in range(len(params)) if i != 1]
+    unnamed = fgs.clip_grad_norm_(params, 1e9, return_stats=True)[1]
+    assert unnamed.names == [str(i) for i in range(len(params)) if i != 1]
+    assert stats.numels == [p.numel() for p in params if p.grad is not None]
+    launches = Launches()
+    monkeypatch.setattr(kernels, "launch", launches)
+    fgs.clip_grad_norm_(pairs, 1e9, return_stats=True)
+    monkeypatch.undo()
+    assert launches.names == ["stats_kernel", "finalize_kernel", "scale_kernel"]
