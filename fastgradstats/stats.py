@@ -29,6 +29,11 @@ class GradStats:
         norm_type: the p of the norms.
         clip_coef: 0-d clip coefficient ``min(max_norm / (total + 1e-6), 1)`` when the stats
             came from ``clip_grad_norm_(..., return_stats=True)``, else ``None``.
+        histogram: int64 [n, B] (``B = histogram.NUM_BINS = 152``) counts of finite |g| in
+            ``[histogram_edges[i], histogram_edges[i+1])``; NaN/Inf are in no bin. Only with
+            ``grad_stats(..., histogram=True)``, else ``None``.
+        histogram_edges: float64 [B + 1] on the device: 0, 2^-133, 2^-132, ..., 2^17, inf.
+        zero_count: int64 [n], exact zeros (also counted in bin 0).
     """
 
     names: list[str]
@@ -40,6 +45,9 @@ class GradStats:
     norm_type: float = 2.0
     clip_coef: Tensor | None = None
     numels: list[int] = field(default_factory=list, repr=False)
+    histogram: Tensor | None = None
+    histogram_edges: Tensor | None = None
+    zero_count: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,7 +78,31 @@ class GradStats:
         flags = self.nonfinite.tolist()
         return [name for name, bad in zip(self.names, flags) if bad]
 
-    def to_dict(self) -> dict[str, Any]:
+    def precision_report(self, dtype: torch.dtype | str = torch.float16, *, margin: int = 0):
+        """Per-tensor share of nonzero finite values a cast to ``dtype`` would hurt.
+
+        ``dtype``: torch.float16, torch.bfloat16, torch.float8_e4m3fn or float8_e5m2 (or
+        "fp16", "bf16", "e4m3", "e5m2"). Returns a
+        :class:`fastgradstats.histogram.PrecisionReport` of device tensors (no sync), from
+        :attr:`histogram` with :attr:`max_abs` as the exact amax (so ``overflow`` is exactly
+        0 wherever max |g| is below the overflow threshold). Needs ``histogram=True``.
+        """
+        from .histogram import precision_report
+
+        if self.histogram is None or self.zero_count is None:
+            raise ValueError(
+                "precision_report needs histograms: call grad_stats(..., histogram=True)"
+            )
+        return precision_report(
+            self.histogram,
+            self.zero_count,
+            self.numels,
+            dtype,
+            max_abs=self.max_abs.to(self.histogram.device),
+            margin=margin,
+        )
+
+    def to_dict(self, precision: Any = None) -> dict[str, Any]:
         """Plain Python numbers, one host sync for everything.
 
         ``{"norm_type", "total_norm", "clip_coef", "tensors": {name: {"norm", "max_abs",
@@ -78,13 +110,38 @@ class GradStats:
         name given more than once (e.g. two models' ``named_parameters()`` chained) keeps
         every entry: its second occurrence is keyed ``"name#2"``, the third ``"name#3"``...
         (see :func:`unique_names`).
+
+        With histograms, each tensor also has ``"zero_count"``. ``precision`` (a target
+        dtype, or a list of them; needs histograms) adds the fields of
+        :meth:`precision_report` to each tensor, keyed ``"<fmt>_<field>"``, e.g.
+        ``"fp16_flush_to_zero"``, ``"fp16_subnormal"``, ``"fp16_overflow"``,
+        ``"fp8_e4m3fn_scaled_subnormal"`` (see ``PrecisionReport.FIELDS``).
         """
-        scalars = [self.total_norm.to(self.norms.dtype).reshape(1)]
+        targets = _precision_targets(precision)
+        if targets and self.histogram is None:
+            raise ValueError("to_dict(precision=...) needs grad_stats(..., histogram=True)")
+        reports = [self.precision_report(t) for t in targets]
+        from .histogram import PrecisionReport
+
+        fields = PrecisionReport.FIELDS
+        # Everything in one float64 buffer: one device->host copy (counts < 2**53 are exact).
+        f64, device = torch.float64, self.norms.device
+        acc = self.norms.dtype  # the scalars are reported in the norms' dtype
+        scalars = [self.total_norm.to(device, acc).to(f64).reshape(1)]
         if self.clip_coef is not None:
-            scalars.append(self.clip_coef.to(self.norms.device, self.norms.dtype).reshape(1))
-        floats = torch.cat([self.norms, self.max_abs, *scalars]).tolist()
-        counts = torch.cat([self.nan_count, self.inf_count]).tolist()
+            scalars.append(self.clip_coef.to(device, acc).to(f64).reshape(1))
+        extra = []
+        if self.zero_count is not None:
+            extra.append(self.zero_count.to(device, f64))
+        for report in reports:
+            extra += [getattr(report, f).to(device, f64) for f in fields]
         n = len(self)
+        values = torch.cat(
+            [self.norms.to(f64), self.max_abs.to(f64), self.nan_count.to(f64)]
+            + [self.inf_count.to(f64), *extra, *scalars]
+        ).tolist()
+        floats = values[:n] + values[n : 2 * n] + values[len(values) - len(scalars) :]
+        counts = values[2 * n : 4 * n]
         tensors = {
             name: {
                 "norm": floats[i],
@@ -95,6 +152,17 @@ class GradStats:
             }
             for i, name in enumerate(unique_names(self.names))
         }
+        offset = 4 * n
+        if self.zero_count is not None:
+            for i, row in enumerate(tensors.values()):
+                row["zero_count"] = int(values[offset + i])
+            offset += n
+        for report in reports:
+            prefix = report.format.name
+            for f in fields:
+                for i, row in enumerate(tensors.values()):
+                    row[f"{prefix}_{f}"] = values[offset + i]
+                offset += n
         return {
             "norm_type": self.norm_type,
             "total_norm": floats[2 * n],
@@ -116,6 +184,19 @@ class GradStats:
             )
         lines.append(f"total {self.norm_type:g}-norm: {data['total_norm']:.6e}")
         return "\n".join(lines)
+
+
+def _precision_targets(precision: Any) -> list[Any]:
+    if precision is None:
+        return []
+    if isinstance(precision, (torch.dtype, str)):
+        return [precision]
+    try:
+        return list(precision)
+    except TypeError:
+        raise TypeError(
+            f"precision must be a dtype, a name or a list of them, got {precision!r}"
+        ) from None
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -156,10 +237,18 @@ def compute(
     foreach: bool | None = None,
     groups: core.Groups | None = None,
     sharding: distributed.Sharding | None = None,
+    histogram: bool = False,
 ) -> GradStats:
-    """Per-tensor stats and total norm of already collected gradients (no host sync)."""
+    """Per-tensor stats and total norm of already collected gradients (no host sync).
+
+    ``histogram=True`` also fills ``histogram``, ``histogram_edges`` and ``zero_count``
+    (local gradients only: callers refuse sharded ones, see :func:`check_histogram_input`).
+    """
     if not grads.grads:
-        return empty_stats(norm_type)
+        stats = empty_stats(norm_type)
+        if histogram:
+            _add_histograms(stats, [], backend)
+        return stats
     groups = groups if groups is not None else core.group(grads.grads)
     n = len(grads.grads)
     per_tensor = core.per_tensor_stats(groups, n, norm_type, backend, foreach)
@@ -167,7 +256,7 @@ def compute(
     if sharding is not None:  # sharded grads: combine the partials across ranks
         per_tensor, numels = sharding.reduce_stats(per_tensor, norm_type)
     total = core.total_norm(per_tensor.norms, norm_type)
-    return GradStats(
+    stats = GradStats(
         names=grads.names,
         norms=per_tensor.norms,
         max_abs=per_tensor.max_abs,
@@ -177,6 +266,44 @@ def compute(
         norm_type=norm_type,
         numels=numels,
     )
+    if histogram:
+        _add_histograms(stats, grads.grads, backend)
+    return stats
+
+
+def _add_histograms(stats: GradStats, grads: list[Tensor], backend: str | None) -> None:
+    """Fill the histogram fields of ``stats`` (a second read of the gradients for now)."""
+    from .histogram import _edges_on, histograms_for
+
+    device = stats.norms.device
+    counts, zeros = histograms_for(grads, backend)
+    stats.histogram = counts.to(device)
+    stats.zero_count = zeros.to(device)
+    stats.histogram_edges = _edges_on(device).clone()
+
+
+def check_histogram_input(grads: core.GradList, process_group: Any) -> None:
+    """Refuse what ``histogram=True`` cannot do yet, before anything is computed.
+
+    Sharded gradients (``process_group=`` shards, DTensor) would need their histograms
+    summed over the ranks (with replicas counted once): not implemented, so a clear
+    ``NotImplementedError`` rather than silently local counts. Complex gradients and other
+    dtypes than fp32/bf16/fp16/fp64 raise ``TypeError`` naming the parameter.
+    """
+    from .histogram import SUPPORTED_DTYPES
+
+    if process_group is not None or any(distributed.is_dtensor(g) for g in grads.grads):
+        raise NotImplementedError(
+            "histogram=True is not supported for sharded gradients (process_group= or "
+            "DTensor) yet: compute histograms of the local shards with "
+            "fastgradstats.histogram.histograms_for and all-reduce (SUM) them yourself"
+        )
+    for name, g in zip(grads.names, grads.grads):
+        if g.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"gradient of parameter {name!r} has dtype {g.dtype}; histogram=True "
+                "supports float32, bfloat16, float16 and float64 gradients"
+            )
 
 
 @torch.no_grad()
@@ -186,6 +313,7 @@ def grad_stats(
     *,
     backend: str | None = None,
     process_group: Any = None,
+    histogram: bool = False,
 ) -> GradStats:
     """Per-tensor gradient norm, max |g|, NaN/Inf counts and the total norm, in one pass.
 
@@ -198,15 +326,24 @@ def grad_stats(
         process_group: for plain tensors that are shards of parameters sharded over this
             torch.distributed group; DTensor gradients need nothing (see
             :mod:`fastgradstats.distributed`). Stats are then those of the full parameters.
+        histogram: also bin every finite |g| per tensor on power-of-two edges
+            (``GradStats.histogram`` [n, 152], ``histogram_edges``, ``zero_count``; see
+            :mod:`fastgradstats.histogram`), on the device, no host sync. On the Triton
+            backend one extra launch per (device, dtype) group. Not supported with
+            ``process_group=`` or DTensor gradients (``NotImplementedError``).
 
     Returns:
         :class:`GradStats` holding device tensors; nothing is synced until you ask for
         numbers (``to_dict()``, ``nonfinite_names()``, ``table()``).
     """
     p = core.check_norm_type(norm_type)
+    if not isinstance(histogram, bool):
+        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
     grads = core.collect(parameters)
+    if histogram:
+        check_histogram_input(grads, process_group)
     sharding = distributed.localize(grads, process_group)
-    return compute(grads, p, backend, sharding=sharding)
+    return compute(grads, p, backend, sharding=sharding, histogram=histogram)
 
 
-__all__ = ["GradStats", "empty_stats", "grad_stats", "unique_names"]
+__all__ = ["GradStats", "check_histogram_input", "empty_stats", "grad_stats", "unique_names"]
