@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import core, distributed
 from .torch_backend import host_to_device
+
+if TYPE_CHECKING:
+    from .histogram import PrecisionReport
 
 
 @dataclass
@@ -78,7 +81,9 @@ class GradStats:
         flags = self.nonfinite.tolist()
         return [name for name, bad in zip(self.names, flags) if bad]
 
-    def precision_report(self, dtype: torch.dtype | str = torch.float16, *, margin: int = 0):
+    def precision_report(
+        self, dtype: torch.dtype | str = torch.float16, *, margin: int = 0
+    ) -> PrecisionReport:
         """Per-tensor share of nonzero finite values a cast to ``dtype`` would hurt.
 
         ``dtype``: torch.float16, torch.bfloat16, torch.float8_e4m3fn or float8_e5m2 (or

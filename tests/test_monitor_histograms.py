@@ -248,3 +248,46 @@ def test_plot_histograms_png(tmp_path):
 
     hist = monitor.histogram_history()
     assert worst_layer(hist, "fp16") in monitor.names
+
+
+_SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+def test_step_with_histograms_makes_no_host_read(monkeypatch):
+    """Value reads issued from fastgradstats during step(histograms) on the Triton path
+    (the torch path's CPU bincount reads CPU tensors for free; the meta test covers it)."""
+    import os
+    import sys
+
+    from conftest import BACKENDS
+
+    import fastgradstats
+
+    if "triton" not in BACKENDS:
+        pytest.skip("the Triton backend cannot run here")
+    monkeypatch.setenv("FASTGRADSTATS_BACKEND", "triton")
+    package_dir = os.path.dirname(fastgradstats.__file__)
+    calls = []
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package_dir):
+                calls.append((name, caller))
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    model = tiny_model()
+    monitor = GradMonitor(model, max_norm=0.3, history=8, histograms=True, histogram_every=2)
+    gen = torch.Generator().manual_seed(8)
+    for name in _SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    for step in range(5):
+        set_random_grads(model, gen)
+        if step == 2:
+            model[2].weight.grad = None
+        monitor.step()
+    assert calls == []
+    monkeypatch.undo()
+    assert monitor.histogram_history().steps.tolist() == [0, 2, 4]
