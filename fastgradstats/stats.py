@@ -246,8 +246,8 @@ def compute(
 ) -> GradStats:
     """Per-tensor stats and total norm of already collected gradients (no host sync).
 
-    ``histogram=True`` also fills ``histogram``, ``histogram_edges`` and ``zero_count``
-    (local gradients only: callers refuse sharded ones, see :func:`check_histogram_input`).
+    ``histogram=True`` also fills ``histogram``, ``histogram_edges`` and ``zero_count``;
+    with ``sharding`` those of the full parameters (summed over the ranks).
     """
     if not grads.grads:
         stats = empty_stats(norm_type)
@@ -272,37 +272,40 @@ def compute(
         numels=numels,
     )
     if histogram:
-        _add_histograms(stats, grads.grads, backend)
+        _add_histograms(stats, grads.grads, backend, sharding)
     return stats
 
 
-def _add_histograms(stats: GradStats, grads: list[Tensor], backend: str | None) -> None:
-    """Fill the histogram fields of ``stats`` (a second read of the gradients for now)."""
+def _add_histograms(
+    stats: GradStats,
+    grads: list[Tensor],
+    backend: str | None,
+    sharding: distributed.Sharding | None = None,
+) -> None:
+    """Fill the histogram fields of ``stats`` (a second read of the gradients for now).
+
+    Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
+    all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
+    """
     from .histogram import _edges_on, histograms_for
 
     device = stats.norms.device
     counts, zeros = histograms_for(grads, backend)
+    if sharding is not None and sharding.groups:
+        rows = torch.cat([counts.to(device).t(), zeros.to(device)[None]])
+        summed = sharding._sum(rows)
+        counts, zeros = summed[:-1].t().contiguous(), summed[-1].contiguous()
     stats.histogram = counts.to(device)
     stats.zero_count = zeros.to(device)
     stats.histogram_edges = _edges_on(device).clone()
 
 
-def check_histogram_input(grads: core.GradList, process_group: Any) -> None:
-    """Refuse what ``histogram=True`` cannot do yet, before anything is computed.
-
-    Sharded gradients (``process_group=`` shards, DTensor) would need their histograms
-    summed over the ranks (with replicas counted once): not implemented, so a clear
-    ``NotImplementedError`` rather than silently local counts. Complex gradients and other
-    dtypes than fp32/bf16/fp16/fp64 raise ``TypeError`` naming the parameter.
-    """
+def check_histogram_input(grads: core.GradList) -> None:
+    """Refuse what ``histogram=True`` cannot do, before anything is computed: complex
+    gradients and dtypes other than fp32/bf16/fp16/fp64 raise ``TypeError`` naming the
+    parameter."""
     from .histogram import SUPPORTED_DTYPES
 
-    if process_group is not None or any(distributed.is_dtensor(g) for g in grads.grads):
-        raise NotImplementedError(
-            "histogram=True is not supported for sharded gradients (process_group= or "
-            "DTensor) yet: compute histograms of the local shards with "
-            "fastgradstats.histogram.histograms_for and all-reduce (SUM) them yourself"
-        )
     for name, g in zip(grads.names, grads.grads):
         if g.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
@@ -334,8 +337,9 @@ def grad_stats(
         histogram: also bin every finite |g| per tensor on power-of-two edges
             (``GradStats.histogram`` [n, 152], ``histogram_edges``, ``zero_count``; see
             :mod:`fastgradstats.histogram`), on the device, no host sync. On the Triton
-            backend one extra launch per (device, dtype) group. Not supported with
-            ``process_group=`` or DTensor gradients (``NotImplementedError``).
+            backend one extra launch per (device, dtype) group. With ``process_group=``
+            shards or DTensor gradients the counts are those of the full parameters (one
+            more SUM all-reduce, replicas counted once).
 
     Returns:
         :class:`GradStats` holding device tensors; nothing is synced until you ask for
@@ -346,7 +350,7 @@ def grad_stats(
         raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
     grads = core.collect(parameters)
     if histogram:
-        check_histogram_input(grads, process_group)
+        check_histogram_input(grads)
     sharding = distributed.localize(grads, process_group)
     return compute(grads, p, backend, sharding=sharding, histogram=histogram)
 

@@ -113,8 +113,6 @@ def test_grad_stats_histogram_bad_input_changes_nothing():
     q.grad = torch.ones(3)
     with pytest.raises(TypeError, match="histogram must be a bool"):
         fgs.grad_stats([q], histogram="yes")
-    with pytest.raises(NotImplementedError, match="sharded"):
-        fgs.grad_stats([q], histogram=True, process_group=object())
     with pytest.raises(ValueError, match="histogram=True"):
         fgs.grad_stats([q]).precision_report(torch.float16)
     with pytest.raises(ValueError, match="histogram=True"):
@@ -206,3 +204,78 @@ def test_to_dict_precision_keys(backend):
     assert plain["tensors"]["p0"] == {k: row[k] for k in plain["tensors"]["p0"]}
     with pytest.raises(ValueError, match="dtype"):
         stats.to_dict(precision=torch.float32)
+
+
+# ----------------------------------------------------------------------- distributed
+
+
+def _dist_worker(rank: int, world: int, seed: int, out_dir: str) -> None:
+    """Each rank: DTensor gradients (Shard / Replicate, uneven shards, bf16) and plain
+    ``process_group=`` shards; saves the histograms grad_stats gives."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    os.environ["FASTGRADSTATS_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world
+    )
+    try:
+        full = _dist_full(seed)
+        mesh = init_device_mesh("cpu", (world,))
+        placements = {"col": [Shard(0)], "row": [Shard(1)], "rep": [Replicate()]}
+        placements["half"] = [Shard(0)]
+        params = []
+        for name, value in full.items():
+            p = distribute_tensor(torch.zeros_like(value), mesh, placements[name])
+            p.grad = distribute_tensor(value.clone(), mesh, placements[name])
+            params.append((name, p))
+        dt = fgs.grad_stats(params, histogram=True)
+        shards = []
+        for name, value in full.items():
+            local = value.reshape(-1).chunk(world)[rank].clone()
+            p = torch.nn.Parameter(torch.zeros_like(local))
+            p.grad = local
+            shards.append((name, p))
+        pg = fgs.grad_stats(shards, histogram=True, process_group=dist.group.WORLD)
+        out = {
+            "dtensor": (dt.histogram, dt.zero_count, dt.nan_count),
+            "process_group": (pg.histogram, pg.zero_count, pg.nan_count),
+        }
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _dist_full(seed: int) -> dict[str, torch.Tensor]:
+    return {
+        "col": planted(7 * 5, torch.float32, seed).reshape(7, 5),  # 4 + 3 rows
+        "row": planted(6 * 9, torch.float32, seed + 1).reshape(6, 9),
+        "rep": planted(13, torch.float32, seed + 2),  # a replica: counted once
+        "half": planted(11 * 3, torch.bfloat16, seed + 3).reshape(11, 3),
+    }
+
+
+def test_sharded_histograms_are_those_of_the_full_parameters(tmp_path):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    import _dist_workers
+
+    seed = 5
+    codes, hung = _dist_workers.spawn(_dist_worker, 2, (seed,), str(tmp_path), 120)
+    assert not hung and codes == [0, 0], codes
+    full = _dist_full(seed)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for case in ("dtensor", "process_group"):
+            hist, zeros, nan = got[case]
+            for i, (name, value) in enumerate(full.items()):
+                ref, ref_zeros = numpy_reference(value)
+                np.testing.assert_array_equal(hist[i].numpy(), ref, err_msg=f"{case} {name}")
+                assert int(zeros[i]) == ref_zeros, (case, name)
+                assert int(nan[i]) == int(torch.isnan(value).sum()), (case, name)
