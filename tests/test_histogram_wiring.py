@@ -23,7 +23,7 @@ NAN, INF = float("nan"), float("inf")
 def _params(tensors: list[torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]:
     out = []
     for i, t in enumerate(tensors):
-        p = torch.nn.Parameter(torch.zeros(t.shape, dtype=t.dtype))
+        p = torch.nn.Parameter(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
         p.grad = t.clone()
         out.append((f"p{i}", p))
     return out
@@ -279,3 +279,25 @@ def test_sharded_histograms_are_those_of_the_full_parameters(tmp_path):
                 np.testing.assert_array_equal(hist[i].numpy(), ref, err_msg=f"{case} {name}")
                 assert int(zeros[i]) == ref_zeros, (case, name)
                 assert int(nan[i]) == int(torch.isnan(value).sum()), (case, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_grad_stats_histogram_and_monitor_do_not_sync(backend):
+    """CUDA's sync debug mode raises on any device->host wait."""
+    from fastgradstats import GradMonitor
+
+    sizes = ((1023, torch.float32), (4097, torch.bfloat16))
+    params = _params([planted(n, dtype, seed=n).cuda() for n, dtype in sizes])
+    monitor = GradMonitor(params, max_norm=1.0, histograms=True, histogram_history=4)
+    fgs.grad_stats(params, histogram=True)  # warm-up: kernel compile, table and LUT caches
+    monitor.step()  # clips the gradients in place (NaN coefficient: all NaN), fine here
+    expected = [p.grad.detach().cpu().clone() for _, p in params]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = fgs.grad_stats(params, histogram=True)
+        stats.precision_report(torch.float8_e4m3fn)
+        monitor.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _check_counts(stats, expected)
