@@ -287,10 +287,11 @@ def test_cuda_grad_stats_histogram_and_monitor_do_not_sync(backend):
     from fastgradstats import GradMonitor
 
     sizes = ((1023, torch.float32), (4097, torch.bfloat16))
-    params = _params([planted(n, dtype, seed=n).cuda() for n, dtype in sizes])
+    finite = [planted(n, dtype, seed=n).nan_to_num(0.0, 0.0, 0.0) for n, dtype in sizes]
+    params = _params([g.cuda() for g in finite])
     monitor = GradMonitor(params, max_norm=1.0, histograms=True, histogram_history=4)
     fgs.grad_stats(params, histogram=True)  # warm-up: kernel compile, table and LUT caches
-    monitor.step()  # clips the gradients in place (NaN coefficient: all NaN), fine here
+    monitor.step()  # clips the gradients in place: compare with what they are now
     expected = [p.grad.detach().cpu().clone() for _, p in params]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
