@@ -287,17 +287,31 @@ def _add_histograms(
     Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
     all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
     """
-    from .histogram import _edges_on, histograms_for
+    from .histogram import _edges_on
 
     device = stats.norms.device
-    counts, zeros = histograms_for(grads, backend)
-    if sharding is not None and sharding.groups:
-        rows = torch.cat([counts.to(device).t(), zeros.to(device)[None]])
-        summed = sharding._sum(rows)
-        counts, zeros = summed[:-1].t().contiguous(), summed[-1].contiguous()
+    counts, zeros = histograms(grads, backend, sharding, device)
     stats.histogram = counts.to(device)
     stats.zero_count = zeros.to(device)
     stats.histogram_edges = _edges_on(device).clone()
+
+
+def histograms(
+    grads: list[Tensor],
+    backend: str | None,
+    sharding: distributed.Sharding | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor histograms and zero counts of (localized) ``grads`` on ``device``; with
+    ``sharding``, those of the full parameters (one SUM all-reduce). No host sync."""
+    from .histogram import histograms_for
+
+    counts, zeros = histograms_for(grads, backend)
+    if sharding is not None and sharding.groups:
+        rows = torch.cat([counts.to(device).t(), zeros.to(device)[None]])
+        summed = sharding._sum(rows)  # replicas are counted once, like the NaN counts
+        return summed[:-1].t().contiguous(), summed[-1].contiguous()
+    return counts.to(device), zeros.to(device)
 
 
 def check_histogram_input(grads: core.GradList) -> None:

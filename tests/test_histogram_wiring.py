@@ -211,7 +211,7 @@ def test_to_dict_precision_keys(backend):
 
 def _dist_worker(rank: int, world: int, seed: int, out_dir: str) -> None:
     """Each rank: DTensor gradients (Shard / Replicate, uneven shards, bf16) and plain
-    ``process_group=`` shards; saves the histograms grad_stats gives."""
+    ``process_group=`` shards; saves the histograms grad_stats and GradMonitor give."""
     import os
 
     import torch.distributed as dist
@@ -234,6 +234,10 @@ def _dist_worker(rank: int, world: int, seed: int, out_dir: str) -> None:
             p.grad = distribute_tensor(value.clone(), mesh, placements[name])
             params.append((name, p))
         dt = fgs.grad_stats(params, histogram=True)
+        monitor = fgs.GradMonitor(params, histograms=True)
+        monitor.step()
+        hist = monitor.histogram_history()
+        mon = (torch.from_numpy(hist.counts[0]), torch.from_numpy(hist.zero_count[0]))
         shards = []
         for name, value in full.items():
             local = value.reshape(-1).chunk(world)[rank].clone()
@@ -244,6 +248,7 @@ def _dist_worker(rank: int, world: int, seed: int, out_dir: str) -> None:
         out = {
             "dtensor": (dt.histogram, dt.zero_count, dt.nan_count),
             "process_group": (pg.histogram, pg.zero_count, pg.nan_count),
+            "monitor": (*mon, dt.nan_count),
         }
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -272,7 +277,7 @@ def test_sharded_histograms_are_those_of_the_full_parameters(tmp_path):
     full = _dist_full(seed)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        for case in ("dtensor", "process_group"):
+        for case in ("dtensor", "process_group", "monitor"):
             hist, zeros, nan = got[case]
             for i, (name, value) in enumerate(full.items()):
                 ref, ref_zeros = numpy_reference(value)

@@ -182,8 +182,8 @@ class GradMonitor:
             clipping, into a device ring of ``histogram_history`` rows (int64
             ``[histogram_history, n_params, 152]``: 8 * 152 bytes per parameter and row,
             GPT-2's 148 tensors take 11.6 MB at 64 rows). No host sync; on the Triton
-            backend one extra launch per (device, dtype) group on those steps. Not
-            supported for DTensor parameters (``NotImplementedError``).
+            backend one extra launch per (device, dtype) group on those steps. DTensor
+            parameters get the histograms of the full parameters (one more all-reduce).
         histogram_every: record a histogram every this many recorded steps (the first
             recorded step has one).
         histogram_history: rows of the histogram ring; flush at least every
@@ -270,10 +270,6 @@ class GradMonitor:
 
         if self.histograms:
             for name, p in pairs:
-                if distributed.is_dtensor(p):
-                    raise NotImplementedError(
-                        f"histograms=True does not support DTensor parameters yet ({name!r})"
-                    )
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise TypeError(
                         f"histograms=True: parameter {name!r} has dtype {p.dtype}; histograms "
@@ -508,10 +504,11 @@ class GradMonitor:
         return total
 
     def _measure_histograms(self) -> tuple[list[str], Tensor, Tensor]:
-        from ..histogram import histograms_for
+        from ..stats import histograms
 
         grads = core.collect(list(zip(self.names, self.params)))
-        counts, zeros = histograms_for(grads.grads, self.backend)
+        sharding = distributed.localize(grads, None)  # DTensor: summed over the ranks
+        counts, zeros = histograms(grads.grads, self.backend, sharding, self.device)
         return grads.names, counts, zeros
 
     def _write_histogram(
