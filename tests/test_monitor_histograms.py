@@ -226,6 +226,7 @@ def test_wandb_histograms_in_the_offline_run_file(wandb_run):  # noqa: F811
             lo, hi = int(np.flatnonzero(ref)[0]), int(np.flatnonzero(ref)[-1])
             assert row[f"{key}/values"] == ref[lo : hi + 1].tolist()
             assert row[f"{key}/bins"] == pytest.approx(H.display_edges()[lo : hi + 2])
+        assert row["grad_hist_step"] == step
     plain_rows = [r for r in rows if "grad/step" in r and r["grad/step"] in (1, 3)]
     assert len(plain_rows) == 2
     assert not any(k.startswith("grad_hist/") for r in plain_rows for k in r)
@@ -291,3 +292,27 @@ def test_step_with_histograms_makes_no_host_read(monkeypatch):
     assert calls == []
     monkeypatch.undo()
     assert monitor.histogram_history().steps.tolist() == [0, 2, 4]
+
+
+def test_wandb_latest_rows_carry_the_newest_histogram(wandb_run):  # noqa: F811
+    run = wandb_run
+    model = tiny_model(sizes=(9, 13, 3))
+    monitor = GradMonitor(model, histograms=True, histogram_every=2)
+    monitor.log_wandb(run)  # rows="latest"
+    seen = {}
+    for step in range(6):
+        seen[step] = _plant(model, step)
+        monitor.step()
+        run.log({"loss": float(step)}, step=step)
+        if step in (3, 5):
+            monitor.flush()
+    rows = _finish(run)
+    logged = {r["_step"]: r for r in rows if "grad_hist/0.weight/values" in r}
+    # flush at 3 sends step 3's row with step 2's histogram; flush at 5: step 5 with step 4's
+    assert sorted(logged) == [3, 5]
+    for step, hist_step in ((3, 2), (5, 4)):
+        row = logged[step]
+        assert row["grad/step"] == step and row["grad_hist_step"] == hist_step
+        ref, _ = numpy_reference(seen[hist_step][0])
+        lo, hi = int(np.flatnonzero(ref)[0]), int(np.flatnonzero(ref)[-1])
+        assert row["grad_hist/0.weight/values"] == ref[lo : hi + 1].tolist()

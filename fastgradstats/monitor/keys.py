@@ -15,7 +15,8 @@ Every other key is the same in both styles: ``{prefix}grad_max_abs/{name}``,
 With ``GradMonitor(histograms=True)``: ``{prefix}grad_zero_frac/{name}`` (share of exact
 zeros), ``{prefix}grad_{fmt}_{field}/{name}`` for each target format (``fp16``, ``bf16``,
 ``fp8_e4m3fn``, ``fp8_e5m2``) and field (``flush_to_zero``, ``subnormal``, ``overflow``:
-shares of the nonzero finite values), and the histogram tag ``{prefix}grad_hist/{name}``.
+shares of the nonzero finite values), the histogram tag ``{prefix}grad_hist/{name}`` and
+(W&B) ``{prefix}grad_hist_step``.
 The total norm's key has no ``/``, so no parameter name can collide with it.
 """
 
@@ -51,6 +52,7 @@ class Keys:
         self.skipped = f"{prefix}grad_skipped"
         self.spike_total = f"{prefix}grad_spike_total"
         self.step_metric = f"{prefix}grad/step"  # the W&B x axis of the monitor's rows
+        self.histogram_step = f"{prefix}grad_hist_step"  # W&B: the step histograms are of
 
     def __repr__(self) -> str:
         return f"Keys(prefix={self.prefix!r}, key_style={self.style!r}, norm_type={self.norm_type})"

@@ -204,8 +204,9 @@ class WandbWriter:
     With ``GradMonitor(histograms=True)`` a row that is a histogram step also carries
     ``grad_hist/<name>``: ``wandb.Histogram(np_histogram=(counts, bins))`` on log2 |g|
     (:func:`fastgradstats.histogram.wandb_np_histogram`; parameters without finite values
-    are left out). With ``rows="latest"`` the newest histogram of the flush is sent with the
-    newest row.
+    are left out) and ``grad_hist_step``, the step the histograms are of. With
+    ``rows="latest"`` the newest histogram of the flush is sent with the newest row (so
+    ``grad_hist_step`` can be older than ``grad/step``).
     """
 
     modes = ("latest", "all")
@@ -270,6 +271,8 @@ class WandbWriter:
             pair = wandb_np_histogram(hist.counts[k, j].tolist())
             if pair is not None:
                 out[keys.histogram(name)] = wandb.Histogram(np_histogram=pair)
+        if out:
+            out[keys.histogram_step] = int(hist.steps[k])
         return out
 
 
