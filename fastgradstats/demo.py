@@ -62,6 +62,7 @@ class DemoRun:
     lr: float
     max_norm: float | None
     story: str
+    histograms: bool = False  # also record per-layer |g| histograms (fp16 underflow plot)
 
 
 RUNS = [
@@ -95,11 +96,16 @@ RUNS = [
         init_gain=1.0,
         lr=0.1,
         max_norm=None,
-        story="A 12-layer sigmoid MLP: each layer shrinks the backward signal >= 4x.",
+        story="A 12-layer sigmoid MLP: each layer shrinks the backward signal >= 4x. "
+        "The monitor also records per-layer |g| histograms: the earliest layers' gradients "
+        "fall below fp16's smallest normal (or flush to zero), so this fp32 run would "
+        "lose them in fp16 without a loss scale.",
+        histograms=True,
     ),
 ]
 
 IN_DIM, WIDTH, BATCH, N_SAMPLES = 32, 64, 64, 2048
+HISTOGRAM_EVERY = 5  # histograms every 5th step: they cost more than the norms
 
 
 def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +141,15 @@ def train(run: DemoRun, steps: int, seed: int, quiet: bool) -> tuple[GradMonitor
     x, y = make_data(seed)
     model = make_mlp(run, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)
-    monitor = GradMonitor(model, max_norm=run.max_norm, history=steps)
+    monitor = GradMonitor(
+        model,
+        max_norm=run.max_norm,
+        history=steps,
+        histograms=run.histograms,
+        histogram_every=HISTOGRAM_EVERY,
+        histogram_history=max(1, -(-steps // HISTOGRAM_EVERY)),
+        histogram_dtypes=[torch.float16],
+    )
     bar = None if quiet else ProgressBar(steps, run.key)
     gen = torch.Generator().manual_seed(seed + 2)
     losses = []
@@ -190,6 +204,8 @@ def _write_markdown(path: Path, results: list[dict[str, Any]], seconds: float) -
         lines += ["", f"## {r['key']}: {r['title']}", "", r["story"], ""]
         lines += [f"- {text}" for text in r["diagnosis"]["findings"]]
         lines += ["", f"![{r['key']}]({r['plot']})"]
+        if r.get("histogram_plot"):
+            lines += ["", f"![{r['key']} histograms]({r['histogram_plot']})"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -203,12 +219,19 @@ def _run_one(
         from .plot import plot_history
 
         plot_history(monitor.history(), out / plot_name, title=f"{run.key}: {run.title}")
+    hist_plot = None
+    if can_plot and run.histograms:
+        hist_plot = f"{run.key}_histograms.png"
+        monitor.plot_histograms(
+            out / hist_plot, dtype=torch.float16, title=f"{run.key}: |g| histograms vs fp16"
+        )
     say(f"\n== {run.key}: {run.title}\n{diagnosis.summary()}\n")
     return {
         "key": run.key,
         "title": run.title,
         "story": run.story,
         "plot": plot_name if can_plot else None,
+        "histogram_plot": hist_plot,
         "loss_start": losses[0],
         "loss_end": losses[-1],
         "diagnosis": diagnosis.as_dict(),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import core, distributed
 from .torch_backend import host_to_device
+
+if TYPE_CHECKING:
+    from .histogram import PrecisionReport
 
 
 @dataclass
@@ -29,6 +32,11 @@ class GradStats:
         norm_type: the p of the norms.
         clip_coef: 0-d clip coefficient ``min(max_norm / (total + 1e-6), 1)`` when the stats
             came from ``clip_grad_norm_(..., return_stats=True)``, else ``None``.
+        histogram: int64 [n, B] (``B = histogram.NUM_BINS = 152``) counts of finite |g| in
+            ``[histogram_edges[i], histogram_edges[i+1])``; NaN/Inf are in no bin. Only with
+            ``grad_stats(..., histogram=True)``, else ``None``.
+        histogram_edges: float64 [B + 1] on the device: 0, 2^-133, 2^-132, ..., 2^17, inf.
+        zero_count: int64 [n], exact zeros (also counted in bin 0).
     """
 
     names: list[str]
@@ -40,6 +48,9 @@ class GradStats:
     norm_type: float = 2.0
     clip_coef: Tensor | None = None
     numels: list[int] = field(default_factory=list, repr=False)
+    histogram: Tensor | None = None
+    histogram_edges: Tensor | None = None
+    zero_count: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,7 +81,33 @@ class GradStats:
         flags = self.nonfinite.tolist()
         return [name for name, bad in zip(self.names, flags) if bad]
 
-    def to_dict(self) -> dict[str, Any]:
+    def precision_report(
+        self, dtype: torch.dtype | str = torch.float16, *, margin: int = 0
+    ) -> PrecisionReport:
+        """Per-tensor share of nonzero finite values a cast to ``dtype`` would hurt.
+
+        ``dtype``: torch.float16, torch.bfloat16, torch.float8_e4m3fn or float8_e5m2 (or
+        "fp16", "bf16", "e4m3", "e5m2"). Returns a
+        :class:`fastgradstats.histogram.PrecisionReport` of device tensors (no sync), from
+        :attr:`histogram` with :attr:`max_abs` as the exact amax (so ``overflow`` is exactly
+        0 wherever max |g| is below the overflow threshold). Needs ``histogram=True``.
+        """
+        from .histogram import precision_report
+
+        if self.histogram is None or self.zero_count is None:
+            raise ValueError(
+                "precision_report needs histograms: call grad_stats(..., histogram=True)"
+            )
+        return precision_report(
+            self.histogram,
+            self.zero_count,
+            self.numels,
+            dtype,
+            max_abs=self.max_abs.to(self.histogram.device),
+            margin=margin,
+        )
+
+    def to_dict(self, precision: Any = None) -> dict[str, Any]:
         """Plain Python numbers, one host sync for everything.
 
         ``{"norm_type", "total_norm", "clip_coef", "tensors": {name: {"norm", "max_abs",
@@ -78,13 +115,38 @@ class GradStats:
         name given more than once (e.g. two models' ``named_parameters()`` chained) keeps
         every entry: its second occurrence is keyed ``"name#2"``, the third ``"name#3"``...
         (see :func:`unique_names`).
+
+        With histograms, each tensor also has ``"zero_count"``. ``precision`` (a target
+        dtype, or a list of them; needs histograms) adds the fields of
+        :meth:`precision_report` to each tensor, keyed ``"<fmt>_<field>"``, e.g.
+        ``"fp16_flush_to_zero"``, ``"fp16_subnormal"``, ``"fp16_overflow"``,
+        ``"fp8_e4m3fn_scaled_subnormal"`` (see ``PrecisionReport.FIELDS``).
         """
-        scalars = [self.total_norm.to(self.norms.dtype).reshape(1)]
+        targets = _precision_targets(precision)
+        if targets and self.histogram is None:
+            raise ValueError("to_dict(precision=...) needs grad_stats(..., histogram=True)")
+        reports = [self.precision_report(t) for t in targets]
+        from .histogram import PrecisionReport
+
+        fields = PrecisionReport.FIELDS
+        # Everything in one float64 buffer: one device->host copy (counts < 2**53 are exact).
+        f64, device = torch.float64, self.norms.device
+        acc = self.norms.dtype  # the scalars are reported in the norms' dtype
+        scalars = [self.total_norm.to(device, acc).to(f64).reshape(1)]
         if self.clip_coef is not None:
-            scalars.append(self.clip_coef.to(self.norms.device, self.norms.dtype).reshape(1))
-        floats = torch.cat([self.norms, self.max_abs, *scalars]).tolist()
-        counts = torch.cat([self.nan_count, self.inf_count]).tolist()
+            scalars.append(self.clip_coef.to(device, acc).to(f64).reshape(1))
+        extra = []
+        if self.zero_count is not None:
+            extra.append(self.zero_count.to(device, f64))
+        for report in reports:
+            extra += [getattr(report, f).to(device, f64) for f in fields]
         n = len(self)
+        values = torch.cat(
+            [self.norms.to(f64), self.max_abs.to(f64), self.nan_count.to(f64)]
+            + [self.inf_count.to(f64), *extra, *scalars]
+        ).tolist()
+        floats = values[:n] + values[n : 2 * n] + values[len(values) - len(scalars) :]
+        counts = values[2 * n : 4 * n]
         tensors = {
             name: {
                 "norm": floats[i],
@@ -95,6 +157,17 @@ class GradStats:
             }
             for i, name in enumerate(unique_names(self.names))
         }
+        offset = 4 * n
+        if self.zero_count is not None:
+            for i, row in enumerate(tensors.values()):
+                row["zero_count"] = int(values[offset + i])
+            offset += n
+        for report in reports:
+            prefix = report.format.name
+            for f in fields:
+                for i, row in enumerate(tensors.values()):
+                    row[f"{prefix}_{f}"] = values[offset + i]
+                offset += n
         return {
             "norm_type": self.norm_type,
             "total_norm": floats[2 * n],
@@ -116,6 +189,19 @@ class GradStats:
             )
         lines.append(f"total {self.norm_type:g}-norm: {data['total_norm']:.6e}")
         return "\n".join(lines)
+
+
+def _precision_targets(precision: Any) -> list[Any]:
+    if precision is None:
+        return []
+    if isinstance(precision, (torch.dtype, str)):
+        return [precision]
+    try:
+        return list(precision)
+    except TypeError:
+        raise TypeError(
+            f"precision must be a dtype, a name or a list of them, got {precision!r}"
+        ) from None
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -156,14 +242,22 @@ def compute(
     foreach: bool | None = None,
     groups: core.Groups | None = None,
     sharding: distributed.Sharding | None = None,
+    histogram: bool = False,
 ) -> GradStats:
-    """Per-tensor stats and total norm of already collected gradients (no host sync)."""
+    """Per-tensor stats and total norm of already collected gradients (no host sync).
+
+    ``histogram=True`` also fills ``histogram``, ``histogram_edges`` and ``zero_count``;
+    with ``sharding`` those of the full parameters (summed over the ranks).
+    """
     if not grads.grads:
-        return empty_stats(norm_type)
+        stats = empty_stats(norm_type)
+        if histogram:
+            _add_histograms(stats, [], backend)
+        return stats
     if sharding is None and groups is None:  # one stats + one finalize launch on Triton
         call = core.fused(grads.grads, norm_type, backend, use_grad=False, stats=True)
         if call is not None:
-            return GradStats(
+            stats = GradStats(
                 names=grads.names,
                 norms=call.floats[0],
                 max_abs=call.floats[1],
@@ -173,6 +267,9 @@ def compute(
                 norm_type=norm_type,
                 numels=call.numels,
             )
+            if histogram:
+                _add_histograms(stats, grads.grads, backend)
+            return stats
     groups = groups if groups is not None else core.group(grads.grads)
     n = len(grads.grads)
     per_tensor = core.per_tensor_stats(groups, n, norm_type, backend, foreach)
@@ -180,7 +277,7 @@ def compute(
     if sharding is not None:  # sharded grads: combine the partials across ranks
         per_tensor, numels = sharding.reduce_stats(per_tensor, norm_type)
     total = core.total_norm(per_tensor.norms, norm_type)
-    return GradStats(
+    stats = GradStats(
         names=grads.names,
         norms=per_tensor.norms,
         max_abs=per_tensor.max_abs,
@@ -190,6 +287,61 @@ def compute(
         norm_type=norm_type,
         numels=numels,
     )
+    if histogram:
+        _add_histograms(stats, grads.grads, backend, sharding)
+    return stats
+
+
+def _add_histograms(
+    stats: GradStats,
+    grads: list[Tensor],
+    backend: str | None,
+    sharding: distributed.Sharding | None = None,
+) -> None:
+    """Fill the histogram fields of ``stats`` (a second read of the gradients for now).
+
+    Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
+    all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
+    """
+    from .histogram import _edges_on
+
+    device = stats.norms.device
+    counts, zeros = histograms(grads, backend, sharding, device)
+    stats.histogram = counts.to(device)
+    stats.zero_count = zeros.to(device)
+    stats.histogram_edges = _edges_on(device).clone()
+
+
+def histograms(
+    grads: list[Tensor],
+    backend: str | None,
+    sharding: distributed.Sharding | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor histograms and zero counts of (localized) ``grads`` on ``device``; with
+    ``sharding``, those of the full parameters (one SUM all-reduce). No host sync."""
+    from .histogram import histograms_for
+
+    counts, zeros = histograms_for(grads, backend)
+    if sharding is not None and sharding.groups:
+        rows = torch.cat([counts.to(device).t(), zeros.to(device)[None]])
+        summed = sharding._sum(rows)  # replicas are counted once, like the NaN counts
+        return summed[:-1].t().contiguous(), summed[-1].contiguous()
+    return counts.to(device), zeros.to(device)
+
+
+def check_histogram_input(grads: core.GradList) -> None:
+    """Refuse what ``histogram=True`` cannot do, before anything is computed: complex
+    gradients and dtypes other than fp32/bf16/fp16/fp64 raise ``TypeError`` naming the
+    parameter."""
+    from .histogram import SUPPORTED_DTYPES
+
+    for name, g in zip(grads.names, grads.grads):
+        if g.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"gradient of parameter {name!r} has dtype {g.dtype}; histogram=True "
+                "supports float32, bfloat16, float16 and float64 gradients"
+            )
 
 
 @torch.no_grad()
@@ -199,6 +351,7 @@ def grad_stats(
     *,
     backend: str | None = None,
     process_group: Any = None,
+    histogram: bool = False,
 ) -> GradStats:
     """Per-tensor gradient norm, max |g|, NaN/Inf counts and the total norm, in one pass.
 
@@ -211,15 +364,25 @@ def grad_stats(
         process_group: for plain tensors that are shards of parameters sharded over this
             torch.distributed group; DTensor gradients need nothing (see
             :mod:`fastgradstats.distributed`). Stats are then those of the full parameters.
+        histogram: also bin every finite |g| per tensor on power-of-two edges
+            (``GradStats.histogram`` [n, 152], ``histogram_edges``, ``zero_count``; see
+            :mod:`fastgradstats.histogram`), on the device, no host sync. On the Triton
+            backend one extra launch per (device, dtype) group. With ``process_group=``
+            shards or DTensor gradients the counts are those of the full parameters (one
+            more SUM all-reduce, replicas counted once).
 
     Returns:
         :class:`GradStats` holding device tensors; nothing is synced until you ask for
         numbers (``to_dict()``, ``nonfinite_names()``, ``table()``).
     """
     p = core.check_norm_type(norm_type)
+    if not isinstance(histogram, bool):
+        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
     grads = core.collect(parameters)
+    if histogram:
+        check_histogram_input(grads)
     sharding = distributed.localize(grads, process_group)
-    return compute(grads, p, backend, sharding=sharding)
+    return compute(grads, p, backend, sharding=sharding, histogram=histogram)
 
 
-__all__ = ["GradStats", "empty_stats", "grad_stats", "unique_names"]
+__all__ = ["GradStats", "check_histogram_input", "empty_stats", "grad_stats", "unique_names"]

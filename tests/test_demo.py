@@ -31,6 +31,13 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert runs["vanishing"]["verdict"] == "vanishing"
     markdown = (out / "summary.md").read_text()
     assert "![vanishing](vanishing.png)" in markdown and "| exploding |" in markdown
+    # the vanishing run records histograms: its early layers underflow fp16
+    data = (out / "vanishing_histograms.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert "![vanishing histograms](vanishing_histograms.png)" in markdown
+    fp16 = [f for f in runs["vanishing"]["findings"] if "fp16's smallest normal" in f]
+    assert any("`0.weight`" in f and "flush to zero" in f for f in fp16)
+    assert not any("fp16" in f for f in runs["exploding"]["findings"])
     captured = capsys.readouterr()
     assert "verdict: VANISHING" in captured.out and "wrote" in captured.out
 

@@ -4,7 +4,8 @@ One module per concern:
 
 * :mod:`.recorder` -- :class:`GradMonitor` (the per-step path: stats, clipping, skipping);
 * :mod:`.params` -- which tensors the monitor watches and how it finds them again;
-* :mod:`.history` -- the device ring buffer and the host :class:`History`;
+* :mod:`.history` -- the device ring buffers and the host :class:`History` (and its
+  :class:`HistogramHistory` with ``histograms=True``);
 * :mod:`.events` -- tallies that outlive the ring buffer;
 * :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;
 * :mod:`.keys` -- the logger key names (``prefix=``, ``key_style=``);
@@ -14,7 +15,7 @@ One module per concern:
 
 from .diagnosis import Diagnosis, depth_profile, diagnose
 from .events import Events
-from .history import History
+from .history import HistogramHistory, History
 from .keys import KEY_STYLES, Keys
 from .recorder import GradMonitor
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
@@ -26,6 +27,7 @@ __all__ = [
     "CsvWriter",
     "Diagnosis",
     "GradMonitor",
+    "HistogramHistory",
     "History",
     "HistoryWriter",
     "JsonlWriter",

@@ -62,6 +62,9 @@ class History:
         spike_total: bool [T]; spike_layer: bool [T, n].
         keys: the logger key names :meth:`row_dict` uses (``None``: the default style for
             ``norm_type``, no prefix).
+        histograms: the per-layer |g| histograms recorded at these steps
+            (``GradMonitor(histograms=True)``; at most one every ``histogram_every``
+            recorded steps), or ``None``.
     """
 
     names: list[str]
@@ -82,6 +85,7 @@ class History:
     spike_total: np.ndarray
     spike_layer: np.ndarray
     keys: Keys | None = None
+    histograms: HistogramHistory | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -129,13 +133,138 @@ class History:
         return np.where(self.present & np.isfinite(values), values, np.nan)
 
     def select(self, rows: Any) -> History:
-        """A copy holding only the recorded steps ``rows`` (an index array or slice)."""
-        return History(
-            **{
-                **self.__dict__,
-                **{name: getattr(self, name)[rows].copy() for name in ARRAY_FIELDS},
-            }
+        """A copy holding only the recorded steps ``rows`` (an index array or slice), and
+        the histograms of those steps."""
+        arrays = {name: getattr(self, name)[rows].copy() for name in ARRAY_FIELDS}
+        hist = self.histograms
+        if hist is not None:
+            hist = hist.select(np.isin(hist.steps, arrays["steps"]))
+        return History(**{**self.__dict__, **arrays, "histograms": hist})
+
+
+HISTOGRAM_FIELDS = ("steps", "counts", "zero_count", "max_abs", "present")
+
+
+@dataclass
+class HistogramHistory:
+    """Per-layer |g| histograms of some recorded steps, host (numpy) arrays, oldest first.
+
+    Bins: :func:`fastgradstats.histogram.histogram_edges` (``B = 152``). Shapes: ``T``
+    histogram steps, ``n`` parameters.
+
+    Attributes:
+        steps: int64 [T], the step numbers.
+        counts: int64 [T, n, B], finite |g| per bin (0 where ``present`` is False).
+        zero_count: int64 [T, n], exact zeros (also in bin 0).
+        max_abs: float64 [T, n], max |g| of the step (NaN where the gradient held NaN).
+        present: bool [T, n], the parameter had a gradient that step.
+    """
+
+    names: list[str]
+    numels: list[int]
+    steps: np.ndarray
+    counts: np.ndarray
+    zero_count: np.ndarray
+    max_abs: np.ndarray
+    present: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def select(self, rows: Any) -> HistogramHistory:
+        """A copy holding only the histogram steps ``rows`` (index array, mask or slice)."""
+        arrays = {name: getattr(self, name)[rows].copy() for name in HISTOGRAM_FIELDS}
+        return HistogramHistory(names=list(self.names), numels=list(self.numels), **arrays)
+
+    def report(self, t: int = -1, dtype: Any = torch.float16) -> Any:
+        """The :class:`~fastgradstats.histogram.PrecisionReport` of histogram step ``t``
+        (CPU tensors; every parameter, absent ones with no values)."""
+        from ..histogram import precision_report
+
+        return precision_report(
+            torch.from_numpy(self.counts[t]),
+            torch.from_numpy(self.zero_count[t]),
+            dtype=dtype,
+            max_abs=torch.from_numpy(self.max_abs[t]),
         )
+
+    def precision_dict(self, dtypes: list[Any], keys: Keys, t: int = -1) -> dict[str, float]:
+        """Logger keys of histogram step ``t``: per present parameter, the zero fraction and,
+        per target dtype, the shares that flush to zero, are subnormal, or overflow."""
+        out: dict[str, float] = {}
+        if not len(self):
+            return out
+        present = self.present[t]
+        numels = np.maximum(np.asarray(self.numels, dtype=np.float64), 1.0)
+        zero_frac = self.zero_count[t] / numels
+        for j, name in enumerate(self.names):
+            if present[j]:
+                out[keys.zero_fraction(name)] = float(zero_frac[j])
+        for dtype in dtypes:
+            report = self.report(t, dtype)
+            fmt = report.format.name
+            for field in ("flush_to_zero", "subnormal", "overflow"):
+                values = getattr(report, field).tolist()
+                for j, name in enumerate(self.names):
+                    if present[j]:
+                        out[keys.precision(fmt, field, name)] = float(values[j])
+        return out
+
+
+def empty_histogram_arrays(t: int, n: int) -> dict[str, np.ndarray]:
+    """The arrays of a HistogramHistory of ``t`` blank rows."""
+    from ..histogram import NUM_BINS
+
+    return {
+        "steps": np.full(t, -1, dtype=np.int64),
+        "counts": np.zeros((t, n, NUM_BINS), dtype=np.int64),
+        "zero_count": np.zeros((t, n), dtype=np.int64),
+        "max_abs": np.zeros((t, n)),
+        "present": np.zeros((t, n), dtype=bool),
+    }
+
+
+class HistogramRing:
+    """``capacity`` rows of per-layer histograms on the device, written without host syncs.
+
+    Memory: ``capacity * n * (152 + 1) * 8`` bytes of int64 counts (GPT-2's 148 tensors:
+    181 KB per row, 11.6 MB at the default 64 rows), plus ``max_abs`` and ``present``.
+    int64 keeps every count exact (a tensor can hold more than 2**31 elements).
+    """
+
+    def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
+        from ..histogram import NUM_BINS
+
+        self.capacity, self.n = capacity, n
+        self.counts = torch.zeros(capacity, n, NUM_BINS, dtype=torch.int64, device=device)
+        self.zeros = torch.zeros(capacity, n, dtype=torch.int64, device=device)
+        self.max_abs = torch.zeros(capacity, n, dtype=dtype, device=device)
+        self.present = torch.zeros(capacity, n, dtype=torch.bool, device=device)
+        self.host_steps = np.full(capacity, -1, dtype=np.int64)
+
+    def gather(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """The arrays of ``rows`` (ring row indices, in order) on the host: one copy."""
+        n, t = self.n, len(rows)
+        if not t:
+            return empty_histogram_arrays(0, n)
+        index = torch.tensor(rows, dtype=torch.int64).to(self.counts.device)
+        # int64 block (max_abs travels as its float64 bits): one device->host copy.
+        pieces = [
+            self.counts[index].reshape(t, -1),
+            self.zeros[index],
+            self.max_abs[index].to(torch.float64).view(torch.int64),
+            self.present[index].to(torch.int64),
+        ]
+        packed = torch.cat(pieces, dim=1).cpu().numpy()
+        bins = self.counts.shape[2]
+        cols = np.cumsum([0, n * bins, n, n, n])
+        return {
+            "steps": self.host_steps[rows].copy(),
+            "counts": packed[:, cols[0] : cols[1]].reshape(t, n, bins).copy(),
+            "zero_count": packed[:, cols[1] : cols[2]].copy(),
+            "max_abs": packed[:, cols[2] : cols[3]].copy().view(np.float64),
+            "present": packed[:, cols[3] : cols[4]].astype(bool),
+        }
 
 
 def empty_arrays(t: int, n: int) -> dict[str, np.ndarray]:
@@ -231,4 +360,15 @@ class DeviceRing:
         }
 
 
-__all__ = ["ARRAY_FIELDS", "TINY", "DeviceRing", "History", "empty_arrays", "nonfinite_json"]
+__all__ = [
+    "ARRAY_FIELDS",
+    "HISTOGRAM_FIELDS",
+    "TINY",
+    "DeviceRing",
+    "HistogramHistory",
+    "HistogramRing",
+    "History",
+    "empty_arrays",
+    "empty_histogram_arrays",
+    "nonfinite_json",
+]

@@ -12,6 +12,11 @@ Two styles:
 Every other key is the same in both styles: ``{prefix}grad_max_abs/{name}``,
 ``{prefix}grad_nonfinite/{name}``, ``{prefix}grad_clip_coef``, ``{prefix}grad_nonfinite``,
 ``{prefix}grad_skipped``, ``{prefix}grad_spike_total`` and ``{prefix}grad_stats/...``.
+With ``GradMonitor(histograms=True)``: ``{prefix}grad_zero_frac/{name}`` (share of exact
+zeros), ``{prefix}grad_{fmt}_{field}/{name}`` for each target format (``fp16``, ``bf16``,
+``fp8_e4m3fn``, ``fp8_e5m2``) and field (``flush_to_zero``, ``subnormal``, ``overflow``:
+shares of the nonzero finite values), the histogram tag ``{prefix}grad_hist/{name}`` and
+(W&B) ``{prefix}grad_hist_step``.
 The total norm's key has no ``/``, so no parameter name can collide with it.
 """
 
@@ -47,6 +52,7 @@ class Keys:
         self.skipped = f"{prefix}grad_skipped"
         self.spike_total = f"{prefix}grad_spike_total"
         self.step_metric = f"{prefix}grad/step"  # the W&B x axis of the monitor's rows
+        self.histogram_step = f"{prefix}grad_hist_step"  # W&B: the step histograms are of
 
     def __repr__(self) -> str:
         return f"Keys(prefix={self.prefix!r}, key_style={self.style!r}, norm_type={self.norm_type})"
@@ -72,6 +78,18 @@ class Keys:
     def nonfinite_count(self, name: str) -> str:
         """Key of parameter ``name``'s NaN + Inf count (logged only when non-zero)."""
         return f"{self.prefix}grad_nonfinite/{name}"
+
+    def zero_fraction(self, name: str) -> str:
+        """Key of parameter ``name``'s share of exact zeros (histogram steps)."""
+        return f"{self.prefix}grad_zero_frac/{name}"
+
+    def precision(self, fmt: str, field: str, name: str) -> str:
+        """Key of a precision share, e.g. ``grad_fp16_subnormal/<name>``."""
+        return f"{self.prefix}grad_{fmt}_{field}/{name}"
+
+    def histogram(self, name: str) -> str:
+        """TensorBoard tag / W&B key of parameter ``name``'s |g| histogram (log2 |g|)."""
+        return f"{self.prefix}grad_hist/{name}"
 
     def tally(self, name: str) -> str:
         """Key of a running tally (``nonfinite_steps``, ``skipped_steps``, ``spikes``)."""

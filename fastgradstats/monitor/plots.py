@@ -3,7 +3,11 @@
 * :func:`plot_heatmap` -- log10 per-layer gradient norm, layers (y) by step (x);
 * :func:`plot_total_norm` -- total norm over steps with the clip threshold, spikes and
   NaN/Inf steps marked;
-* :func:`plot_history` -- both in one PNG.
+* :func:`plot_history` -- both in one PNG;
+* :func:`plot_layer_histogram` -- one layer's |g| histogram over steps (log2 |g| by step);
+* :func:`plot_underflow` -- per-layer shares that flush to zero / fall below the smallest
+  normal of a target format (fp16, bf16, fp8) at the latest histogram step;
+* :func:`plot_histograms` -- those two in one PNG (``GradMonitor(histograms=True)``).
 
 matplotlib is imported lazily with the non-interactive Agg backend, so importing
 fastgradstats never needs it and plotting works on headless machines.
@@ -17,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .history import History
+from .history import HistogramHistory, History
 
 _MAX_LABELS = 40  # more layer names than this and only every k-th is written
 
@@ -216,4 +220,173 @@ def plot_history(history: History, path: str | Path, title: str | None = None) -
     return path
 
 
-__all__ = ["plot_heatmap", "plot_history", "plot_total_norm"]
+def _check_histograms(hist: Any) -> HistogramHistory:
+    if not isinstance(hist, HistogramHistory):
+        raise TypeError(
+            "hist must be a fastgradstats HistogramHistory (monitor.histogram_history()), got "
+            f"{type(hist).__name__}"
+        )
+    return hist
+
+
+def _below_normal(hist: HistogramHistory, dtype: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The report of the latest histogram step, and its flush / subnormal shares [n]."""
+    report = hist.report(-1, dtype)
+    return report, report.flush_to_zero.numpy(), report.subnormal.numpy()
+
+
+def worst_layer(hist: HistogramHistory, dtype: Any) -> str:
+    """The parameter with the largest share below ``dtype``'s smallest normal (latest step;
+    the first present parameter when none is below)."""
+    hist = _check_histograms(hist)
+    if not len(hist):
+        return hist.names[0]
+    _, flush, sub = _below_normal(hist, dtype)
+    below = np.where(hist.present[-1], flush + sub, -1.0)
+    return hist.names[int(np.argmax(below))]
+
+
+def plot_layer_histogram(
+    hist: HistogramHistory, name: str, ax: Any = None, dtype: Any = None, title: str | None = None
+) -> Any:
+    """Heatmap of one layer's |g| histogram: log2 |g| bins (y) by histogram step (x).
+
+    Colour is the share of the layer's finite values in the bin (log10); exact zeros and
+    |g| < 2^-133 are the bottom row. With ``dtype``, its smallest subnormal, smallest normal
+    and largest finite value are drawn as lines. Returns the Axes.
+    """
+    from ..histogram import BIN_OFFSET, NUM_BINS, float_format
+
+    hist = _check_histograms(hist)
+    if name not in hist.names:
+        raise ValueError(f"name {name!r} is not a monitored parameter")
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 4))
+    j = hist.names.index(name)
+    counts = hist.counts[:, j, :].astype(np.float64).T  # [B, T]
+    totals = counts.sum(axis=0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
+        logs = np.where(share > 0, np.log10(share), np.nan)
+    occupied = np.flatnonzero(counts.sum(axis=1) > 0)
+    lo, hi = (int(occupied[0]), int(occupied[-1])) if occupied.size else (BIN_OFFSET, BIN_OFFSET)
+    if dtype is not None:  # keep the format's flush and normal limits in view
+        fmt = float_format(dtype)
+        lo = min(lo, fmt.min_subnormal_exponent - 1 + BIN_OFFSET)
+        hi = max(hi, fmt.min_normal_exponent + BIN_OFFSET)
+    lo, hi = max(lo - 2, 0), min(hi + 2, NUM_BINS - 1)
+    # bin i >= 1 is [2^(i - BIN_OFFSET), 2^(i - BIN_OFFSET + 1)): its lower edge's log2
+    y0, y1 = lo - BIN_OFFSET, hi - BIN_OFFSET + 1
+    steps = hist.steps
+    if len(steps) > 1:
+        half = 0.5 * (steps[-1] - steps[0]) / (len(steps) - 1)
+        x0, x1 = steps[0] - half, steps[-1] + half
+    else:
+        x0, x1 = (steps[0] - 0.5, steps[0] + 0.5) if len(steps) else (0, 1)
+    image = ax.imshow(
+        np.ma.masked_invalid(logs[lo : hi + 1] if logs.size else np.zeros((hi - lo + 1, 1))),
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+        cmap=plt.get_cmap("magma").with_extremes(bad="white"),
+        extent=(x0, x1, y0, y1),
+    )
+    colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01)
+    colorbar.set_label("log10 share of finite values")
+    if dtype is not None:
+        fmt = float_format(dtype)
+        marks = [
+            (fmt.min_subnormal_exponent, f"{fmt.name} smallest subnormal", "tab:red", ":"),
+            (fmt.min_normal_exponent, f"{fmt.name} smallest normal", "tab:orange", "--"),
+            (math.log2(fmt.max), f"{fmt.name} max", "tab:red", "-."),
+        ]
+        for y, label, color, style in marks:
+            if y0 <= y <= y1:
+                ax.axhline(y, color=color, ls=style, lw=1.2, label=label)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    if lo == 0:
+        ax.annotate("zeros / < 2^-133", (x0, y0), fontsize=7, va="bottom", color="0.3")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log2 |g| (bin lower edge)")
+    ax.set_title(title or f"|g| histogram of `{_short(name, 48)}` over steps")
+    return ax
+
+
+def plot_underflow(
+    hist: HistogramHistory, dtype: Any = "fp16", ax: Any = None, title: str | None = None
+) -> Any:
+    """Per-layer share of nonzero gradient values that would flush to zero, and that would
+    be subnormal, in ``dtype`` at the latest histogram step (stacked bars). Returns the Axes."""
+    hist = _check_histograms(hist)
+    plt = _pyplot()
+    names = hist.names
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 0.25 * len(names) + 2))
+    if len(hist):
+        report, flush, sub = _below_normal(hist, dtype)
+        fmt, step = report.format.name, int(hist.steps[-1])
+    else:
+        from ..histogram import float_format
+
+        flush = sub = np.zeros(len(names))
+        fmt, step = float_format(dtype).name, None
+    y = np.arange(len(names))
+    ax.barh(y, 100 * flush, color="tab:red", label="flush to zero")
+    ax.barh(y, 100 * sub, left=100 * flush, color="tab:orange", label="subnormal")
+    stride = max(1, math.ceil(len(names) / _MAX_LABELS))
+    ticks = list(range(0, len(names), stride))
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([_short(names[j]) for j in ticks], fontsize=7)
+    ax.invert_yaxis()  # input side at the top, as in the norm heatmap
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"% of nonzero gradient values below {fmt}'s smallest normal")
+    where = f" at step {step}" if step is not None else ""
+    ax.set_title(title or f"Per-layer {fmt} underflow{where}")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    return ax
+
+
+def plot_histograms(
+    hist: HistogramHistory,
+    path: str | Path,
+    layer: str | None = None,
+    dtype: Any = "fp16",
+    title: str | None = None,
+) -> Path:
+    """Save a two-panel PNG: ``layer``'s histogram over steps (default: the layer with the
+    largest share below ``dtype``'s smallest normal) above the per-layer underflow bars."""
+    hist = _check_histograms(hist)
+    plt = _pyplot()
+    name = layer if layer is not None else worst_layer(hist, dtype)
+    n = len(hist.names)
+    bars = max(min(0.22 * n, 12), 2.5)
+    fig, (top, bottom) = plt.subplots(
+        2,
+        1,
+        figsize=(11, 4.5 + bars),
+        gridspec_kw={"height_ratios": [4, bars]},
+        constrained_layout=True,
+    )
+    plot_layer_histogram(hist, name, ax=top, dtype=dtype)
+    plot_underflow(hist, dtype, ax=bottom)
+    if title:
+        fig.suptitle(title, fontsize=13, fontweight="bold")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "plot_heatmap",
+    "plot_histograms",
+    "plot_history",
+    "plot_layer_histogram",
+    "plot_total_norm",
+    "plot_underflow",
+    "worst_layer",
+]

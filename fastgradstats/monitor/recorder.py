@@ -59,7 +59,17 @@ from ..stats import GradStats, compute
 from ..torch_backend import host_to_device
 from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
 from .events import Events
-from .history import ARRAY_FIELDS, TINY, DeviceRing, History, empty_arrays
+from .history import (
+    ARRAY_FIELDS,
+    HISTOGRAM_FIELDS,
+    TINY,
+    DeviceRing,
+    HistogramHistory,
+    HistogramRing,
+    History,
+    empty_arrays,
+    empty_histogram_arrays,
+)
 from .keys import Keys
 from .params import (
     check_max_norm,
@@ -68,7 +78,7 @@ from .params import (
     positive_float,
     positive_int,
 )
-from .plots import plot_history
+from .plots import plot_histograms, plot_history
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
 
 
@@ -167,6 +177,21 @@ class GradMonitor:
             ``grad_2.0_norm_total``); see :mod:`fastgradstats.monitor.keys`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``$FASTGRADSTATS_BACKEND``).
         foreach: passed to the torch backend.
+        histograms: also record each layer's |g| histogram (power-of-two bins, see
+            :mod:`fastgradstats.histogram`) every ``histogram_every`` recorded steps, before
+            clipping, into a device ring of ``histogram_history`` rows (int64
+            ``[histogram_history, n_params, 152]``: 8 * 152 bytes per parameter and row,
+            GPT-2's 148 tensors take 11.6 MB at 64 rows). No host sync; on the Triton
+            backend one extra launch per (device, dtype) group on those steps. DTensor
+            parameters get the histograms of the full parameters (one more all-reduce).
+        histogram_every: record a histogram every this many recorded steps (the first
+            recorded step has one).
+        histogram_history: rows of the histogram ring; flush at least every
+            ``histogram_history * histogram_every`` recorded steps.
+        histogram_dtypes: the formats :meth:`report` and :meth:`to_dict` judge the latest
+            histogram against. Default: the parameters' own 16-bit dtypes when there are
+            any (fp16/bf16 training), else ``float16`` and ``float8_e4m3fn`` (the formats
+            an fp32 run would move to, and where gradients underflow first).
 
     Attributes:
         found_inf: 0-d bool device tensor after each :meth:`step` that measured the
@@ -197,6 +222,10 @@ class GradMonitor:
         key_style: str = "fastgradstats",
         backend: str | None = None,
         foreach: bool | None = None,
+        histograms: bool = False,
+        histogram_every: int = 1,
+        histogram_history: int = 64,
+        histogram_dtypes: Iterable[Any] | None = None,
     ) -> None:
         pairs = named_parameters(model)
         self.names = [name for name, _ in pairs]
@@ -221,6 +250,10 @@ class GradMonitor:
         self.keys = Keys(prefix, key_style, self.norm_type)
         self.backend = backend
         self.foreach = foreach
+        self.histograms = bool(histograms)
+        self.histogram_every = positive_int(histogram_every, "histogram_every")
+        self.histogram_capacity = positive_int(histogram_history, "histogram_history")
+        self.histogram_dtypes = self._histogram_targets(pairs, histogram_dtypes)
 
         self.device = self.params[0].device
         self.dtype = (
@@ -231,6 +264,22 @@ class GradMonitor:
         self._writers: list[HistoryWriter] = []
         self._found_inf_hook: Any = None  # see _clear_after_step
         self.reset()
+
+    def _histogram_targets(self, pairs: list[tuple[str, Tensor]], dtypes: Any) -> list[Any]:
+        from ..histogram import SUPPORTED_DTYPES, float_format
+
+        if self.histograms:
+            for name, p in pairs:
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(
+                        f"histograms=True: parameter {name!r} has dtype {p.dtype}; histograms "
+                        "support float32, bfloat16, float16 and float64"
+                    )
+        if dtypes is not None:
+            targets = [dtypes] if isinstance(dtypes, (torch.dtype, str)) else list(dtypes)
+            return [float_format(d).dtype for d in targets]  # ValueError names the argument
+        own = [d for d in (torch.float16, torch.bfloat16) if any(p.dtype == d for _, p in pairs)]
+        return own or [torch.float16, torch.float8_e4m3fn]
 
     # -- the parameters --------------------------------------------------------------------
 
@@ -292,6 +341,19 @@ class GradMonitor:
         self.last_stats: GradStats | None = None
         self._index_cache = LruCache(self.index_cache_size)
         self._no_grad_steps = 0  # consecutive step() calls without any gradient
+        self._reset_histograms()
+
+    def _reset_histograms(self) -> None:
+        n = len(self.names)
+        self._hist_ring = (
+            HistogramRing(self.histogram_capacity, n, self.device, self.dtype)
+            if self.histograms
+            else None
+        )
+        self._hist_recorded = 0
+        self._hist_flushed = 0
+        self._hist_mirror: HistogramHistory | None = None
+        self.lost_histograms = 0
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on as if never interrupted.
@@ -301,7 +363,8 @@ class GradMonitor:
         EMA and per-parameter warm-up counts, the tallies and the step counters. Tensors
         are cloned on their device (no host sync); every other value is a plain Python
         type, so ``torch.load(..., weights_only=True)`` reads it back. The model, the
-        optimizer and the writers are not part of it.
+        optimizer and the writers are not part of it, nor are the histograms
+        (``histograms=True``): a resumed monitor starts its histogram ring empty.
         """
         ring = self._ring
         mirror = None
@@ -385,6 +448,7 @@ class GradMonitor:
         self.lost_rows = int(counters["lost_rows"])
         self._no_grad_steps = int(counters["no_grad_steps"])
         self._events = events
+        self._reset_histograms()  # histograms are not part of the state (see state_dict)
 
     @property
     def total_key(self) -> str:
@@ -420,6 +484,8 @@ class GradMonitor:
         step_no = self._calls
         self._calls += 1
         record = step_no % self.every == 0
+        hist_now = record and self.histograms and self._recorded % self.histogram_every == 0
+        hist = self._measure_histograms() if hist_now else None  # before clipping
         total, total32, stats = self._clip_and_measure(record or self.skip_nonfinite)
         found: Tensor | None = None
         if total32 is not None:
@@ -433,7 +499,39 @@ class GradMonitor:
         if stats is not None and record:
             self.last_stats = stats
             self._write_row(step_no, stats, found)
+            if hist is not None:
+                self._write_histogram(step_no, stats, *hist)
         return total
+
+    def _measure_histograms(self) -> tuple[list[str], Tensor, Tensor]:
+        from ..stats import histograms
+
+        grads = core.collect(list(zip(self.names, self.params)))
+        sharding = distributed.localize(grads, None)  # DTensor: summed over the ranks
+        counts, zeros = histograms(grads.grads, self.backend, sharding, self.device)
+        return grads.names, counts, zeros
+
+    def _write_histogram(
+        self, step_no: int, stats: GradStats, names: list[str], counts: Tensor, zeros: Tensor
+    ) -> None:
+        ring = self._hist_ring
+        row = self._hist_recorded % ring.capacity
+        self._hist_recorded += 1
+        ring.host_steps[row] = step_no
+        if len(names) == len(self.names):
+            ring.counts[row].copy_(counts)
+            ring.zeros[row].copy_(zeros)
+            ring.max_abs[row].copy_(stats.max_abs)
+            ring.present[row].fill_(True)
+            return
+        for buf in (ring.counts, ring.zeros, ring.max_abs, ring.present):
+            buf[row].zero_()
+        if names:
+            index = self._present_index(names)
+            ring.counts[row].index_copy_(0, index, counts.to(self.device))
+            ring.zeros[row].index_copy_(0, index, zeros.to(self.device))
+            ring.max_abs[row].index_copy_(0, index, stats.max_abs.to(self.device, self.dtype))
+            ring.present[row].index_fill_(0, index, True)
 
     def _count_missing_grads(self) -> None:
         if any(p.grad is not None for p in self.params):  # host attributes: no sync
@@ -619,6 +717,7 @@ class GradMonitor:
         chunk = self._gather(rows)
         self._flushed = self._recorded
         self._merge_mirror(rows, chunk)
+        chunk.histograms = self._flush_histograms()
         self._events.add(chunk, spike_cap=1000)
         if lost:
             warnings.warn(
@@ -629,6 +728,51 @@ class GradMonitor:
         for writer in self._writers:
             writer.write(chunk)
         return chunk
+
+    def _flush_histograms(self) -> HistogramHistory | None:
+        """Copy the histogram rows new since the last flush to the host mirror; return them."""
+        ring = self._hist_ring
+        if ring is None:
+            return None
+        new = self._hist_recorded - self._hist_flushed
+        lost = max(0, new - ring.capacity)
+        if lost:
+            self.lost_histograms += lost
+            warnings.warn(
+                f"GradMonitor: {lost} histograms were overwritten before flush(); flush at "
+                f"least every histogram_history={ring.capacity} histogram steps",
+                stacklevel=3,
+            )
+        first = self._hist_recorded - (new - lost)
+        rows = [r % ring.capacity for r in range(first, self._hist_recorded)]
+        chunk = self._histogram_history(ring.gather(rows))
+        self._hist_flushed = self._hist_recorded
+        if self._hist_mirror is None:
+            self._hist_mirror = self._histogram_history(
+                empty_histogram_arrays(ring.capacity, len(self.names))
+            )
+        for name in HISTOGRAM_FIELDS:
+            getattr(self._hist_mirror, name)[rows] = getattr(chunk, name)
+        return chunk
+
+    def _histogram_history(self, arrays: dict[str, np.ndarray]) -> HistogramHistory:
+        return HistogramHistory(names=list(self.names), numels=list(self.numels), **arrays)
+
+    def histogram_history(self) -> HistogramHistory | None:
+        """The last ``min(histogram steps, histogram_history)`` histograms, oldest first
+        (flushes); ``None`` without ``histograms=True``."""
+        self.flush()
+        return self._kept_histograms()
+
+    def _kept_histograms(self) -> HistogramHistory | None:
+        ring = self._hist_ring
+        if ring is None:
+            return None
+        count = min(self._hist_recorded, ring.capacity)
+        rows = [r % ring.capacity for r in range(self._hist_recorded - count, self._hist_recorded)]
+        if self._hist_mirror is None:
+            return self._histogram_history(empty_histogram_arrays(0, len(self.names)))
+        return self._hist_mirror.select(rows)
 
     def _gather(self, rows: list[int]) -> History:
         return self._as_history(self._ring.gather(rows))
@@ -655,13 +799,46 @@ class GradMonitor:
         self.flush()
         count = min(self._recorded, self.capacity)
         rows = [r % self.capacity for r in range(self._recorded - count, self._recorded)]
-        if self._mirror is None:
-            return self._gather([])
-        return self._mirror.select(rows)
+        out = self._gather([]) if self._mirror is None else self._mirror.select(rows)
+        out.histograms = self._kept_histograms()
+        return out
 
     def report(self, **kwargs: Any) -> Diagnosis:
-        """Flush and diagnose (see :func:`diagnose` for ``kwargs``); ``str()`` it to print."""
-        return diagnose(self.history(), events=self._events, **kwargs)
+        """Flush and diagnose (see :func:`diagnose` for ``kwargs``); ``str()`` it to print.
+
+        With ``histograms=True`` the findings end with plain-words precision lines for the
+        latest histogram step, one set per format in ``histogram_dtypes`` (e.g. "41% of
+        `layers.3.mlp.w2` gradients fall below fp16's smallest normal; a loss scale of 2^9
+        would keep them"), at most ``precision_lines_max`` per format, worst first.
+        """
+        history = self.history()
+        diagnosis = diagnose(history, events=self._events, **kwargs)
+        diagnosis.findings.extend(self._precision_findings(history.histograms))
+        return diagnosis
+
+    precision_lines_max = 8  # per target format, in report()
+
+    def _precision_findings(self, hist: HistogramHistory | None) -> list[str]:
+        from ..histogram import precision_lines
+
+        if hist is None or not len(hist):
+            return []
+        present = hist.present[-1]
+        names = [name for name, keep in zip(self.names, present) if keep]
+        keep = torch.from_numpy(np.flatnonzero(present))
+        step = int(hist.steps[-1])
+        out = []
+        for dtype in self.histogram_dtypes:
+            report = hist.report(-1, dtype)
+            for field in ("nonzero", *type(report).FIELDS, "keep_exponent"):
+                setattr(report, field, getattr(report, field)[keep])
+            lines = precision_lines(report, names)
+            more = len(lines) - self.precision_lines_max
+            lines = lines[: self.precision_lines_max]
+            if more > 0:
+                lines.append(f"... and {more} more {report.format.name} findings")
+            out += [f"step {step}: {line}" for line in lines]
+        return out
 
     def to_dict(self) -> dict[str, float]:
         """The latest recorded step as plain floats for any logger; one sync (a flush).
@@ -672,9 +849,14 @@ class GradMonitor:
         ``grad_clip_coef``, ``grad_nonfinite``, ``grad_skipped``, ``grad_spike_total``, and
         running tallies ``grad_stats/nonfinite_steps``, ``grad_stats/skipped_steps``,
         ``grad_stats/spikes``. See :mod:`fastgradstats.monitor.keys` for the other styles.
+        With ``histograms=True``, the latest histogram step's ``grad_zero_frac/<name>`` and
+        ``grad_<fmt>_{flush_to_zero,subnormal,overflow}/<name>`` for each format in
+        ``histogram_dtypes`` (shares of the nonzero finite values).
         """
         hist = self.history()
         out = hist.row_dict(len(hist) - 1) if len(hist) else {}
+        if hist.histograms is not None:
+            out.update(hist.histograms.precision_dict(self.histogram_dtypes, self.keys))
         out[self.keys.tally("nonfinite_steps")] = float(self._events.nonfinite_steps)
         out[self.keys.tally("skipped_steps")] = float(self._events.skipped_steps)
         out[self.keys.tally("spikes")] = float(self._events.spike_count)
@@ -703,6 +885,22 @@ class GradMonitor:
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Save the heatmap + total-norm figure of :meth:`history` as a PNG (matplotlib)."""
         return plot_history(self.history(), path, title=title)
+
+    def plot_histograms(
+        self,
+        path: str | Path,
+        layer: str | None = None,
+        dtype: Any = None,
+        title: str | None = None,
+    ) -> Path:
+        """Save one layer's |g| histogram over steps (log2 |g| by step) and the per-layer
+        underflow shares for ``dtype`` (default: the first of ``histogram_dtypes``) as a
+        PNG; ``layer`` defaults to the one with the largest share below the normal range."""
+        hist = self.histogram_history()
+        if hist is None:
+            raise ValueError("plot_histograms needs GradMonitor(histograms=True)")
+        target = self.histogram_dtypes[0] if dtype is None else dtype
+        return plot_histograms(hist, path, layer=layer, dtype=target, title=title)
 
 
 __all__ = ["GradMonitor"]

@@ -120,8 +120,23 @@ class CsvWriter:
                     )
 
 
+def _histogram_rows(history: History) -> list[tuple[int, int]]:
+    """``(history row, histogram row)`` of each histogram step in ``history``."""
+    hist = history.histograms
+    if hist is None or not len(hist):
+        return []
+    where = {int(step): t for t, step in enumerate(history.steps)}
+    return [(where[int(s)], k) for k, s in enumerate(hist.steps) if int(s) in where]
+
+
 class TensorBoardWriter:
     """Logs every recorded step's :meth:`History.row_dict` as scalars to a SummaryWriter.
+
+    With ``GradMonitor(histograms=True)`` each histogram step also gets one
+    ``add_histogram_raw`` per parameter (tag ``grad_hist/<name>``, buckets on log2 |g|, see
+    :func:`fastgradstats.histogram.tensorboard_histogram_kwargs`): NaN/Inf never enter
+    a bucket, and a parameter without finite values (empty, all NaN) logs nothing, where
+    ``add_histogram`` would raise.
 
     ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` (or anything with
     ``add_scalar(tag, value, step)``); ``log_dir`` creates one (needs ``tensorboard``).
@@ -145,9 +160,27 @@ class TensorBoardWriter:
             step = int(history.steps[t])
             for key, value in history.row_dict(t).items():
                 self.writer.add_scalar(key, value, step)
+        self._write_histograms(history)
         flush = getattr(self.writer, "flush", None)
         if len(history) and callable(flush):
             flush()
+
+    def _write_histograms(self, history: History) -> None:
+        from ..histogram import tensorboard_histogram_kwargs
+
+        hist = history.histograms
+        rows = _histogram_rows(history)
+        if not rows or not callable(getattr(self.writer, "add_histogram_raw", None)):
+            return
+        keys = history.key_names()
+        for _, k in rows:
+            step = int(hist.steps[k])
+            for j, name in enumerate(hist.names):
+                if not hist.present[k, j]:
+                    continue
+                kwargs = tensorboard_histogram_kwargs(hist.counts[k, j].tolist())
+                if kwargs is not None:  # None: no finite value to show
+                    self.writer.add_histogram_raw(keys.histogram(name), global_step=step, **kwargs)
 
 
 class WandbWriter:
@@ -167,6 +200,13 @@ class WandbWriter:
 
     Every monitor key is plotted against its own x axis, ``grad/step`` (the monitor's step
     number; ``define_metric``), so the charts are right in both modes.
+
+    With ``GradMonitor(histograms=True)`` a row that is a histogram step also carries
+    ``grad_hist/<name>``: ``wandb.Histogram(np_histogram=(counts, bins))`` on log2 |g|
+    (:func:`fastgradstats.histogram.wandb_np_histogram`; parameters without finite values
+    are left out) and ``grad_hist_step``, the step the histograms are of. With
+    ``rows="latest"`` the newest histogram of the flush is sent with the newest row (so
+    ``grad_hist_step`` can be older than ``grad/step``).
     """
 
     modes = ("latest", "all")
@@ -203,13 +243,37 @@ class WandbWriter:
         if self._defined != keys:
             self._define(keys)
         last = len(history) - 1
+        hist_rows = _histogram_rows(history)
+        by_row = dict(hist_rows)
+        if self.rows == "latest" and hist_rows:
+            by_row = {last: hist_rows[-1][1]}  # the newest histogram rides on the newest row
         for t in range(len(history)) if self.rows == "all" else (last,):
             row = history.row_dict(t)
             row[keys.step_metric] = int(history.steps[t])
+            if t in by_row:
+                row.update(self._histograms(history, by_row[t], keys))
             if self.rows == "all":
                 self.run.log(row)
             else:
                 self.run.log(row, commit=False)
+
+    @staticmethod
+    def _histograms(history: History, k: int, keys: Keys) -> dict[str, Any]:
+        import wandb
+
+        from ..histogram import wandb_np_histogram
+
+        hist = history.histograms
+        out: dict[str, Any] = {}
+        for j, name in enumerate(hist.names):
+            if not hist.present[k, j]:
+                continue
+            pair = wandb_np_histogram(hist.counts[k, j].tolist())
+            if pair is not None:
+                out[keys.histogram(name)] = wandb.Histogram(np_histogram=pair)
+        if out:
+            out[keys.histogram_step] = int(hist.steps[k])
+        return out
 
 
 __all__ = ["CsvWriter", "HistoryWriter", "JsonlWriter", "TensorBoardWriter", "WandbWriter"]
