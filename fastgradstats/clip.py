@@ -13,6 +13,10 @@ Same signatures, return values and return dtypes as torch 2.13, plus keyword-onl
 * when clipping is not needed the gradients are not written at all (torch multiplies
   them by 1.0, which leaves the same bits), except under ``torch.compile`` on the torch
   backend, which multiplies them by 1.0 too (a graph cannot branch on the coefficient);
+* under ``torch.compile`` with the ``inductor`` backend and its default config, the total
+  of 16-bit gradients can differ from eager mode by the 16-bit rounding of per-tensor
+  norms, which inductor fuses away; ``torch._inductor.config.emulate_precision_casts =
+  True`` restores torch's roundings exactly (torch's own function materializes them);
 * ``error_if_nonfinite=True`` names the parameters holding NaN/Inf;
 * bad arguments (negative or NaN ``max_norm``, NaN ``norm_type``, sparse or integer
   gradients) raise before any gradient is touched;

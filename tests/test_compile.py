@@ -72,7 +72,11 @@ def test_compiled_clip_grad_norm_matches_eager(backend, compile_backend, clippin
 
     params = _params()
     original = clone_grads(params)
-    total = torch.compile(clip, fullgraph=True, backend=compile_backend)(params)
+    # The total of a mixed fp32 + bf16 list rounds each bf16 per-tensor norm to bf16, as
+    # torch does; inductor fuses that round trip away unless told to emulate it (the
+    # documented difference under inductor's default config).
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        total = torch.compile(clip, fullgraph=True, backend=compile_backend)(params)
     _assert_equal(total, want_total, compile_backend)
     for got, want, before in zip(clone_grads(params), want_grads, original):
         _assert_equal(got, want, compile_backend)
@@ -155,6 +159,15 @@ def test_compiled_clip_follows_new_shapes_and_dtypes(backend):
         eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
         for e, p in zip(eager, params):
             e.grad = p.grad.clone()
-        _assert_equal(compiled(params), clip(eager), "eager", str(sizes))
+        got, want = compiled(params), clip(eager)
+        if backend == "triton":
+            # Eager Triton reduces the total inside its finalize kernel, the traced custom
+            # ops with vector_norm: the same value up to float32 summation order.
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=0, msg=str(sizes))
+            torch.testing.assert_close(
+                clone_grads(params), clone_grads(eager), rtol=4e-6, atol=0, msg=str(sizes)
+            )
+            continue
+        _assert_equal(got, want, "eager", str(sizes))
         for g, w in zip(clone_grads(params), clone_grads(eager)):
             _assert_equal(g, w, "eager", str(sizes))
