@@ -92,6 +92,23 @@ def _raise_if_nonfinite(
     raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
 
 
+def apply_coef_(
+    grads: core.GradList,
+    coef: Tensor,
+    optimizer: Any = None,
+    backend: str | None = None,
+    foreach: bool | None = None,
+) -> None:
+    """Apply a clip coefficient computed elsewhere (an adaptive clipper) to localized
+    ``grads``: handed to a fused ``optimizer`` as ``grad_scale`` when it can take it, else
+    the gradients are scaled in place (nothing is written where ``coef >= 1``)."""
+    if not grads.grads:
+        return
+    core.check_writable(grads)
+    if not handoff.hand_off_(optimizer, grads.params, coef):
+        core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
+
+
 def _params_with_grad(items: list) -> list[Tensor]:
     """The parameters of a ``parameters`` list (tensors or named pairs) that have a grad."""
     tensors = (item[1] if type(item) is tuple else item for item in items)
@@ -280,4 +297,10 @@ def clip_grad_value_(
     core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
 
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = [
+    "apply_coef_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, distributed, handoff
+from . import core, distributed
+from .clip import apply_coef_
 
 CLIP_EPS = core.CLIP_EPS  # added to the norm before dividing, as torch.nn.utils does
 
@@ -112,9 +113,7 @@ class _Clipper:
             norms = sharding.reduce_norms(norms, 2.0)
         total = core.total_norm(norms, 2.0)
         coef64, _skip = self._coef64(total)
-        coef = coef64.to(groups.acc)
-        if not handoff.hand_off_(optimizer, grads.params, coef):
-            core.scale_groups_(groups, coef, backend, None)
+        apply_coef_(grads, coef64.to(groups.acc), optimizer, backend)
         return total.to(core.result_dtype(grads.grads))
 
 

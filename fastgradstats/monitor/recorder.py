@@ -53,8 +53,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import core, distributed
-from ..clip import clip_grad_norm_
+from .. import core, distributed, handoff
+from ..clip import apply_coef_, clip_grad_norm_
 from ..stats import GradStats, compute
 from ..torch_backend import host_to_device
 from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
@@ -143,9 +143,16 @@ class GradMonitor:
             Uninitialized lazy parameters (``nn.LazyLinear`` before its first forward)
             raise ``ValueError``.
         max_norm: when set, :meth:`step` also clips the total gradient norm to it (same
-            single pass as the stats; torch's ``clip_grad_norm_`` semantics). ``0`` is
+            single pass as the stats; torch's ``clip_grad_norm_`` semantics, except that
+            for fp16 gradients the coefficient comes from the float32 total: torch's, from
+            the fp16 total, is 0 once that total exceeds 65504, which would erase a finite
+            update). ``0`` is
             taken as "no clipping" (Hugging Face's ``max_grad_norm=0``), with a warning;
-            torch's ``max_norm=0`` would zero every gradient.
+            torch's ``max_norm=0`` would zero every gradient. An adaptive clipper
+            (:class:`fastgradstats.ZClip`, :class:`fastgradstats.AutoClip`, or any object
+            with ``compute_coef(total_norm) -> (coef, skip)``) clips by its own rule: the
+            monitor measures, the clipper decides the coefficient on the device, and its
+            state advances once per :meth:`step` (record it with ``clipper.state_dict()``).
         norm_type: p of the norms (2, 1, ``inf``, any p torch accepts).
         history: ring-buffer length in recorded steps; the device holds ``history`` rows
             of ``n_params`` floats per field. Call :meth:`flush` (or anything that syncs:
@@ -164,7 +171,15 @@ class GradMonitor:
             Decided from the float32 total (see the module notes); on steps that are not
             recorded this computes the same stats as a recorded step (on the Triton
             backend that is the same single pass as the norm alone).
-        optimizer: see ``skip_nonfinite`` (also accepted by :meth:`step`).
+        optimizer: the optimizer that steps on these gradients (also accepted by
+            :meth:`step`). A fused one (``Adam``/``AdamW``/``SGD(fused=True)``) whose
+            parameters are exactly the monitored ones with a gradient receives the clip
+            coefficient as ``grad_scale`` (no scaling pass; see
+            :mod:`fastgradstats.handoff`), and ``found_inf`` for ``skip_nonfinite``;
+            with any other optimizer the monitor scales the gradients itself.
+        hand_off: ``False`` always scales in the monitor, even for a fused optimizer (on a
+            GPU a handed-over coefficient makes the optimizer write every gradient back
+            even on steps that needed no clipping).
         spike_threshold: z-score (in log-norm, EMA statistics) above which a norm is a spike.
         spike_min_ratio: a spike must also be this many times the EMA level of the norm.
         spike_beta: EMA decay per recorded step (0.98: about 50 steps of memory).
@@ -214,6 +229,7 @@ class GradMonitor:
         *,
         skip_nonfinite: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        hand_off: bool = True,
         spike_threshold: float = 6.0,
         spike_min_ratio: float = 2.0,
         spike_beta: float = 0.98,
@@ -233,7 +249,9 @@ class GradMonitor:
         if len(self._index) != len(self.names):
             raise ValueError("model has duplicate parameter names")
         self._bind(model, pairs)
-        self.max_norm = check_max_norm(max_norm)
+        self.clipper: Any = max_norm if callable(getattr(max_norm, "compute_coef", None)) else None
+        self.max_norm = None if self.clipper is not None else check_max_norm(max_norm)
+        self.hand_off = bool(hand_off)
         self.norm_type = core.check_norm_type(norm_type)
         self.capacity = positive_int(history, "history")
         self.every = positive_int(every, "every")
@@ -262,7 +280,6 @@ class GradMonitor:
             else torch.float32
         )
         self._writers: list[HistoryWriter] = []
-        self._found_inf_hook: Any = None  # see _clear_after_step
         self.reset()
 
     def _histogram_targets(self, pairs: list[tuple[str, Tensor]], dtypes: Any) -> list[Any]:
@@ -289,6 +306,8 @@ class GradMonitor:
         self.params = [p for _, p in pairs]
         self.numels = [p.numel() for p in self.params]
         self.ndims = [p.dim() for p in self.params]
+        # fp16: the clip coefficient comes from the float32 total (see _clip_and_measure)
+        self._fp16 = any(p.dtype == torch.float16 for p in self.params)
         self._owners = find_owners(model, pairs) if self._model is not None else None
 
     def _params_moved(self) -> bool:
@@ -316,11 +335,6 @@ class GradMonitor:
                 "create a new GradMonitor for a model with different parameters"
             )
         self._bind(model, [(name, current[name]) for name in self.names])
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_found_inf_hook"] = None  # a hook handle on a live optimizer: not state
-        return state
 
     # -- state ---------------------------------------------------------------------------
 
@@ -486,7 +500,8 @@ class GradMonitor:
         record = step_no % self.every == 0
         hist_now = record and self.histograms and self._recorded % self.histogram_every == 0
         hist = self._measure_histograms() if hist_now else None  # before clipping
-        total, total32, stats = self._clip_and_measure(record or self.skip_nonfinite)
+        optimizer = optimizer or self.optimizer
+        total, total32, stats = self._clip_and_measure(record or self.skip_nonfinite, optimizer)
         found: Tensor | None = None
         if total32 is not None:
             # Decided from the float32 (or float64) total, never from the total cast to a
@@ -494,7 +509,7 @@ class GradMonitor:
             # finite update (already clipped), not an overflow.
             found = ~torch.isfinite(total32.to(self.device))
             if self.skip_nonfinite:
-                self._suppress_update(found, optimizer or self.optimizer)
+                self._suppress_update(found, optimizer)
         self.found_inf = found
         if stats is not None and record:
             self.last_stats = stats
@@ -550,7 +565,7 @@ class GradMonitor:
             )
 
     def _clip_and_measure(
-        self, need_stats: bool
+        self, need_stats: bool, optimizer: Any = None
     ) -> tuple[Tensor | None, Tensor | None, GradStats | None]:
         """Clip (when ``max_norm`` is set) and measure this step's gradients: the one place
         the monitor touches them besides ``skip_nonfinite``.
@@ -558,9 +573,29 @@ class GradMonitor:
         Returns ``(total, total_acc, stats)``: the total norm as ``clip_grad_norm_`` returns
         it (promoted gradient dtype), the same total in the accumulation dtype (float32 or
         float64; ``None`` when not computed), and the per-parameter stats when
-        ``need_stats``.
+        ``need_stats``. The coefficient goes to ``optimizer`` when it can take it.
         """
         pairs = list(zip(self.names, self.params))
+        target = optimizer if self.hand_off else None
+        if self.clipper is not None or (self.max_norm is not None and self._fp16):
+            # Measure, then decide the coefficient from the float32 total: an adaptive
+            # clipper's rule, or for fp16 gradients max_norm / (total + 1e-6) without the
+            # fp16 rounding torch applies (a finite update whose total exceeds 65504 would
+            # get a coefficient of 0 there: the whole update erased).
+            grads = core.collect(pairs)
+            sharding = distributed.localize(grads, None)
+            if not grads.grads:
+                return None, None, None
+            stats = compute(grads, self.norm_type, self.backend, self.foreach, sharding=sharding)
+            if self.clipper is not None:
+                coef, _skip = self.clipper.compute_coef(stats.total_norm)
+                coef = coef.to(stats.total_norm.device, stats.total_norm.dtype)
+            else:
+                coef = core.clip_coefficient(self.max_norm, stats.total_norm)
+            apply_coef_(grads, coef, target, self.backend, self.foreach)
+            stats.clip_coef = coef
+            total = stats.total_norm.to(core.result_dtype(grads.grads))
+            return distributed.as_total_norm(total, sharding), stats.total_norm, stats
         if self.max_norm is not None:
             if need_stats:
                 total, stats = clip_grad_norm_(
@@ -570,10 +605,16 @@ class GradMonitor:
                     foreach=self.foreach,
                     return_stats=True,
                     backend=self.backend,
+                    optimizer=target,
                 )
                 return total, stats.total_norm, stats
             total = clip_grad_norm_(
-                pairs, self.max_norm, self.norm_type, foreach=self.foreach, backend=self.backend
+                pairs,
+                self.max_norm,
+                self.norm_type,
+                foreach=self.foreach,
+                backend=self.backend,
+                optimizer=target,
             )
             return total, None, None
         if need_stats:
@@ -584,39 +625,15 @@ class GradMonitor:
         return None, None, None
 
     def _suppress_update(self, found_inf: Tensor, optimizer: Any) -> None:
-        if optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Fused optimizers read this attribute (as set by torch.amp.GradScaler) and
-            # skip the update and the step counter on the device when it is 1.
-            flag = found_inf.to(torch.float32)
-            optimizer.found_inf = flag
-            self._clear_after_step(optimizer, flag)
+        # A fused optimizer skips the update and its step counter on the device where
+        # found_inf is 1 (as GradScaler arranges); handoff composes with a found_inf
+        # already there and removes ours after the step, so nothing stale stays behind.
+        if handoff.set_found_inf_(optimizer, found_inf):
             return
         for p in self.params:
             if p.grad is not None:
                 # masked_fill, not a multiply: NaN * 0 is still NaN.
                 p.grad.masked_fill_(found_inf.to(p.grad.device), 0)
-
-    def _clear_after_step(self, optimizer: Any, flag: Tensor) -> None:
-        """Remove ``optimizer.found_inf`` once the optimizer step that reads it is done.
-
-        As GradScaler deletes its attributes after the step: a flag left behind would make
-        every later fused update be skipped whenever the monitor is not called. One
-        one-shot step post-hook per monitor; it touches the attribute only while it still
-        holds this monitor's flag.
-        """
-        if self._found_inf_hook is not None:
-            self._found_inf_hook.remove()
-        handle = None
-
-        def clear(opt: Any, args: Any, kwargs: Any) -> None:
-            if getattr(opt, "found_inf", None) is flag:
-                del opt.found_inf
-            handle.remove()
-            if self._found_inf_hook is handle:
-                self._found_inf_hook = None
-
-        handle = optimizer.register_step_post_hook(clear)
-        self._found_inf_hook = handle
 
     def _present_index(self, names: list[str]) -> Tensor:
         key = tuple(self._index[name] for name in names)
