@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from .clippers import ZClip
 from .monitor import Diagnosis, GradMonitor
 
 
@@ -63,6 +64,8 @@ class DemoRun:
     max_norm: float | None
     story: str
     histograms: bool = False  # also record per-layer |g| histograms (fp16 underflow plot)
+    spikes: bool = False  # every SPIKE_EVERY steps one batch of 30x outlier inputs
+    adaptive: bool = False  # clip with fastgradstats.ZClip instead of a fixed max_norm
 
 
 RUNS = [
@@ -102,9 +105,25 @@ RUNS = [
         "lose them in fp16 without a loss scale.",
         histograms=True,
     ),
+    DemoRun(
+        "adaptive",
+        "Outlier batches, clipped adaptively by ZClip",
+        "relu",
+        depth=10,
+        init_gain=math.sqrt(2.0),
+        lr=0.01,
+        max_norm=None,
+        story="A well-initialised 10-layer ReLU MLP (He init) hit by an outlier batch (inputs "
+        "x30) every 40 steps: without clipping the first outlier step sends it to NaN. "
+        "GradMonitor(max_norm=fastgradstats.ZClip(warmup_steps=10)) learns the usual "
+        "gradient norm on the device and clips only the spikes.",
+        spikes=True,
+        adaptive=True,
+    ),
 ]
 
 IN_DIM, WIDTH, BATCH, N_SAMPLES = 32, 64, 64, 2048
+SPIKE_EVERY, SPIKE_AT, SPIKE_SCALE = 40, 25, 30.0
 HISTOGRAM_EVERY = 5  # histograms every 5th step: they cost more than the norms
 
 
@@ -143,7 +162,7 @@ def train(run: DemoRun, steps: int, seed: int, quiet: bool) -> tuple[GradMonitor
     optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)
     monitor = GradMonitor(
         model,
-        max_norm=run.max_norm,
+        max_norm=ZClip(warmup_steps=10) if run.adaptive else run.max_norm,
         history=steps,
         histograms=run.histograms,
         histogram_every=HISTOGRAM_EVERY,
@@ -155,7 +174,10 @@ def train(run: DemoRun, steps: int, seed: int, quiet: bool) -> tuple[GradMonitor
     losses = []
     for step in range(steps):
         batch = torch.randint(0, N_SAMPLES, (BATCH,), generator=gen)
-        loss = nn.functional.mse_loss(model(x[batch]), y[batch])
+        inputs = x[batch]
+        if run.spikes and step % SPIKE_EVERY == SPIKE_AT:
+            inputs = inputs * SPIKE_SCALE  # an outlier batch: a gradient spike
+        loss = nn.functional.mse_loss(model(inputs), y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         monitor.step()  # per-layer stats (and clipping) in one pass, no sync
@@ -185,7 +207,7 @@ def _write_markdown(path: Path, results: list[dict[str, Any]], seconds: float) -
     lines = [
         "# fastgradstats demo report",
         "",
-        "Three small deep MLPs trained with SGD on the same synthetic regression task, "
+        f"{len(RUNS)} small deep MLPs trained with SGD on the same synthetic regression task, "
         "watched by `fastgradstats.GradMonitor` (one fused stats pass per step, no host "
         f"sync). Total time {seconds:.1f} s.",
         "",
@@ -253,7 +275,7 @@ def run(
         can_plot = False
         say("matplotlib is not installed: skipping the plots (pip install 'fastgradstats[plot]')")
 
-    say(f"fastgradstats demo: 3 deep MLPs x {steps} SGD steps on CPU, report -> {out}/")
+    say(f"fastgradstats demo: {len(RUNS)} deep MLPs x {steps} SGD steps on CPU, report -> {out}/")
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 64-wide layers: threads only add overhead

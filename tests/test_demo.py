@@ -19,6 +19,7 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), "--steps", "40", "--seed", "1"]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"summary.json", "summary.md", "exploding.png", "clipped.png", "vanishing.png"} <= names
+    assert "adaptive.png" in names
     for png in ("exploding.png", "clipped.png", "vanishing.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
@@ -29,6 +30,11 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert runs["clipped"]["nonfinite_steps"] == 0
     assert runs["clipped"]["contained_by_clipping"] is True
     assert runs["vanishing"]["verdict"] == "vanishing"
+    # ZClip clips the outlier steps only, and the run survives them
+    adaptive = runs["adaptive"]
+    assert adaptive["verdict"] == "healthy" and adaptive["nonfinite_steps"] == 0
+    assert 0 < adaptive["clipped_steps"] <= 4
+    assert any(f.startswith("Adaptive clipping scaled") for f in adaptive["findings"])
     markdown = (out / "summary.md").read_text()
     assert "![vanishing](vanishing.png)" in markdown and "| exploding |" in markdown
     # the vanishing run records histograms: its early layers underflow fp16

@@ -201,9 +201,14 @@ def diagnose(
     finite = np.isfinite(history.total_norm)
     finite_total = history.total_norm[finite]
     if len(finite_total) >= 2:
-        head = finite_total[: max(1, len(finite_total) // 10)]
-        base = float(np.median(head))
-        growth = float(finite_total.max() / base) if base > 0 else None
+        # Medians of the first and last tenth: a sustained rise, not one spike (spikes
+        # are reported on their own below).
+        tenth = max(1, len(finite_total) // 10)
+        base = float(np.median(finite_total[:tenth]))
+        late = float(np.median(finite_total[-tenth:]))
+        if events.nonfinite_steps:  # the run blew up: its largest finite norm tells
+            late = float(finite_total.max())
+        growth = late / base if base > 0 else None
     grew = growth is not None and growth >= 10**growth_decades
     if grew:
         findings.append(
@@ -251,6 +256,11 @@ def diagnose(
         findings.append(
             f"Clipping at max_norm={history.max_norm:g} scaled the gradients on "
             f"{events.clipped_steps} of {events.recorded} steps ({clip_share:.0%})."
+        )
+    elif events.clipped_steps:  # an adaptive clipper (ZClip, AutoClip) decided
+        findings.append(
+            f"Adaptive clipping scaled the gradients on {events.clipped_steps} of "
+            f"{events.recorded} steps ({clip_share:.0%})."
         )
     if events.spikes:
         total_spikes = [s for s in events.spikes if s[1] == "total"]
