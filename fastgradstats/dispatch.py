@@ -22,9 +22,9 @@ from types import ModuleType
 import torch
 
 from . import torch_backend
+from .env import ENV_BACKEND, triton_interpreter_on
 
 BACKENDS = ("auto", "torch", "triton")
-ENV_BACKEND = "FASTGRADSTATS_BACKEND"
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -34,11 +34,6 @@ def requested_backend(backend: str | None = None) -> str:
         source = "backend" if backend is not None else f"${ENV_BACKEND}"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     return name.strip().lower()
-
-
-def triton_interpreter_on() -> bool:
-    """True when Triton kernels are to be run by the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # The Triton backend module, or why it failed to import; filled on first need. A plain

@@ -26,6 +26,7 @@ per-tensor statistics (one object all-gather of names on the host, then one all-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from typing import TYPE_CHECKING, Any
@@ -366,11 +367,9 @@ def combine_pipeline_stats(stats: GradStats, pp_group: Any = None) -> GradStats:
     Costs one host-side ``all_gather_object`` of names and sizes (a sync; use
     :func:`combine_pipeline_norm` in the clipping hot path) and one ``all_gather``.
     """
-    from .stats import GradStats
-
     _require_initialized("combine_pipeline_stats")
     ranks = _group_ranks(pp_group, "pp_group")
-    if not isinstance(stats, GradStats):
+    if not (dataclasses.is_dataclass(stats) and hasattr(stats, "nan_count")):
         raise TypeError(f"stats must be a GradStats, got {type(stats).__name__}")
     header = (list(stats.names), list(stats.numels), stats.norm_type, str(stats.norms.dtype))
     headers: list[Any] = [None] * len(ranks)
@@ -394,7 +393,14 @@ def combine_pipeline_stats(stats: GradStats, pp_group: Any = None) -> GradStats:
 
     norms = table[0].to(out_dtype)
     counts = table[2:].round().to(torch.int64)
-    return GradStats(
+    # dataclasses.replace: a GradStats of the same class without importing stats (which
+    # imports this module); per-stage extras (clip_coef, histograms) are not carried over.
+    return dataclasses.replace(
+        stats,
+        clip_coef=None,
+        histogram=None,
+        histogram_edges=None,
+        zero_count=None,
         names=_stage_names([h[0] for h in headers]),
         norms=norms,
         max_abs=table[1].to(out_dtype),

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, torch_backend
-from .dispatch import triton_interpreter_on
+from .env import triton_interpreter_on
 from .kernels import scale as scale_kernels
 from .kernels import stats as stats_kernels
 from .kernels import tables
