@@ -8,6 +8,7 @@ their logic is tested on every push; set the variable yourself to override.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -46,3 +47,36 @@ def backend(request, monkeypatch):
 def device() -> str:
     """The device tests put tensors on: CUDA when present, else the CPU."""
     return DEVICE
+
+
+class HostSyncError(AssertionError):
+    """A fastgradstats frame read a tensor's value back to the host (see forbid_host_reads)."""
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Makes fastgradstats code that reads a tensor's value back to the host raise
+    :class:`HostSyncError`, and ``torch.cuda.synchronize`` too.
+
+    Only calls made from fastgradstats' own frames count: the interpreter and torch move
+    data around on the host themselves, which on a GPU would be device code.
+    """
+
+    def guard(name, original):
+        def method(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("fastgradstats"):
+                raise HostSyncError(f"{caller} called Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        return method
+
+    def synchronize(*args, **kwargs):
+        raise HostSyncError("torch.cuda.synchronize")
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)

@@ -126,3 +126,39 @@ def test_adaptive_clipper_with_skip_nonfinite_leaves_state_and_update_alone(back
             assert torch.equal(value, state[key]), key
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
     assert monitor.history().skipped[-1]
+
+
+def test_monitor_with_an_adaptive_clipper_never_syncs_on_meta_device():
+    """On the meta device any read of a value raises, so clean steps prove no sync."""
+    model = tiny_model(sizes=(4, 6, 6, 3)).to("meta")
+    for clipper in (fgs.ZClip(warmup_steps=2), fgs.AutoClip(10.0)):
+        monitor = GradMonitor(model, max_norm=clipper, history=3, skip_nonfinite=True)
+        for _ in range(6):
+            for p in model.parameters():
+                p.grad = torch.empty_like(p)
+            total = monitor.step()
+            assert total.device.type == "meta"
+        assert monitor.last_stats.clip_coef.device.type == "meta"
+
+
+def test_monitor_clipping_step_makes_no_host_read(forbid_host_reads, monkeypatch):
+    """On the Triton path the fused-optimizer step reads nothing back (the hand-off's
+    CPU-only "nothing to clip" shortcut is turned off, as it is for CUDA tensors; the torch
+    backend reads CPU values for free, which the meta-device test covers)."""
+    from conftest import BACKENDS
+
+    from fastgradstats import handoff
+
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton backend (CUDA or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(handoff, "_nothing_to_clip_on_host", lambda coef: False)
+    model = tiny_model(seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    monitor = GradMonitor(
+        model, max_norm=fgs.ZClip(warmup_steps=2), optimizer=opt, backend="triton"
+    )
+    gen = torch.Generator().manual_seed(7)
+    for step in range(5):
+        _set(model, _grads(step, model, gen))
+        monitor.step()
+        opt.step()

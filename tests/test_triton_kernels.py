@@ -8,10 +8,10 @@ float64 torch on the same values; scale/clamp are compared bit for bit with torc
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
+from conftest import HostSyncError
 
 from fastgradstats import dispatch
 
@@ -438,35 +438,6 @@ def test_one_stats_launch_per_device_dtype_group(monkeypatch):
     assert sorted(set(runs)) == ["finalize_kernel", "scale_kernel", "stats_kernel"]
     assert runs.count("stats_kernel") == runs.count("scale_kernel") == 3
     assert runs.count("finalize_kernel") == 1
-
-
-class HostSyncError(AssertionError):
-    pass
-
-
-@pytest.fixture
-def forbid_host_reads(monkeypatch):
-    """Makes fastgradstats code that reads a tensor's value back to the host raise.
-
-    Only calls made from fastgradstats' own frames count: the interpreter itself moves data
-    around on the host, which on a GPU would be device code.
-    """
-    names = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
-
-    def guard(name, original):
-        def method(self, *args, **kwargs):
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller.startswith("fastgradstats"):
-                raise HostSyncError(f"{caller} called Tensor.{name}")
-            return original(self, *args, **kwargs)
-
-        return method
-
-    for name in names:
-        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (_ for _ in ()).throw(
-        HostSyncError("torch.cuda.synchronize")
-    ))  # fmt: skip
 
 
 def test_no_host_sync_on_the_triton_path(forbid_host_reads):
