@@ -66,7 +66,7 @@ def kernel_specs() -> list[dict[str, Any]]:
     import torch
 
     from fastgradstats import kernels
-    from fastgradstats.kernels import scale, stats
+    from fastgradstats.kernels import histogram, scale, stats
 
     block = kernels.block_size()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,6 +93,13 @@ def kernel_specs() -> list[dict[str, Any]]:
                 "dtype": name, "signature": sig,
                 "config": scale.elementwise_config(dtype, block, True),
             })  # fmt: skip
+        hist_sig = {"table_ptr": "*i64", "counts_ptr": "*i64", "zeros_ptr": "*i64",
+                    "n_tensors": "i32", "block_lo": "i32"}  # fmt: skip
+        specs.append({
+            "kernel": "histogram_kernel", "fn": histogram.histogram_kernel, "role": "grad",
+            "variant": "aligned", "dtype": name, "signature": hist_sig,
+            "config": histogram.histogram_config(dtype, block, True),
+        })  # fmt: skip
         # finalize: the clip call (total + coefficient in the result dtype), with stats
         fin_sig = {"table_ptr": "*i64", "partials_ptr": "*fp32", "floats_ptr": "*fp32",
                    "counts_ptr": "*i64", "total_ptr": f"*{_short(name)}",
@@ -249,12 +256,12 @@ def run(out_dir: Path, targets: list[str], log=sys.stderr) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'kernel':<16}{'variant':<15}{'dtype':<10}{'target':<7}{'regs':>5}{'spill':>6}"
+    lines = [f"{'kernel':<18}{'variant':<15}{'dtype':<10}{'target':<7}{'regs':>5}{'spill':>6}"
              f"{'ld.v4':>6}{'st.v4':>6}{'sass/elem':>10}"]  # fmt: skip
     for e in report["entries"]:
         spe = "-" if e["sass_per_element"] is None else f"{e['sass_per_element']:.2f}"
         lines.append(
-            f"{e['kernel']:<16}{e['variant']:<15}{e['dtype']:<10}{e['target']:<7}"
+            f"{e['kernel']:<18}{e['variant']:<15}{e['dtype']:<10}{e['target']:<7}"
             f"{e['regs']:>5}{e['spills']:>6}{e['vector_loads']:>6}{e['vector_stores']:>6}"
             f"{spe:>10}"
         )

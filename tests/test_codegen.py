@@ -43,7 +43,13 @@ def test_codegen_command_passes_its_budgets(report):
 def test_every_kernel_dtype_and_target_is_reported(report):
     _, data, out = report
     seen = {(e["kernel"], e["dtype"], e["target"]) for e in data["entries"]}
-    for kernel in ("stats_kernel", "finalize_kernel", "scale_kernel", "clamp_kernel"):
+    for kernel in (
+        "stats_kernel",
+        "finalize_kernel",
+        "scale_kernel",
+        "clamp_kernel",
+        "histogram_kernel",
+    ):
         for dtype in ("float32", "bfloat16", "float16"):
             for target in ("sm_90", "sm_80"):
                 assert (kernel, dtype, target) in seen
