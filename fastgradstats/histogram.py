@@ -304,8 +304,9 @@ def histograms_for(grads: Sequence[Tensor], backend: str | None = None) -> tuple
     (:func:`fastgradstats.kernels.histogram.group_histogram_triton`, one launch per table
     segment) when
     :func:`fastgradstats.dispatch.backend_for` picks Triton for it, else to the torch
-    reference :func:`group_histogram`. (The fused stats kernel will replace the separate
-    launch here later.)
+    reference :func:`group_histogram`. This is a read of its own (``GradMonitor``'s
+    histogram steps); ``grad_stats(histogram=True)`` on the fused Triton path bins in the
+    stats launch instead (``stats_kernel`` with ``HISTOGRAM``).
 
     Returns:
         ``(counts, zeros)``: int64 ``[n, NUM_BINS]`` and int64 ``[n]`` on ``grads[0]``'s
