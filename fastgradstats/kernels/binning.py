@@ -51,13 +51,53 @@ def bin_index(u, SUBNORMALS: tl.constexpr, LAST_BIN: tl.constexpr):
 
 
 @triton.jit
-def bin_tile(u, hist, zeros, SUBNORMALS: tl.constexpr, NUM_BINS: tl.constexpr,
-              HIST_BINS: tl.constexpr):  # fmt: skip
-    """Add one tile's finite patterns ``u`` to ``hist`` and its exact zeros to ``zeros``."""
+def bin_tile(u, hist, DTYPE: tl.constexpr, SUBNORMALS: tl.constexpr, NUM_BINS: tl.constexpr,
+             HIST_BINS: tl.constexpr):  # fmt: skip
+    """``hist`` plus one tile's sign-less float32 patterns ``u``, in HIST_BINS slots.
+
+    No mask (a masked histogram branches around every shared-memory atomic): non-finite
+    patterns go to the spare slot HIST_BINS - 1. fp32 exact zeros go to the spare slot
+    HIST_BINS - 2, because fp32 subnormals below 2**-133 share bin 0 with them; for bf16
+    and fp16 bin 0 holds exact zeros only, so no per-element zero count is needed at all.
+    :func:`flush_histogram` folds the slots back.
+    """
     b = bin_index(u, SUBNORMALS, NUM_BINS - 1)
-    hist += tl.histogram(b, HIST_BINS, mask=u < 0x7F800000)  # finite (FINITE_LIMIT)
-    zeros += (u == 0).to(tl.int32)
-    return hist, zeros
+    b = tl.where(u < 0x7F800000, b, HIST_BINS - 1)  # finite (FINITE_LIMIT) or spare
+    if DTYPE == tl.float32:  # noqa: SIM300 (DTYPE is a constexpr argument)
+        b = tl.where(u == 0, HIST_BINS - 2, b)
+    return hist + tl.histogram(b, HIST_BINS)
 
 
-__all__ = ["FINITE_LIMIT", "HIST_BINS", "abs_bits", "abs_bits_of", "bin_index", "bin_tile"]
+@triton.jit
+def flush_histogram(hist, hist_ptr, zeros_ptr, t, DTYPE: tl.constexpr, NUM_BINS: tl.constexpr,
+                    HIST_BINS: tl.constexpr):  # fmt: skip
+    """Add a block's :func:`bin_tile` slots to tensor ``t``'s int64 bins and zero count.
+
+    Integer atomics: the sums do not depend on the order programs run in (deterministic).
+    Only the occupied bins are added: a block of real gradients touches ~10-30 of 152.
+    """
+    index = tl.arange(0, HIST_BINS)
+    if DTYPE == tl.float32:  # noqa: SIM300
+        zeros = tl.sum(tl.where(index == HIST_BINS - 2, hist, 0), axis=0)
+        hist = tl.where(index == 0, hist + zeros, hist)  # zeros are in bin 0 too
+    else:
+        zeros = tl.sum(tl.where(index == 0, hist, 0), axis=0)
+    tl.atomic_add(
+        hist_ptr + t * NUM_BINS + index,
+        hist.to(tl.int64),
+        mask=(index < NUM_BINS) & (hist > 0),
+        sem="relaxed",
+    )
+    zeros = zeros.to(tl.int64)
+    tl.atomic_add(zeros_ptr + t, zeros, mask=zeros > 0, sem="relaxed")
+
+
+__all__ = [
+    "FINITE_LIMIT",
+    "HIST_BINS",
+    "abs_bits",
+    "abs_bits_of",
+    "bin_index",
+    "bin_tile",
+    "flush_histogram",
+]

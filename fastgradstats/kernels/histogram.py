@@ -31,7 +31,15 @@ from torch import Tensor
 from .. import kernels as settings
 from ..histogram import NUM_BINS
 from . import launch, tile_size, triton_dtype
-from .binning import FINITE_LIMIT, HIST_BINS, abs_bits, abs_bits_of, bin_index, bin_tile
+from .binning import (
+    FINITE_LIMIT,
+    HIST_BINS,
+    abs_bits,
+    abs_bits_of,
+    bin_index,
+    bin_tile,
+    flush_histogram,
+)
 from .stats import block_location
 from .tables import TensorTable
 
@@ -57,27 +65,15 @@ def histogram_kernel(
     t = tl.load(table_ptr + 5 * n_tensors + b)
     lanes = tl.arange(0, TILE)
     hist = tl.zeros([HIST_BINS], dtype=tl.int32)  # a block holds <= 2**24 elements
-    zeros = tl.zeros([TILE], dtype=tl.int32)
     full = count // TILE
     for i in range(full):  # the steady state: unmasked, contiguous, aligned -> 128-bit loads
         u = abs_bits_of(tl.load(base + i * TILE + lanes), DTYPE)
-        hist, zeros = bin_tile(u, hist, zeros, SUBNORMALS, NUM_BINS, HIST_BINS)
+        hist = bin_tile(u, hist, DTYPE, SUBNORMALS, NUM_BINS, HIST_BINS)
     rest = count - full * TILE
     if rest > 0:  # past the end reads NaN: in no bin and not a zero
         x = tl.load(base + full * TILE + lanes, mask=lanes < rest, other=float("nan"))
-        hist, zeros = bin_tile(abs_bits_of(x, DTYPE), hist, zeros, SUBNORMALS, NUM_BINS,
-                                HIST_BINS)  # fmt: skip
-    index = tl.arange(0, HIST_BINS)
-    # Integer atomics: the sum does not depend on the order programs run in. Only the
-    # occupied bins are added: a block of real gradients touches ~10-30 of 152.
-    tl.atomic_add(
-        counts_ptr + t * NUM_BINS + index,
-        hist.to(tl.int64),
-        mask=(index < NUM_BINS) & (hist > 0),
-        sem="relaxed",
-    )
-    block_zeros = tl.sum(zeros, axis=0).to(tl.int64)
-    tl.atomic_add(zeros_ptr + t, block_zeros, mask=block_zeros > 0, sem="relaxed")
+        hist = bin_tile(abs_bits_of(x, DTYPE), hist, DTYPE, SUBNORMALS, NUM_BINS, HIST_BINS)
+    flush_histogram(hist, counts_ptr, zeros_ptr, t, DTYPE, NUM_BINS, HIST_BINS)
 
 
 def histogram_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
