@@ -20,7 +20,9 @@ use). For each it records, in ``DIR/codegen.json``::
 
 It exits with status 1, after writing everything, when a grad kernel has no 128-bit load,
 a scale kernel no 128-bit store, anything spills, or a stats kernel runs more than
-:data:`STATS_BUDGET` instructions per element (or has no steady-state loop).
+:data:`STATS_BUDGET` instructions per element (or has no steady-state loop). The stats
+variant with the histogram (:data:`HIST_VARIANT`, ``grad_stats(histogram=True)``) is
+reported but outside that budget: binning costs shared-memory atomics per element.
 
 Triton must not be in interpreter mode for this: when ``TRITON_INTERPRET`` is set the
 command re-runs itself in a child process without it. Compiled kernels land in Triton's
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 STATS_BUDGET = 10.0  # SASS instructions per element, stats kernel, steady state
+HIST_VARIANT = "p2-stats-hist"  # stats + histogram: reported, outside the stats budget
 TARGETS = {"sm_90": 90, "sm_80": 80}
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -66,13 +69,14 @@ def kernel_specs() -> list[dict[str, Any]]:
     import torch
 
     from fastgradstats import kernels
-    from fastgradstats.kernels import scale, stats
+    from fastgradstats.kernels import histogram, scale, stats
 
     block = kernels.block_size()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     specs = []
     stats_sig = {"table_ptr": "*i64", "partials_ptr": "*fp32", "n_tensors": "i32",
-                 "num_blocks": "i32", "block_lo": "i32"}  # fmt: skip
+                 "num_blocks": "i32", "block_lo": "i32", "hist_ptr": "*i64",
+                 "zeros_ptr": "*i64"}  # fmt: skip
     for name, dtype in dtypes.items():
         for norm in (2.0, 1.0, float("inf")):
             for full in (True, False):
@@ -82,6 +86,12 @@ def kernel_specs() -> list[dict[str, Any]]:
                     "variant": f"p{norm:g}-{'stats' if full else 'norm'}", "dtype": name,
                     "signature": stats_sig, "config": config,
                 })  # fmt: skip
+        # grad_stats(histogram=True): the same read also bins every element
+        specs.append({
+            "kernel": "stats_kernel", "fn": stats.stats_kernel, "role": "grad",
+            "variant": HIST_VARIANT, "dtype": name, "signature": stats_sig,
+            "config": stats.stats_config(dtype, block, True, 2.0, True, histogram=True),
+        })  # fmt: skip
         elementwise = (
             ("scale_kernel", scale.scale_kernel, ("coef_ptr", "*fp32")),
             ("clamp_kernel", scale.clamp_kernel, ("clip_value", "fp32")),
@@ -93,6 +103,13 @@ def kernel_specs() -> list[dict[str, Any]]:
                 "dtype": name, "signature": sig,
                 "config": scale.elementwise_config(dtype, block, True),
             })  # fmt: skip
+        hist_sig = {"table_ptr": "*i64", "counts_ptr": "*i64", "zeros_ptr": "*i64",
+                    "n_tensors": "i32", "block_lo": "i32"}  # fmt: skip
+        specs.append({
+            "kernel": "histogram_kernel", "fn": histogram.histogram_kernel, "role": "grad",
+            "variant": "aligned", "dtype": name, "signature": hist_sig,
+            "config": histogram.histogram_config(dtype, block, True),
+        })  # fmt: skip
         # finalize: the clip call (total + coefficient in the result dtype), with stats
         fin_sig = {"table_ptr": "*i64", "partials_ptr": "*fp32", "floats_ptr": "*fp32",
                    "counts_ptr": "*i64", "total_ptr": f"*{_short(name)}",
@@ -218,7 +235,7 @@ def failures(entries: list[dict[str, Any]]) -> list[str]:
             bad.append(f"{where}: no 128-bit load of gradient memory")
         if e["kernel"] == "scale_kernel" and e["vector_stores"] == 0:
             bad.append(f"{where}: no 128-bit store of gradient memory")
-        if e["kernel"] == "stats_kernel":
+        if e["kernel"] == "stats_kernel" and e["variant"] != HIST_VARIANT:
             spe = e["sass_per_element"]
             if spe is None:
                 bad.append(f"{where}: no steady-state loop found in the SASS")
@@ -249,12 +266,12 @@ def run(out_dir: Path, targets: list[str], log=sys.stderr) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'kernel':<16}{'variant':<15}{'dtype':<10}{'target':<7}{'regs':>5}{'spill':>6}"
+    lines = [f"{'kernel':<18}{'variant':<15}{'dtype':<10}{'target':<7}{'regs':>5}{'spill':>6}"
              f"{'ld.v4':>6}{'st.v4':>6}{'sass/elem':>10}"]  # fmt: skip
     for e in report["entries"]:
         spe = "-" if e["sass_per_element"] is None else f"{e['sass_per_element']:.2f}"
         lines.append(
-            f"{e['kernel']:<16}{e['variant']:<15}{e['dtype']:<10}{e['target']:<7}"
+            f"{e['kernel']:<18}{e['variant']:<15}{e['dtype']:<10}{e['target']:<7}"
             f"{e['regs']:>5}{e['spills']:>6}{e['vector_loads']:>6}{e['vector_stores']:>6}"
             f"{spe:>10}"
         )
@@ -280,4 +297,4 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report["failures"] else 0
 
 
-__all__ = ["STATS_BUDGET", "failures", "hot_loop", "kernel_specs", "main", "run"]
+__all__ = ["HIST_VARIANT", "STATS_BUDGET", "failures", "hot_loop", "kernel_specs", "main", "run"]

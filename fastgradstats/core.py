@@ -319,6 +319,8 @@ class Fused:
     counts: Tensor  # int64 [2, n]: NaN and Inf counts
     coef: Tensor | None  # 0-d float32 clip coefficient
     names: list[str] | None  # None: unnamed input, names are the input positions
+    histogram: Tensor | None = None  # int64 [n, NUM_BINS] (``histogram=True``)
+    zero_count: Tensor | None = None  # int64 [n] (``histogram=True``)
 
     @property
     def numels(self) -> list[int]:
@@ -345,8 +347,12 @@ def fused(
     use_grad: bool = True,
     stats: bool = False,
     max_norm: float | None = None,
+    histogram: bool = False,
 ) -> Fused | None:
     """Run the fused stats + finalize for ``items``, or ``None`` for the generic path.
+
+    ``histogram=True`` (with ``stats``): the stats launches also bin every element (the
+    same single read), filling ``Fused.histogram`` and ``Fused.zero_count``.
 
     The steady state walks the gradients once: ``.grad``, then ``data_ptr()`` (the plan
     key) and ``numel()`` (the check that the layout behind those addresses is unchanged).
@@ -390,10 +396,11 @@ def fused(
         return None
     if stats and names is None and use_grad and len(grads) < len(tensors):
         names = [str(i) for i, t in enumerate(tensors) if t.grad is not None]
-    out = impl.run_fused(plan, norm_type, stats=stats, max_norm=max_norm)
+    out = impl.run_fused(plan, norm_type, stats=stats, max_norm=max_norm, histogram=histogram)
     return Fused(
-        grads, plan, impl, out.total, out.exact_total, out.floats, out.counts, out.coef, names
-    )
+        grads, plan, impl, out.total, out.exact_total, out.floats, out.counts, out.coef, names,
+        out.histogram, out.zero_count,
+    )  # fmt: skip
 
 
 def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> str:

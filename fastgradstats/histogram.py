@@ -301,10 +301,12 @@ def histograms_for(grads: Sequence[Tensor], backend: str | None = None) -> tuple
     """Per-tensor histograms of ``grads`` on the backend in force: the ONE dispatch point.
 
     Groups ``grads`` by (device, dtype) itself; each group goes to the Triton kernel
-    (:func:`fastgradstats.kernels.histogram.group_histogram_triton`, one launch) when
+    (:func:`fastgradstats.kernels.histogram.group_histogram_triton`, one launch per table
+    segment) when
     :func:`fastgradstats.dispatch.backend_for` picks Triton for it, else to the torch
-    reference :func:`group_histogram`. (The fused stats kernel will replace the separate
-    launch here later.)
+    reference :func:`group_histogram`. This is a read of its own (``GradMonitor``'s
+    histogram steps); ``grad_stats(histogram=True)`` on the fused Triton path bins in the
+    stats launch instead (``stats_kernel`` with ``HISTOGRAM``).
 
     Returns:
         ``(counts, zeros)``: int64 ``[n, NUM_BINS]`` and int64 ``[n]`` on ``grads[0]``'s

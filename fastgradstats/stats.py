@@ -255,7 +255,9 @@ def compute(
             _add_histograms(stats, [], backend)
         return stats
     if sharding is None and groups is None:  # one stats + one finalize launch on Triton
-        call = core.fused(grads.grads, norm_type, backend, use_grad=False, stats=True)
+        call = core.fused(
+            grads.grads, norm_type, backend, use_grad=False, stats=True, histogram=histogram
+        )
         if call is not None:
             stats = GradStats(
                 names=grads.names,
@@ -267,8 +269,13 @@ def compute(
                 norm_type=norm_type,
                 numels=call.numels,
             )
-            if histogram:
-                _add_histograms(stats, grads.grads, backend)
+            if call.histogram is not None and call.zero_count is not None:
+                # binned by the stats launches themselves: no second read
+                from .histogram import _edges_on
+
+                stats.histogram = call.histogram
+                stats.zero_count = call.zero_count
+                stats.histogram_edges = _edges_on(call.histogram.device).clone()
             return stats
     groups = groups if groups is not None else core.group(grads.grads)
     n = len(grads.grads)

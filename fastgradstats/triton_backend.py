@@ -415,11 +415,16 @@ class FusedResult:
     counts: Tensor  # int64 [2, n]: NaN, Inf counts
     coef: Tensor | None  # 0-d float32 clip coefficient (clip calls)
     workspace: Workspace
+    histogram: Tensor | None = None  # int64 [n, NUM_BINS] (``histogram=True``)
+    zero_count: Tensor | None = None  # int64 [n] (``histogram=True``)
 
 
-def run_fused(plan: Plan, norm_type: float, *, stats: bool, max_norm: float | None) -> FusedResult:
+def run_fused(
+    plan: Plan, norm_type: float, *, stats: bool, max_norm: float | None, histogram: bool = False
+) -> FusedResult:
     """Stats launches + one finalize: per-tensor results, total and (with ``max_norm``)
-    the clip coefficient, all computed on the device."""
+    the clip coefficient, all computed on the device. ``histogram``: the stats launches
+    also bin every element into zero-filled int64 ``[n, NUM_BINS]`` counts (same read)."""
     device, n = plan.device, plan.table.n_tensors
     ws = plan.workspace()
     total = torch.empty((), dtype=plan.result_dtype, device=device)
@@ -431,8 +436,16 @@ def run_fused(plan: Plan, norm_type: float, *, stats: bool, max_norm: float | No
         floats, counts = ws.floats, ws.counts
     exact_total, coef = scalars[0], scalars[1]
     clip = max_norm is not None
+    bins: tuple[Tensor, Tensor] | None = None
+    if histogram:
+        from .histogram import NUM_BINS
+
+        bins = (
+            torch.zeros((n, NUM_BINS), dtype=torch.int64, device=device),
+            torch.zeros(n, dtype=torch.int64, device=device),
+        )
     with _on_device(device), plan.lock:
-        stats_kernels.launch_stats(plan.table, ws.partials, norm_type, stats)
+        stats_kernels.launch_stats(plan.table, ws.partials, norm_type, stats, bins)
         stats_kernels.launch_finalize(
             plan.table,
             ws.partials,
@@ -447,7 +460,8 @@ def run_fused(plan: Plan, norm_type: float, *, stats: bool, max_norm: float | No
             ws.ticket,
             max_norm if clip else 0.0,
         )
-    return FusedResult(total, exact_total, floats, counts, coef if clip else None, ws)
+    hist, zeros = bins if bins is not None else (None, None)
+    return FusedResult(total, exact_total, floats, counts, coef if clip else None, ws, hist, zeros)
 
 
 def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,13 @@ def test_codegen_command_passes_its_budgets(report):
 def test_every_kernel_dtype_and_target_is_reported(report):
     _, data, out = report
     seen = {(e["kernel"], e["dtype"], e["target"]) for e in data["entries"]}
-    for kernel in ("stats_kernel", "finalize_kernel", "scale_kernel", "clamp_kernel"):
+    for kernel in (
+        "stats_kernel",
+        "finalize_kernel",
+        "scale_kernel",
+        "clamp_kernel",
+        "histogram_kernel",
+    ):
         for dtype in ("float32", "bfloat16", "float16"):
             for target in ("sm_90", "sm_80"):
                 assert (kernel, dtype, target) in seen
@@ -61,7 +68,7 @@ def test_gradient_access_is_128_bit_and_stats_within_budget(report):
         assert e["vector_loads"] >= 1, e
         if e["kernel"] == "scale_kernel":
             assert e["vector_stores"] >= 1, e
-        if e["kernel"] == "stats_kernel":
+        if e["kernel"] == "stats_kernel" and e["variant"] != codegen.HIST_VARIANT:
             assert 0 < e["sass_per_element"] <= codegen.STATS_BUDGET, e
     ptx = (out / "stats_kernel-p2-stats-bfloat16-sm_90.ptx").read_text()
     assert "ld.global.v4.b32" in ptx
@@ -97,3 +104,16 @@ def test_hot_loop_counts_the_innermost_loop_per_loaded_element():
     )
     # 4 instructions load 32 bytes: 8 float32 elements -> 0.5 per element
     assert codegen.hot_loop(sass) == (4, 32)
+
+
+def test_histogram_variant_is_compiled_out_when_off(report):
+    """grad_stats(histogram=True)'s stats variant bins in shared memory; with HISTOGRAM off
+    no trace of it is left (the budgeted variants are the plain kernel)."""
+    _, data, out = report
+    for dtype in ("float32", "bfloat16", "float16"):
+        fused = (out / f"stats_kernel-{codegen.HIST_VARIANT}-{dtype}-sm_90.ptx").read_text()
+        plain = (out / f"stats_kernel-p2-stats-{dtype}-sm_90.ptx").read_text()
+        assert re.search(r"\batom\.[a-z.]*shared", fused) and "ld.global.v4.b32" in fused
+        assert not re.search(r"\b(?:atom|red)\.", plain)
+    hist = [e for e in data["entries"] if e["variant"] == codegen.HIST_VARIANT]
+    assert len(hist) == 6 and all(e["role"] == "grad" and e["spills"] == 0 for e in hist)

@@ -263,6 +263,25 @@ def test_kernel_every_16bit_pattern(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_loops_over_tiles_and_segments(dtype, monkeypatch):
+    """TILE = BLOCK / 4: full blocks take 4 loop steps, ragged ends take the masked tail;
+    a misaligned tensor is its own segment (its own launch), all in one output."""
+    from fastgradstats import kernels
+
+    monkeypatch.setattr(kernels, "TILE", 32)
+    storage = planted(700, dtype, seed=3).to(KDEVICE)
+    grads = [planted(n, dtype, seed=20 + n).to(KDEVICE) for n in (128, 31, 0, 517, 32, 33)]
+    grads.insert(2, storage[1:300])  # not 16-byte aligned: a second segment
+    kernels.launch_counts.clear()
+    hist, zeros = _kernel(grads)
+    assert kernels.launch_counts["histogram_kernel"] == 2
+    _check(grads, hist, zeros)
+    ref_hist, ref_zeros = H.group_histogram([g.cpu() for g in grads])
+    assert torch.equal(hist.cpu(), ref_hist) and torch.equal(zeros.cpu(), ref_zeros)
+
+
+@needs_triton
 def test_kernel_fp32_every_exponent():
     x = fp32_exponent_sweep().to(KDEVICE)
     hist, zeros = _kernel([x], block=512)
@@ -666,18 +685,20 @@ def test_histogram_benchmark_quick(tmp_path):
 
 _CODEGEN = """
 import json, re, sys
-import triton, triton.language as tl
+import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastgradstats.histogram import NUM_BINS
-from fastgradstats.kernels.histogram import HIST_BINS, histogram_kernel
-sig = {"table_ptr": "*i64", "counts_ptr": "*i64", "zeros_ptr": "*i64", "n_tensors": "i64"}
-consts = dict(DTYPE=getattr(tl, sys.argv[1]), BLOCK=4096, ALIGNED=True, SUBNORMALS=True,
-              NUM_BINS=NUM_BINS, HIST_BINS=HIST_BINS)
-sig.update(dict.fromkeys(consts, "constexpr"))
-k = triton.compile(ASTSource(histogram_kernel, sig, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-print(json.dumps(re.findall(r"^\\s+(?:@%p\\d+\\s+)?([a-z]+(?:\\.[a-z0-9]+)*)", k.asm["ptx"], re.M)))
+from fastgradstats.kernels.histogram import histogram_config, histogram_kernel
+config = histogram_config(getattr(torch, sys.argv[1]), 32768, True)
+num_warps = config.pop("num_warps")
+sig = {"table_ptr": "*i64", "counts_ptr": "*i64", "zeros_ptr": "*i64", "n_tensors": "i32",
+       "block_lo": "i32"}
+sig.update(dict.fromkeys(config, "constexpr"))
+k = triton.compile(ASTSource(histogram_kernel, sig, constexprs=config),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+ops = re.findall(r"^\\s+(?:@%p\\d+\\s+)?([a-z]+(?:\\.[a-z0-9]+)*)", k.asm["ptx"], re.M)
+print(json.dumps({"ops": ops, "per_thread": config["TILE"] // (num_warps * 32)}))
 """
 
 
@@ -703,8 +724,9 @@ def test_kernel_codegen_sm90(dtype):
         timeout=300,
         check=True,
     )
-    ops = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ops, per_thread = result["ops"], result["per_thread"]
     assert "ld.global.v4.b32" in ops
-    per_thread = 4096 // (8 * 32)
-    assert sum(o.startswith("atom") and ".shared" in o for o in ops) == per_thread
+    # One shared atomic per element of a tile, in the steady-state loop and in the tail.
+    assert sum(o.startswith("atom") and ".shared" in o for o in ops) == 2 * per_thread
     assert sum(o.startswith(("atom.global", "red.global")) for o in ops) <= 2

@@ -79,7 +79,7 @@ def test_histograms_for_dispatches_per_group(backend, monkeypatch):
     original = kernel_module.group_histogram_triton
 
     def spy(table):
-        launched.append(table.dtype)
+        launched.extend(seg.dtype for seg in table.segments)
         return original(table)
 
     monkeypatch.setattr(kernel_module, "group_histogram_triton", spy)

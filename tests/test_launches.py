@@ -188,3 +188,75 @@ def test_none_grads_and_named_pairs_take_the_fused_path(monkeypatch):
     fgs.clip_grad_norm_(pairs, 1e9, return_stats=True)
     monkeypatch.undo()
     assert launches.names == ["stats_kernel", "finalize_kernel", "scale_kernel"]
+
+
+# ------------------------------------------------- histograms in the stats read (issue 12)
+
+HISTOGRAM_OPS = {
+    "aten.zeros.default",
+    "aten.zero_.default",
+    "aten.fill_.Scalar",
+    "aten.clone.default",
+}
+
+
+def test_grad_stats_histogram_is_one_stats_launch_and_finalize(monkeypatch):
+    """``grad_stats(histogram=True)`` bins in the stats launch (no histogram kernel, no
+    second read); the only extra torch ops are the zero fills of the outputs (before the
+    launches) and the copy of the bin edges."""
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    params = _params([torch.float32])
+    names, ops = _steady_state(monkeypatch, lambda: fgs.grad_stats(params, histogram=True))
+    assert names == ["stats_kernel", "finalize_kernel"]
+    assert set(ops) <= ALLOWED_OPS | HISTOGRAM_OPS, ops
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")  # _steady_state undid it
+    launches = Launches()
+    monkeypatch.setattr(kernels, "launch", launches)
+    fgs.grad_stats(params, histogram=True)
+    fgs.grad_stats(params)
+    monkeypatch.undo()
+    flags = [kw["HISTOGRAM"] for name, _, kw in launches.calls if name == "stats_kernel"]
+    assert flags == [True, False]  # histograms off: the plain variant
+
+
+def test_grad_stats_histogram_per_group_launches(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    params = _params([torch.float32, torch.bfloat16, torch.float16])
+    names, _ = _steady_state(monkeypatch, lambda: fgs.grad_stats(params, histogram=True))
+    assert names.count("stats_kernel") == 3 and names.count("finalize_kernel") == 1
+    assert "histogram_kernel" not in names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_histogram_equals_the_torch_reference(monkeypatch, dtype):
+    """The fused variant, for real: full tiles, ragged tails, several blocks, a misaligned
+    segment, planted zeros/subnormals/huge/NaN/Inf; the stats are those without it."""
+    from test_histogram import planted
+
+    from fastgradstats import histogram as H
+
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    buffer = planted(400, dtype, seed=5).to(DEVICE)
+    grads = [planted(n, dtype, seed=30 + n).to(DEVICE) for n in (1, 7, 32, 0, 131, 257, 1023)]
+    grads.insert(3, buffer[1:300])  # not 16-byte aligned: its own segment
+    grads.append(torch.zeros(33, dtype=dtype, device=DEVICE))
+    grads.append(torch.full((5,), float("nan"), dtype=dtype, device=DEVICE))
+    params = []
+    for g in grads:
+        params.append(torch.nn.Parameter(torch.zeros(g.shape, dtype=dtype, device=DEVICE)))
+        params[-1].grad = g
+    kernels.launch_counts.clear()
+    stats = fgs.grad_stats(params, histogram=True)
+    assert kernels.launch_counts["histogram_kernel"] == 0
+    assert kernels.launch_counts["stats_kernel"] == 2
+    ref_hist, ref_zeros = H.group_histogram([g.cpu() for g in grads])
+    assert torch.equal(stats.histogram.cpu(), ref_hist)
+    assert torch.equal(stats.zero_count.cpu(), ref_zeros)
+    assert torch.equal(stats.histogram_edges.cpu(), H.histogram_edges())
+    plain = fgs.grad_stats(params)
+    for field in ("norms", "max_abs", "nan_count", "inf_count"):
+        torch.testing.assert_close(
+            getattr(stats, field), getattr(plain, field), rtol=0, atol=0, equal_nan=True
+        )
+    again = fgs.grad_stats(params, histogram=True)  # deterministic (integer atomics)
+    assert torch.equal(again.histogram, stats.histogram)

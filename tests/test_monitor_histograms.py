@@ -67,8 +67,14 @@ def test_step_with_histograms_never_syncs_on_meta_device():
     """On the meta device any read of a value raises: a clean pass proves no sync."""
     model = tiny_model(sizes=(4, 6, 3)).to("meta")
     for max_norm in (None, 1.0):
+        # backend="torch": Triton cannot run on meta tensors (FASTGRADSTATS_BACKEND=triton)
         monitor = GradMonitor(
-            model, max_norm=max_norm, history=4, histograms=True, histogram_history=2
+            model,
+            max_norm=max_norm,
+            history=4,
+            histograms=True,
+            histogram_history=2,
+            backend="torch",
         )
         for step in range(5):
             for p in model.parameters():

@@ -13,8 +13,10 @@ The bins are those of :mod:`fastgradstats.histogram` (``NUM_BINS = 152``): bin 0
 
 :func:`bin_index` is that mapping in integer ops (and, shift, convert, shift, add, max,
 select, min: 8 ops; 5 when ``SUBNORMALS`` is off, for fp16 inputs, whose upcast values are
-never fp32 subnormals). It is meant for the fused stats kernel's hot loop; the standalone
-:func:`histogram_kernel` here reads each block once and adds its counts to the group's
+never fp32 subnormals). The standalone :func:`histogram_kernel` runs on the tables of
+:mod:`~fastgradstats.kernels.tables` like ``stats_kernel``: one launch per segment, one
+program per block (located by the shared ``block_location``), looping over it ``TILE``
+elements at a time with a register histogram, then adding the block's counts to the
 int64 ``[n, NUM_BINS]`` output with integer atomics: sums of integers do not depend on the
 order the programs run in, so the result is deterministic.
 """
@@ -28,115 +30,88 @@ from torch import Tensor
 
 from .. import kernels as settings
 from ..histogram import NUM_BINS
-from . import launch, triton_dtype
+from . import launch, tile_size, triton_dtype
+from .binning import (
+    FINITE_LIMIT,
+    HIST_BINS,
+    abs_bits,
+    abs_bits_of,
+    bin_index,
+    bin_tile,
+    flush_histogram,
+)
+from .stats import block_location
 from .tables import TensorTable
-
-HIST_BINS = 256  # tl.histogram's bin count must be a power of two >= NUM_BINS
-FINITE_LIMIT = 0x7F800000  # sign-less float32 patterns below this are finite
-
-
-@triton.jit
-def abs_bits(x):
-    """Sign-less int32 bit pattern of float32 ``x`` (``u < FINITE_LIMIT``: finite)."""
-    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-
-
-@triton.jit
-def abs_bits_of(x, DTYPE: tl.constexpr):
-    """Sign-less float32 bit pattern of ``x`` as loaded (fp32, bf16 or fp16).
-
-    bf16 is widened in integers (it is the top half of an fp32): exact everywhere, where the
-    CPU interpreter's float conversion flushes bf16 subnormals (Triton 3.9).
-    """
-    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr argument)
-        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16) & 0x7FFFFFFF
-    else:
-        return abs_bits(x.to(tl.float32))
-
-
-@triton.jit
-def bin_index(u, SUBNORMALS: tl.constexpr, LAST_BIN: tl.constexpr):
-    """Histogram bin (int32, 0..LAST_BIN) of the float32 whose sign-less pattern is ``u``.
-
-    Non-finite patterns map to LAST_BIN: callers mask them (``u < FINITE_LIMIT``).
-    ``SUBNORMALS=False`` is exact only when no input is an fp32 subnormal (fp16 upcasts).
-    """
-    e = u >> 23
-    if SUBNORMALS:
-        # e == 0: u itself is the subnormal's integer significand; float(u) is exact and
-        # its exponent field is floor(log2 u) + 127, so the bin is that minus 142.
-        lead = (u.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 142
-        b = tl.where(e == 0, tl.maximum(lead, 0), e + 7)
-    else:
-        b = tl.where(e == 0, 0, e + 7)  # a normal 2**(e - 127) is in bin e + 7
-    return tl.minimum(b, LAST_BIN)
 
 
 @triton.jit
 def histogram_kernel(
-    table_ptr,  # int64 table of the group (see tables.py for its layout)
+    table_ptr,  # int64 table (see tables.py for its layout)
     counts_ptr,  # int64 [n_tensors, NUM_BINS] out, zero-initialised: finite |g| per bin
     zeros_ptr,  # int64 [n_tensors] out, zero-initialised: exact zeros
-    n_tensors,  # tensors in the group
-    DTYPE: tl.constexpr,  # element type of the gradients
+    n_tensors,  # tensors in the table
+    block_lo,  # the segment's first block
+    DTYPE: tl.constexpr,  # element type of the segment's gradients
     BLOCK: tl.constexpr,  # elements per block (the table's block size)
-    ALIGNED: tl.constexpr,  # every data_ptr is 16-byte aligned (enables vector loads)
+    TILE: tl.constexpr,  # elements per loop step
+    ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
     SUBNORMALS: tl.constexpr,  # inputs can be fp32 subnormals (fp32, bf16); False for fp16
     NUM_BINS: tl.constexpr,  # 152
     HIST_BINS: tl.constexpr,  # power of two >= NUM_BINS (tl.histogram's size)
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(table_ptr + 3 * n_tensors + 1 + pid)
-    base = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE))
-    if ALIGNED:  # on the pointer: a hint on the int64 address is lost in the cast
-        base = tl.multiple_of(base, 16)
-    numel = tl.load(table_ptr + n_tensors + t)
-    start = (pid - tl.load(table_ptr + 2 * n_tensors + t)) * BLOCK  # int64: no overflow
-    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-    if start + BLOCK <= numel:  # unmasked, so the compiler can emit vector loads
-        x = tl.load(base + offsets)
-    else:  # past the end reads NaN: in no bin and not a zero, so no second mask is needed
-        x = tl.load(base + offsets, mask=offsets < numel, other=float("nan"))
-    u = abs_bits_of(x, DTYPE)
-    b = bin_index(u, SUBNORMALS, NUM_BINS - 1)
-    hist = tl.histogram(b, HIST_BINS, mask=u < 0x7F800000)
-    index = tl.arange(0, HIST_BINS)
-    # Only the occupied bins are added: a block of real gradients touches ~10-30 of 152.
-    tl.atomic_add(
-        counts_ptr + t * NUM_BINS + index,
-        hist.to(tl.int64),
-        mask=(index < NUM_BINS) & (hist > 0),
-        sem="relaxed",
-    )
-    zeros = tl.sum((u == 0).to(tl.int32), axis=0).to(tl.int64)
-    tl.atomic_add(zeros_ptr + t, zeros, mask=zeros > 0, sem="relaxed")
+    b = block_lo + tl.program_id(0).to(tl.int64)
+    # The same block location as stats_kernel (alignment hint on the typed pointer).
+    base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
+    t = tl.load(table_ptr + 5 * n_tensors + b)
+    lanes = tl.arange(0, TILE)
+    hist = tl.zeros([HIST_BINS], dtype=tl.int32)  # a block holds <= 2**24 elements
+    full = count // TILE
+    for i in range(full):  # the steady state: unmasked, contiguous, aligned -> 128-bit loads
+        u = abs_bits_of(tl.load(base + i * TILE + lanes), DTYPE)
+        hist = bin_tile(u, hist, DTYPE, SUBNORMALS, NUM_BINS, HIST_BINS)
+    rest = count - full * TILE
+    if rest > 0:  # past the end reads NaN: in no bin and not a zero
+        x = tl.load(base + full * TILE + lanes, mask=lanes < rest, other=float("nan"))
+        hist = bin_tile(abs_bits_of(x, DTYPE), hist, DTYPE, SUBNORMALS, NUM_BINS, HIST_BINS)
+    flush_histogram(hist, counts_ptr, zeros_ptr, t, DTYPE, NUM_BINS, HIST_BINS)
+
+
+def histogram_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
+    """The constexprs and ``num_warps`` :func:`histogram_kernel` is launched with (also what
+    ``benchmarks codegen`` compiles)."""
+    return {
+        "DTYPE": triton_dtype(dtype),
+        "BLOCK": block,
+        "TILE": tile_size(dtype, block),
+        "ALIGNED": aligned,
+        # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
+        "SUBNORMALS": dtype != torch.float16,
+        "NUM_BINS": NUM_BINS,
+        "HIST_BINS": HIST_BINS,
+        "num_warps": settings.NUM_WARPS,
+    }
 
 
 def group_histogram_triton(table: TensorTable) -> tuple[Tensor, Tensor]:
-    """Per-tensor histogram and zero counts of the group described by ``table`` (no sync).
+    """Per-tensor histogram and zero counts of the tensors described by ``table`` (no sync).
 
     Returns ``(counts, zeros)``: int64 ``[n, NUM_BINS]`` and int64 ``[n]`` on the table's
-    device, as :func:`fastgradstats.histogram.group_histogram` defines them. One launch
-    (plus the two zero fills).
+    device, as :func:`fastgradstats.histogram.group_histogram` defines them. One launch per
+    segment of the table (plus the two zero fills); none when every tensor is empty.
     """
     n, device = table.n_tensors, table.device
     counts = torch.zeros((n, NUM_BINS), dtype=torch.int64, device=device)
     zeros = torch.zeros(n, dtype=torch.int64, device=device)
-    if table.num_blocks > 0:
+    for seg in table.segments:
         launch(
             histogram_kernel,
-            (table.num_blocks,),
+            (seg.num_blocks,),
             table.data,
             counts,
             zeros,
             n,
-            DTYPE=triton_dtype(table.dtype),
-            BLOCK=table.block,
-            ALIGNED=table.aligned,
-            SUBNORMALS=table.dtype != torch.float16,
-            NUM_BINS=NUM_BINS,
-            HIST_BINS=HIST_BINS,
-            num_warps=settings.NUM_WARPS,
+            seg.lo,
+            **histogram_config(seg.dtype, table.block, seg.aligned),
         )
     return counts, zeros
 
@@ -148,5 +123,6 @@ __all__ = [
     "abs_bits_of",
     "bin_index",
     "group_histogram_triton",
+    "histogram_config",
     "histogram_kernel",
 ]

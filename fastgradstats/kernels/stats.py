@@ -8,7 +8,11 @@ Two stages, deterministic (fixed reduction order, no float atomics in any result
    or max |g|) and, for full statistics, max |g| (NaN-propagating). The block's reductions
    happen once, after the loop. NaN/Inf are counted only in a block whose max |g| is not
    finite (a second read of that block alone): the steady-state loop does 2 floating
-   point operations per element.
+   point operations per element. With the ``HISTOGRAM`` constexpr (``grad_stats(...,
+   histogram=True)``) the same loop also bins each tile's raw bits (:mod:`.binning`) and
+   counts exact zeros; each block then adds its counts to the per-tensor int64 outputs with
+   integer atomics (order-independent, so deterministic). With it off, the code of every
+   other variant is unchanged (``benchmarks codegen`` checks the budgets).
 2. :func:`finalize_kernel`, grid ``(n_tensors,)``: each program reduces its tensor's
    partials in block order and writes the per-tensor p-norm, max |g|, NaN/Inf counts. With
    ``FINISH`` the last program to finish (an int32 ticket counter, reset by that program)
@@ -27,7 +31,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
+from ..histogram import NUM_BINS
 from . import tile_size, triton_dtype
+from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
 from .tables import TensorTable
 
 N_PARTIALS = 4  # p-partial, max |g|, NaN count, Inf count
@@ -103,26 +109,43 @@ def stats_kernel(
     n_tensors,  # tensors in the table
     num_blocks,  # blocks in the table: the partials' row stride
     block_lo,  # the segment's first block
+    hist_ptr,  # int64 [n_tensors, NUM_BINS] out, zero-initialised (HISTOGRAM only)
+    zeros_ptr,  # int64 [n_tensors] out, zero-initialised: exact zeros (HISTOGRAM only)
     DTYPE: tl.constexpr,  # element type of the segment's gradients
     BLOCK: tl.constexpr,  # elements per block (the table's block size)
     TILE: tl.constexpr,  # elements per loop step
     ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
     NORM: tl.constexpr,  # 2: sum g^2, 1: sum |g|, 0: max |g|
     STATS: tl.constexpr,  # also max |g| and the NaN/Inf counts
+    HISTOGRAM: tl.constexpr,  # also bin every finite |g| and count exact zeros
+    SUBNORMALS: tl.constexpr,  # inputs can be fp32 subnormals (fp32, bf16); False for fp16
+    NUM_BINS: tl.constexpr,  # histogram bins (fastgradstats.histogram.NUM_BINS)
+    HIST_BINS: tl.constexpr,  # power of two >= NUM_BINS (tl.histogram's size)
 ):
     b = block_lo + tl.program_id(0).to(tl.int64)
     base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
     lanes = tl.arange(0, TILE)
     acc = tl.zeros([TILE], dtype=tl.float32)
     big = tl.zeros([TILE], dtype=tl.float32)
+    if HISTOGRAM:  # compile-time: the other variants do not see these lines
+        hist = tl.zeros([HIST_BINS], dtype=tl.int32)  # a block holds <= 2**24 elements
     full = count // TILE
     for i in range(full):  # the steady state: unmasked, contiguous, aligned -> 128-bit loads
-        x = tl.load(base + i * TILE + lanes).to(tl.float32)
-        acc, big = _accumulate(x, acc, big, NORM, STATS)
+        raw = tl.load(base + i * TILE + lanes)
+        acc, big = _accumulate(raw.to(tl.float32), acc, big, NORM, STATS)
+        if HISTOGRAM:  # bits of the raw load: exact for bf16 subnormals (see binning)
+            hist = bin_tile(abs_bits_of(raw, DTYPE), hist, DTYPE, SUBNORMALS, NUM_BINS,
+                            HIST_BINS)  # fmt: skip
     rest = count - full * TILE
     if rest > 0:
-        x = tl.load(base + full * TILE + lanes, mask=lanes < rest, other=0.0).to(tl.float32)
-        acc, big = _accumulate(x, acc, big, NORM, STATS)
+        raw = tl.load(base + full * TILE + lanes, mask=lanes < rest, other=0.0)
+        acc, big = _accumulate(raw.to(tl.float32), acc, big, NORM, STATS)
+        if HISTOGRAM:  # lanes past the end read 0.0: make them non-finite (no bin, no zero)
+            u = tl.where(lanes < rest, abs_bits_of(raw, DTYPE), 0x7F800000)
+            hist = bin_tile(u, hist, DTYPE, SUBNORMALS, NUM_BINS, HIST_BINS)
+    if HISTOGRAM:
+        t = tl.load(table_ptr + 5 * n_tensors + b)
+        flush_histogram(hist, hist_ptr, zeros_ptr, t, DTYPE, NUM_BINS, HIST_BINS)
     out = partials_ptr + b
     if NORM == 0:
         tl.store(out, tl.reduce(big, 0, max_nan))
@@ -255,7 +278,12 @@ def finalize_kernel(
 
 
 def stats_config(
-    dtype: torch.dtype, block: int, aligned: bool, norm_type: float, stats: bool
+    dtype: torch.dtype,
+    block: int,
+    aligned: bool,
+    norm_type: float,
+    stats: bool,
+    histogram: bool = False,
 ) -> dict:
     """The constexprs and ``num_warps`` :func:`stats_kernel` is launched with (also what
     ``benchmarks codegen`` compiles)."""
@@ -266,6 +294,11 @@ def stats_config(
         "ALIGNED": aligned,
         "NORM": NORM_CODES[float(norm_type)],
         "STATS": stats,
+        "HISTOGRAM": histogram,
+        # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
+        "SUBNORMALS": dtype != torch.float16,
+        "NUM_BINS": NUM_BINS,
+        "HIST_BINS": HIST_BINS,
         "num_warps": settings.NUM_WARPS,
     }
 
@@ -281,9 +314,25 @@ def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dt
     }
 
 
-def launch_stats(table: TensorTable, partials: Tensor, norm_type: float, stats: bool) -> None:
-    """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``."""
+def launch_stats(
+    table: TensorTable,
+    partials: Tensor,
+    norm_type: float,
+    stats: bool,
+    histogram: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``.
+
+    ``histogram``: zero-filled int64 ``([n, NUM_BINS], [n])`` tensors that the same read
+    also adds each tensor's bin counts and exact zeros to.
+    """
+    # Off: any int64 tensor stands in (never read), so the launched signature is the one
+    # ``benchmarks codegen`` compiles (``*i64`` for both).
+    hist, zeros = histogram if histogram is not None else (table.data, table.data)
     for seg in table.segments:
+        config = stats_config(
+            seg.dtype, table.block, seg.aligned, norm_type, stats, histogram is not None
+        )
         settings.launch(
             stats_kernel,
             (seg.num_blocks,),
@@ -292,7 +341,9 @@ def launch_stats(table: TensorTable, partials: Tensor, norm_type: float, stats: 
             table.n_tensors,
             partials.shape[1],
             seg.lo,
-            **stats_config(seg.dtype, table.block, seg.aligned, norm_type, stats),
+            hist,
+            zeros,
+            **config,
         )
 
 
