@@ -280,79 +280,6 @@ def group_histogram(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return hist, zeros
 
 
-def _group_histogram_on_triton(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """One Triton launch for a same-device, same-dtype group (dense layouts read in place)."""
-    from . import kernels
-    from .kernels import tables
-    from .kernels.histogram import group_histogram_triton
-
-    dense = [g if tables.is_dense(g) else g.contiguous() for g in tensors]
-    cacheable = all(d is g for d, g in zip(dense, tensors))
-    device = tensors[0].device
-    table = tables.table_for(dense, kernels.block_size(), cache=cacheable)
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # Triton launches on the current device
-            return group_histogram_triton(table)
-    return group_histogram_triton(table)
-
-
-@torch.no_grad()
-def histograms_for(grads: Sequence[Tensor], backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """Per-tensor histograms of ``grads`` on the backend in force: the ONE dispatch point.
-
-    Groups ``grads`` by (device, dtype) itself; each group goes to the Triton kernel
-    (:func:`fastgradstats.kernels.histogram.group_histogram_triton`, one launch per table
-    segment) when
-    :func:`fastgradstats.dispatch.backend_for` picks Triton for it, else to the torch
-    reference :func:`group_histogram`. This is a read of its own (``GradMonitor``'s
-    histogram steps); ``grad_stats(histogram=True)`` on the fused Triton path bins in the
-    stats launch instead (``stats_kernel`` with ``HISTOGRAM``).
-
-    Returns:
-        ``(counts, zeros)``: int64 ``[n, NUM_BINS]`` and int64 ``[n]`` on ``grads[0]``'s
-        device, in input order. No host sync.
-    """
-    grads = list(grads)
-    for i, g in enumerate(grads):
-        if not isinstance(g, Tensor):
-            raise TypeError(f"grads[{i}] must be a Tensor, got {type(g).__name__}")
-        if g.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"grads[{i}] has dtype {g.dtype}; histograms support "
-                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-            )
-    if not grads:
-        return torch.zeros((0, NUM_BINS), dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    from .torch_backend import host_to_device
-
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault((g.device, g.dtype), []).append(i)
-    first = grads[0].device
-    if len(groups) == 1:
-        ((device, dtype),) = groups
-        return _one_group(grads, device, dtype, backend)
-    counts = torch.empty((len(grads), NUM_BINS), dtype=torch.int64, device=first)
-    zeros = torch.empty(len(grads), dtype=torch.int64, device=first)
-    for (device, dtype), indices in groups.items():
-        part_counts, part_zeros = _one_group([grads[i] for i in indices], device, dtype, backend)
-        index = host_to_device(indices, torch.int64, first)
-        counts.index_copy_(0, index, part_counts.to(first))
-        zeros.index_copy_(0, index, part_zeros.to(first))
-    return counts, zeros
-
-
-def _one_group(
-    tensors: list[Tensor], device: torch.device, dtype: torch.dtype, backend: str | None
-) -> tuple[Tensor, Tensor]:
-    from . import dispatch, torch_backend
-
-    impl = dispatch.backend_for(device, dtype, 2.0, backend)
-    if impl is not torch_backend:
-        return _group_histogram_on_triton(tensors)
-    return group_histogram(tensors)
-
-
 # --------------------------------------------------------------------- precision report
 
 
@@ -829,7 +756,6 @@ __all__ = [
     "float_format",
     "group_histogram",
     "histogram_edges",
-    "histograms_for",
     "precision_lines",
     "precision_report",
     "tensorboard_histogram_kwargs",
