@@ -35,23 +35,7 @@ import torch
 from torch import Tensor
 
 from . import core, distributed, handoff
-from .stats import GradStats, compute, empty_stats
-
-
-def _fused_stats(call: core.Fused, norm_type: float) -> GradStats:
-    names = call.names if call.names is not None else call.plan.position_names
-    floats, counts = call.floats, call.counts
-    return GradStats(
-        names=names,
-        norms=floats[0],
-        max_abs=floats[1],
-        nan_count=counts[0],
-        inf_count=counts[1],
-        total_norm=call.exact_total,
-        norm_type=norm_type,
-        clip_coef=call.coef,
-        numels=call.numels,
-    )
+from .stats import GradStats, check_histogram_input, compute, empty_stats, from_fused
 
 
 def _raise_if_nonfinite_fused(
@@ -205,6 +189,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     return_stats: bool = False,
+    histogram: bool = False,
     backend: str | None = None,
     process_group: Any = None,
     optimizer: Any = None,
@@ -219,6 +204,10 @@ def clip_grad_norm_(
             when the total norm is non-finite; no gradient is modified then.
         foreach: accepted for compatibility; only the torch backend looks at it.
         return_stats: also return :class:`GradStats`, computed in the same pass.
+        histogram: with ``return_stats``, the stats also hold the per-tensor |g| histograms
+            of the gradients before clipping (``GradStats.histogram``; see
+            :func:`fastgradstats.grad_stats`). On the Triton path the stats launch bins as
+            it reads: still 3 launches.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         process_group: the torch.distributed group plain-tensor gradients are shards over;
             the norm is then that of the full parameters (DTensor gradients need nothing;
@@ -235,9 +224,15 @@ def clip_grad_norm_(
     """
     max_norm = core.check_max_norm(max_norm)
     p = core.check_norm_type(norm_type)
+    if not isinstance(histogram, bool):
+        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
+    if histogram and not return_stats:
+        raise ValueError("histogram=True needs return_stats=True (the histograms are stats)")
     if process_group is None:  # the fused path: 3 launches, no torch op between them
         parameters = core.as_list(parameters, warn_empty_generator=True)
-        call = core.fused(parameters, p, backend, stats=return_stats, max_norm=max_norm)
+        call = core.fused(
+            parameters, p, backend, stats=return_stats, max_norm=max_norm, histogram=histogram
+        )
         if call is not None:
             if error_if_nonfinite:
                 _raise_if_nonfinite_fused(call, parameters, True, p, backend)
@@ -246,18 +241,23 @@ def clip_grad_norm_(
                 optimizer, _params_with_grad(parameters), call.coef
             ):
                 call.scale_()
-            return (call.total, _fused_stats(call, p)) if return_stats else call.total
+            if not return_stats:
+                return call.total
+            names = call.names if call.names is not None else call.plan.position_names
+            return call.total, from_fused(call, names, p)
 
     grads = core.collect(parameters, warn_empty_generator=True)
+    if histogram:
+        check_histogram_input(grads)  # before anything is computed or written
     sharding = distributed.localize(grads, process_group)
     if not grads.grads:
         total = torch.tensor(0.0)
-        return (total, empty_stats(p)) if return_stats else total
+        return (total, empty_stats(p, histogram)) if return_stats else total
 
     groups = core.group(grads.grads)
     stats: GradStats | None = None
     if return_stats:
-        stats = compute(grads, p, backend, foreach, groups, sharding)
+        stats = compute(grads, p, backend, foreach, groups, sharding, histogram)
         if sharding is None:
             total = core.finish_total(groups, stats.norms, p)
         else:  # the stats are global already

@@ -232,11 +232,17 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def empty_stats(norm_type: float) -> GradStats:
-    """The statistics of no gradients at all (CPU tensors, total norm 0)."""
+def empty_stats(norm_type: float, histogram: bool = False) -> GradStats:
+    """The statistics of no gradients at all (CPU tensors, total norm 0); ``histogram``:
+    with empty histogram fields ([0, B] counts, the edges)."""
     zeros = torch.zeros(0)
     counts = torch.zeros(0, dtype=torch.int64)
-    return GradStats([], zeros, zeros.clone(), counts, counts.clone(), torch.tensor(0.0), norm_type)
+    stats = GradStats(
+        [], zeros, zeros.clone(), counts, counts.clone(), torch.tensor(0.0), norm_type
+    )
+    if histogram:
+        _add_histograms(stats, [], None)
+    return stats
 
 
 def compute(
@@ -254,33 +260,13 @@ def compute(
     with ``sharding`` those of the full parameters (summed over the ranks).
     """
     if not grads.grads:
-        stats = empty_stats(norm_type)
-        if histogram:
-            _add_histograms(stats, [], backend)
-        return stats
+        return empty_stats(norm_type, histogram)
     if sharding is None and groups is None:  # one stats + one finalize launch on Triton
         call = core.fused(
             grads.grads, norm_type, backend, use_grad=False, stats=True, histogram=histogram
         )
         if call is not None:
-            stats = GradStats(
-                names=grads.names,
-                norms=call.floats[0],
-                max_abs=call.floats[1],
-                nan_count=call.counts[0],
-                inf_count=call.counts[1],
-                total_norm=call.exact_total,
-                norm_type=norm_type,
-                numels=call.numels,
-            )
-            if call.histogram is not None and call.zero_count is not None:
-                # binned by the stats launches themselves: no second read
-                from .histogram import _edges_on
-
-                stats.histogram = call.histogram
-                stats.zero_count = call.zero_count
-                stats.histogram_edges = _edges_on(call.histogram.device).clone()
-            return stats
+            return from_fused(call, grads.names, norm_type)
     groups = groups if groups is not None else core.group(grads.grads)
     n = len(grads.grads)
     per_tensor = core.per_tensor_stats(groups, n, norm_type, backend, foreach)
@@ -303,13 +289,39 @@ def compute(
     return stats
 
 
+def from_fused(call: core.Fused, names: list[str], norm_type: float) -> GradStats:
+    """The :class:`GradStats` of a fused stats pass (``core.fused(..., stats=True)``): its
+    device tensors as they are, the histogram fields when the stats launches binned."""
+    stats = GradStats(
+        names=names,
+        norms=call.floats[0],
+        max_abs=call.floats[1],
+        nan_count=call.counts[0],
+        inf_count=call.counts[1],
+        total_norm=call.exact_total,
+        norm_type=norm_type,
+        clip_coef=call.coef,
+        numels=call.numels,
+    )
+    if call.histogram is not None and call.zero_count is not None:
+        # binned by the stats launches themselves: no second read
+        from .histogram import _edges_on
+
+        stats.histogram = call.histogram
+        stats.zero_count = call.zero_count
+        stats.histogram_edges = _edges_on(call.histogram.device).clone()
+    return stats
+
+
 def _add_histograms(
     stats: GradStats,
     grads: list[Tensor],
     backend: str | None,
     sharding: distributed.Sharding | None = None,
 ) -> None:
-    """Fill the histogram fields of ``stats`` (a second read of the gradients for now).
+    """Fill the histogram fields of ``stats`` with a read of their own (the generic path:
+    torch backend, sharded or traced gradients; the fused Triton path bins in its stats
+    launches instead, see :func:`from_fused`).
 
     Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
     all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
@@ -363,9 +375,10 @@ def histograms_for(grads: Sequence[Tensor], backend: str | None = None) -> tuple
     (:func:`fastgradstats.kernels.histogram.group_histogram_triton`, one launch per table
     segment) when
     :func:`fastgradstats.dispatch.backend_for` picks Triton for it, else to the torch
-    reference :func:`group_histogram`. This is a read of its own (``GradMonitor``'s
-    histogram steps); ``grad_stats(histogram=True)`` on the fused Triton path bins in the
-    stats launch instead (``stats_kernel`` with ``HISTOGRAM``).
+    reference :func:`group_histogram`. This is a read of its own, for the generic path
+    (torch backend, several devices, sharded gradients); ``grad_stats``,
+    ``clip_grad_norm_`` and ``GradMonitor`` with histograms on the fused Triton path bin in
+    the stats launch instead (``stats_kernel`` with ``HISTOGRAM``).
 
     Returns:
         ``(counts, zeros)``: int64 ``[n, NUM_BINS]`` and int64 ``[n]`` on ``grads[0]``'s
@@ -445,7 +458,7 @@ def grad_stats(
         histogram: also bin every finite |g| per tensor on power-of-two edges
             (``GradStats.histogram`` [n, 152], ``histogram_edges``, ``zero_count``; see
             :mod:`fastgradstats.histogram`), on the device, no host sync. On the Triton
-            backend one extra launch per (device, dtype) group. With ``process_group=``
+            backend the stats launches bin as they read (no extra launch). With ``process_group=``
             shards or DTensor gradients the counts are those of the full parameters (one
             more SUM all-reduce, replicas counted once).
 
@@ -463,4 +476,11 @@ def grad_stats(
     return compute(grads, p, backend, sharding=sharding, histogram=histogram)
 
 
-__all__ = ["GradStats", "check_histogram_input", "empty_stats", "grad_stats", "unique_names"]
+__all__ = [
+    "GradStats",
+    "check_histogram_input",
+    "empty_stats",
+    "from_fused",
+    "grad_stats",
+    "unique_names",
+]

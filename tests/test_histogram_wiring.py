@@ -120,6 +120,40 @@ def test_grad_stats_histogram_bad_input_changes_nothing():
         fgs.grad_stats([q]).to_dict(precision=torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_clip_grad_norm_histogram_is_that_of_the_grads_before_clipping(backend, dtype):
+    grads = [planted(1031, dtype, seed=11), planted(7, dtype, seed=12)]
+    grads += [torch.zeros(0, dtype=dtype), planted(257, dtype, seed=13).reshape(257, 1)]
+    grads = [g.nan_to_num(nan=0.5, posinf=3.0, neginf=-3.0) for g in grads]  # clips for real
+    params = _params(grads)
+    twins = _params(grads)
+    total, stats = fgs.clip_grad_norm_(params, 1e-2, return_stats=True, histogram=True)
+    _check_counts(stats, grads)
+    assert float(stats.clip_coef) < 1
+    # the same clipping, total and norms as without histograms
+    twin_total, plain = fgs.clip_grad_norm_(twins, 1e-2, return_stats=True)
+    assert torch.equal(total, twin_total) and plain.histogram is None
+    torch.testing.assert_close(plain.norms, stats.norms, rtol=0, atol=0)
+    assert_same_tensors([p.grad for _, p in params], [p.grad for _, p in twins])
+
+
+def test_clip_grad_norm_histogram_bad_input_changes_nothing(backend):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    p.grad = torch.full((3,), 5 + 5j, dtype=torch.complex64)
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = torch.full((3,), 5.0)
+    before = clone_grads([p, q])
+    with pytest.raises(TypeError, match=r"'0'.*histogram"):
+        fgs.clip_grad_norm_([p, q], 1.0, return_stats=True, histogram=True)
+    with pytest.raises(ValueError, match="histogram=True needs return_stats=True"):
+        fgs.clip_grad_norm_([q], 1.0, histogram=True)
+    with pytest.raises(TypeError, match="histogram must be a bool"):
+        fgs.clip_grad_norm_([q], 1.0, return_stats=True, histogram=1)
+    assert_same_tensors([p.grad, q.grad], before)
+    total, stats = fgs.clip_grad_norm_([], 1.0, return_stats=True, histogram=True)
+    assert stats.histogram.shape == (0, H.NUM_BINS) and float(total) == 0
+
+
 def test_histogram_path_never_syncs_on_meta_device():
     """On the meta device any read of a value raises: a clean pass proves no host sync in
     grad_stats(histogram=True) (the non-CPU reference path) and precision_report."""

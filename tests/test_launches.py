@@ -260,3 +260,67 @@ def test_fused_histogram_equals_the_torch_reference(monkeypatch, dtype):
         )
     again = fgs.grad_stats(params, histogram=True)  # deterministic (integer atomics)
     assert torch.equal(again.histogram, stats.histogram)
+
+
+def test_clip_with_histograms_is_still_three_launches(monkeypatch):
+    """``clip_grad_norm_(return_stats=True, histogram=True)``: the stats launch bins."""
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    params = _params([torch.float32])
+    clip = lambda: fgs.clip_grad_norm_(params, 0.5, return_stats=True, histogram=True)  # noqa: E731
+    names, ops = _steady_state(monkeypatch, clip)
+    assert names == ["stats_kernel", "finalize_kernel", "scale_kernel"]
+    assert set(ops) <= ALLOWED_OPS | HISTOGRAM_OPS, ops
+
+
+def test_monitor_histogram_step_reads_the_gradients_once(monkeypatch):
+    """A ``GradMonitor(histograms=True)`` histogram step launches exactly what a plain
+    recorded step launches (stats, finalize, scale per group), with the ``HISTOGRAM``
+    variant of the stats kernel: no histogram kernel, no second read."""
+    from fastgradstats import GradMonitor
+
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)).to(DEVICE)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    plain = GradMonitor(model, max_norm=0.1, history=4, hand_off=False)
+    with_hist = GradMonitor(model, max_norm=0.1, history=4, histograms=True, hand_off=False)
+    for monitor in (plain, with_hist):
+        monitor.step()  # warm-up: plans and tables built
+    runs = {}
+    for label, monitor in (("plain", plain), ("histograms", with_hist)):
+        launches = Launches()
+        monkeypatch.setattr(kernels, "launch", launches)
+        monitor.step()
+        monkeypatch.undo()
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+        runs[label] = launches.calls
+    assert [c[0] for c in runs["histograms"]] == [c[0] for c in runs["plain"]]
+    assert [c[0] for c in runs["plain"]] == ["stats_kernel", "finalize_kernel", "scale_kernel"]
+    flags = {label: [kw["HISTOGRAM"] for name, _, kw in calls if name == "stats_kernel"]
+             for label, calls in runs.items()}  # fmt: skip
+    assert flags == {"plain": [False], "histograms": [True]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_monitor_fused_histograms_equal_the_reference_before_clipping(monkeypatch, dtype):
+    from fastgradstats import GradMonitor
+    from fastgradstats import histogram as H
+
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Linear(7, 3))
+    model = model.to(DEVICE, dtype)
+    monitor = GradMonitor(model, max_norm=1e-3, history=4, histograms=True, hand_off=False)
+    gen = torch.Generator().manual_seed(3)
+    before = []
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 10.0 ** torch.randint(-8, 3, p.shape,
+                  generator=gen)).to(DEVICE, dtype)  # fmt: skip
+        before.append(p.grad.clone())
+    kernels.launch_counts.clear()
+    monitor.step()
+    assert kernels.launch_counts["histogram_kernel"] == 0
+    hist = monitor.histogram_history()
+    ref, zeros = H.group_histogram([g.cpu() for g in before])
+    assert torch.equal(torch.as_tensor(hist.counts[0]), ref)
+    assert torch.equal(torch.as_tensor(hist.zero_count[0]), zeros)
+    assert any(not torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))  # clipped

@@ -499,9 +499,11 @@ class GradMonitor:
         self._calls += 1
         record = step_no % self.every == 0
         hist_now = record and self.histograms and self._recorded % self.histogram_every == 0
-        hist = self._measure_histograms() if hist_now else None  # before clipping
         optimizer = optimizer or self.optimizer
-        total, total32, stats = self._clip_and_measure(record or self.skip_nonfinite, optimizer)
+        # the histograms come from the same read as the norms, before clipping
+        total, total32, stats = self._clip_and_measure(
+            record or self.skip_nonfinite, optimizer, hist_now
+        )
         found: Tensor | None = None
         if total32 is not None:
             # Decided from the float32 (or float64) total, never from the total cast to a
@@ -514,21 +516,13 @@ class GradMonitor:
         if stats is not None and record:
             self.last_stats = stats
             self._write_row(step_no, stats, found)
-            if hist is not None:
-                self._write_histogram(step_no, stats, *hist)
+            if hist_now:
+                self._write_histogram(step_no, stats)
         return total
 
-    def _measure_histograms(self) -> tuple[list[str], Tensor, Tensor]:
-        from ..stats import histograms
-
-        grads = core.collect(list(zip(self.names, self.params)))
-        sharding = distributed.localize(grads, None)  # DTensor: summed over the ranks
-        counts, zeros = histograms(grads.grads, self.backend, sharding, self.device)
-        return grads.names, counts, zeros
-
-    def _write_histogram(
-        self, step_no: int, stats: GradStats, names: list[str], counts: Tensor, zeros: Tensor
-    ) -> None:
+    def _write_histogram(self, step_no: int, stats: GradStats) -> None:
+        names, counts, zeros = stats.names, stats.histogram, stats.zero_count
+        assert counts is not None and zeros is not None  # measured with histogram=True
         ring = self._hist_ring
         row = self._hist_recorded % ring.capacity
         self._hist_recorded += 1
@@ -565,7 +559,7 @@ class GradMonitor:
             )
 
     def _clip_and_measure(
-        self, need_stats: bool, optimizer: Any = None
+        self, need_stats: bool, optimizer: Any = None, histogram: bool = False
     ) -> tuple[Tensor | None, Tensor | None, GradStats | None]:
         """Clip (when ``max_norm`` is set) and measure this step's gradients: the one place
         the monitor touches them besides ``skip_nonfinite``.
@@ -586,7 +580,10 @@ class GradMonitor:
             sharding = distributed.localize(grads, None)
             if not grads.grads:
                 return None, None, None
-            stats = compute(grads, self.norm_type, self.backend, self.foreach, sharding=sharding)
+            stats = compute(
+                grads, self.norm_type, self.backend, self.foreach,
+                sharding=sharding, histogram=histogram,
+            )  # fmt: skip
             if self.clipper is not None:
                 coef, _skip = self.clipper.compute_coef(stats.total_norm)
                 coef = coef.to(stats.total_norm.device, stats.total_norm.dtype)
@@ -604,6 +601,7 @@ class GradMonitor:
                     self.norm_type,
                     foreach=self.foreach,
                     return_stats=True,
+                    histogram=histogram,
                     backend=self.backend,
                     optimizer=target,
                 )
@@ -620,7 +618,10 @@ class GradMonitor:
         if need_stats:
             grads = core.collect(pairs)
             sharding = distributed.localize(grads, None)
-            stats = compute(grads, self.norm_type, self.backend, self.foreach, sharding=sharding)
+            stats = compute(
+                grads, self.norm_type, self.backend, self.foreach,
+                sharding=sharding, histogram=histogram,
+            )  # fmt: skip
             return stats.total_norm, stats.total_norm, stats
         return None, None, None
 
