@@ -12,7 +12,9 @@ results JSON, ``benchmarks/results/gpu-check-<device>-<date>.json``:
 4. ``no-sync``: the steady-state calls under ``torch.cuda.set_sync_debug_mode("error")``
    (any host sync raises);
 5. ``host``: ``python -m benchmarks host`` on CUDA tensors (launches stubbed);
-6. ``benchmark``: the full benchmark suite, ``python -m benchmarks --device cuda``.
+6. ``histogram``: ``python -m benchmarks.histogram --device cuda`` for bf16 and fp32: the
+   fused histogram pass against the plain stats pass (target <= 1.2x) and the torch code;
+7. ``benchmark``: the full benchmark suite, ``python -m benchmarks --device cuda``.
 
 What CUDA-graph capture requires (checked by step 3): one eager call first (it builds
 the plan: the table's H2D copy and the workspace of the capturing stream are made then);
@@ -42,13 +44,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LIMITS_S = {
-    "pytest": 210,
+    "pytest": 200,
     "big-tensor": 60,
     "cuda-graph": 60,
     "no-sync": 45,
     "host": 60,
-    "benchmark": 170,
-}  # fmt: skip (sums to 10 min of limits; typical ~5 min)
+    "histogram": 50,
+    "benchmark": 120,
+}  # fmt: skip (sums to < 10 min of limits, one device call; typical ~5 min)
 
 
 def _run(cmd: list[str], limit: int, env: dict | None = None) -> dict[str, Any]:
@@ -185,6 +188,18 @@ def step_host() -> dict[str, Any]:
                 LIMITS_S["host"] - 5)  # fmt: skip
 
 
+def step_histogram() -> dict[str, Any]:
+    """Issue 12's GPU target: grad_stats(histogram=True) / grad_stats <= 1.2 (GPT-2, bf16
+    and fp32), the fused counts checked against numpy.histogram."""
+    out: dict[str, Any] = {"ok": True}
+    for dtype in ("bf16", "fp32"):
+        run = _run([sys.executable, "-m", "benchmarks.histogram", "--device", "cuda",
+                    "--dtype", dtype, "--budget", "4"], LIMITS_S["histogram"] // 2 - 3)  # fmt: skip
+        out[dtype] = run
+        out["ok"] = out["ok"] and run["ok"]
+    return out
+
+
 def step_benchmark() -> dict[str, Any]:
     return _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--budget", "1"],
                 LIMITS_S["benchmark"] - 5)  # fmt: skip
@@ -196,6 +211,7 @@ STEPS: dict[str, Callable[[], dict[str, Any]]] = {
     "cuda-graph": step_cuda_graph,
     "no-sync": step_no_sync,
     "host": step_host,
+    "histogram": step_histogram,
     "benchmark": step_benchmark,
 }
 

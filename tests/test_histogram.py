@@ -683,6 +683,37 @@ def test_histogram_benchmark_quick(tmp_path):
     assert moved <= 5, moved  # of 5000 (0 here; histc can move values next to an edge)
 
 
+def test_histogram_benchmark_cuda_rows_are_the_fused_kernel(monkeypatch):
+    """The rows ``--device cuda`` times: the fused ``grad_stats(histogram=True)`` against
+    the same call without bins, and the counts ``check`` compares with numpy. Run here on
+    CPU tensors through the interpreter (the CUDA timing itself needs a GPU)."""
+    import sys
+    from pathlib import Path
+
+    from fastgradstats import dispatch, kernels
+
+    if not dispatch.triton_interpreter_on():
+        pytest.skip("needs TRITON_INTERPRET=1 (or a GPU: gpu-check runs the benchmark)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import histogram as bench
+
+    cuda = torch.device("cuda")
+    grads = [planted(n, torch.bfloat16, seed=n) for n in (1, 257, 1031)]
+    fns = bench._implementations(cuda, grads)
+    assert set(fns) == {"fastgradstats", "grad_stats", "torch_log2_histc",
+                        "torch_log2_bincount", "wandb_hook"}  # fmt: skip
+    kernels.launch_counts.clear()
+    with_bins = fns["fastgradstats"]()
+    assert kernels.launch_counts["stats_kernel"] == 1 and with_bins.histogram is not None
+    assert kernels.launch_counts["histogram_kernel"] == 0  # binned in the stats read
+    assert fns["grad_stats"]().histogram is None
+    result = bench.check(grads, *bench._counts(cuda, grads))
+    assert result["equals_numpy_histogram"] is True and result["tensors_checked"] == 3
+    wrong = with_bins.histogram.clone()
+    wrong[1, 130] += 1
+    assert bench.check(grads, wrong, with_bins.zero_count)["equals_numpy_histogram"] is False
+
+
 _CODEGEN = """
 import json, re, sys
 import torch
