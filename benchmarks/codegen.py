@@ -9,7 +9,8 @@ use). For each it records, in ``DIR/codegen.json``::
     {kernel, variant, dtype, target, role, ptx, regs, spills, vector_loads,
      vector_stores, sass_per_element, loop_instructions, loop_elements}
 
-* ``role``: ``"grad"`` for a kernel that reads or writes gradient memory, else ``"aux"``;
+* ``role``: ``"grad"`` for a kernel that reads gradient memory (and may write it),
+  ``"write"`` for one that only writes it (the zero kernel), else ``"aux"``;
 * ``vector_loads`` / ``vector_stores``: 128-bit global accesses in the PTX
   (``ld.global.v4.b32``, ``ld.global.v2.b64``, ...);
 * ``regs`` / ``spills``: from ``ptxas -v`` on that PTX (spill stores + spill loads, bytes);
@@ -19,7 +20,7 @@ use). For each it records, in ``DIR/codegen.json``::
   body loads per thread (the widths of its ``LDG`` instructions over the element size).
 
 It exits with status 1, after writing everything, when a grad kernel has no 128-bit load,
-a scale kernel no 128-bit store, anything spills, or a stats kernel runs more than
+a scale or zero kernel no 128-bit store, anything spills, or a stats kernel runs more than
 :data:`STATS_BUDGET` instructions per element (or has no steady-state loop). The stats
 variant with the histogram (:data:`HIST_VARIANT`, ``grad_stats(histogram=True)``) is
 reported but outside that budget: binning costs shared-memory atomics per element.
@@ -95,11 +96,13 @@ def kernel_specs() -> list[dict[str, Any]]:
         elementwise = (
             ("scale_kernel", scale.scale_kernel, ("coef_ptr", "*fp32")),
             ("clamp_kernel", scale.clamp_kernel, ("clip_value", "fp32")),
+            ("zero_kernel", scale.zero_kernel, ("flag_ptr", "*i1")),
         )
         for kernel, fn, arg in elementwise:
             sig = {"table_ptr": "*i64", arg[0]: arg[1], "n_tensors": "i32", "block_lo": "i32"}
+            role = "write" if kernel == "zero_kernel" else "grad"  # zero: stores only
             specs.append({
-                "kernel": kernel, "fn": fn, "role": "grad", "variant": "aligned",
+                "kernel": kernel, "fn": fn, "role": role, "variant": "aligned",
                 "dtype": name, "signature": sig,
                 "config": scale.elementwise_config(dtype, block, True),
             })  # fmt: skip
@@ -233,7 +236,7 @@ def failures(entries: list[dict[str, Any]]) -> list[str]:
             bad.append(f"{where}: {e['spills']} bytes of spills")
         if e["role"] == "grad" and e["vector_loads"] == 0:
             bad.append(f"{where}: no 128-bit load of gradient memory")
-        if e["kernel"] == "scale_kernel" and e["vector_stores"] == 0:
+        if e["kernel"] in ("scale_kernel", "zero_kernel") and e["vector_stores"] == 0:
             bad.append(f"{where}: no 128-bit store of gradient memory")
         if e["kernel"] == "stats_kernel" and e["variant"] != HIST_VARIANT:
             spe = e["sass_per_element"]

@@ -48,6 +48,9 @@ class GradList:
     grads: list[Tensor]  # when the caller passed gradients directly)
 
 
+_TUPLE, _TWO, _STR = {tuple}, {2}, {str}
+
+
 def _is_named_pair(item: Any) -> bool:
     return (
         isinstance(item, tuple)
@@ -291,6 +294,13 @@ def scale_groups_(groups: Groups, coef: Tensor, backend: str | None, foreach: bo
         impl.scale_(tensors, coef.to(device), foreach)
 
 
+def zero_groups_where_(groups: Groups, flag: Tensor, backend: str | None) -> None:
+    """Zero every gradient in place where the 0-d bool ``flag`` is set (no host sync)."""
+    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
+        impl = backend_for(device, dtype, 2.0, backend)
+        impl.zero_where_(tensors, flag.to(device))
+
+
 def clamp_groups_(
     groups: Groups, clip_value: float, backend: str | None, foreach: bool | None
 ) -> None:
@@ -366,10 +376,16 @@ def fused(
     try:
         tensors = items
         if type(items[0]) is tuple:  # named_parameters() pairs
-            if not all(map(_is_named_pair, items)):
+            # C-level checks (no Python call per item): 10k pairs must cost far less
+            # than the launches they feed
+            if set(map(type, items)) != _TUPLE or set(map(len, items)) != _TWO:
                 return None
             names = [item[0] for item in items]
             tensors = [item[1] for item in items]
+            if set(map(type, names)) != _STR:
+                return None
+            if not all(issubclass(kind, Tensor) for kind in set(map(type, tensors))):
+                return None
         grads = list(map(_GRAD, tensors)) if use_grad else tensors
         try:
             ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
@@ -440,4 +456,5 @@ __all__ = [
     "scale_groups_",
     "torch_backend",
     "total_norm",
+    "zero_groups_where_",
 ]

@@ -469,6 +469,12 @@ def grad_stats(
     p = core.check_norm_type(norm_type)
     if not isinstance(histogram, bool):
         raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
+    if process_group is None:  # the fused path: 2 launches, one walk over the gradients
+        parameters = core.as_list(parameters)
+        call = core.fused(parameters, p, backend, stats=True, histogram=histogram)
+        if call is not None:
+            names = call.names if call.names is not None else call.plan.position_names
+            return from_fused(call, names, p)
     grads = core.collect(parameters)
     if histogram:
         check_histogram_input(grads)

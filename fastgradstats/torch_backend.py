@@ -244,6 +244,22 @@ def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None = None) 
             g.clamp_(min=-clip_value, max=clip_value)
 
 
+def zero_where_(grads: list[Tensor], flag: Tensor, foreach: bool | None = None) -> None:
+    """Set each gradient to 0 in place where the 0-d bool tensor ``flag`` is true (a
+    ``masked_fill``, not a multiply: NaN * 0 is NaN). On the CPU, where reading ``flag``
+    is free, nothing is written when it is false."""
+    if flag.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(flag):
+            if _use_foreach(grads, foreach):
+                torch._foreach_zero_(grads)
+            else:
+                for g in grads:
+                    g.zero_()
+        return
+    for g in grads:
+        g.masked_fill_(flag.to(g.device), 0)
+
+
 def supports(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
     """The torch backend handles every device, dtype and norm type torch does."""
     return True

@@ -139,6 +139,22 @@ def _clamp_eager(grads: list[Tensor], clip_value: float) -> None:
         g.clamp_(min=-clip_value, max=clip_value)
 
 
+def zero_where_(grads: list[Tensor], flag: Tensor, foreach: bool | None = None) -> None:
+    """Set each gradient of a same-device, same-dtype list to 0 in place where the 0-d
+    bool tensor ``flag`` is true; decided on the device (no sync), nothing written when
+    it is false."""
+    _check_group(grads)
+    _check_writable(grads)
+    flag = flag.to(grads[0].device, torch.bool).reshape(())
+    dense, other = _split_dense(grads)
+    if dense:
+        with _on_device(flag.device):
+            scale_kernels.zero_where_(tables.table_for(dense, kernels.block_size()), flag)
+        _bump_versions(dense)
+    for g in other:
+        g.masked_fill_(flag, 0)
+
+
 # torch.compile cannot trace Triton launches over raw pointer tables (nor the interpreter):
 # while compiling, the same work goes through opaque custom ops with shape-only fake
 # implementations. Eager calls skip the op layer and its dispatch overhead.
@@ -484,4 +500,5 @@ __all__ = [
     "scale_",
     "scale_fused",
     "supports",
+    "zero_where_",
 ]

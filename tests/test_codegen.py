@@ -49,6 +49,7 @@ def test_every_kernel_dtype_and_target_is_reported(report):
         "finalize_kernel",
         "scale_kernel",
         "clamp_kernel",
+        "zero_kernel",
         "histogram_kernel",
     ):
         for dtype in ("float32", "bfloat16", "float16"):
@@ -56,13 +57,16 @@ def test_every_kernel_dtype_and_target_is_reported(report):
                 assert (kernel, dtype, target) in seen
     for e in data["entries"]:
         assert (out / e["ptx"]).read_text().startswith("//")  # a real PTX file
-        assert e["role"] == ("aux" if e["kernel"] == "finalize_kernel" else "grad")
+        role = {"finalize_kernel": "aux", "zero_kernel": "write"}.get(e["kernel"], "grad")
+        assert e["role"] == role
         assert e["spills"] == 0 and e["regs"] > 0
 
 
 def test_gradient_access_is_128_bit_and_stats_within_budget(report):
     _, data, out = report
     for e in data["entries"]:
+        if e["role"] == "write":
+            assert e["vector_stores"] >= 1, e
         if e["role"] != "grad":
             continue
         assert e["vector_loads"] >= 1, e

@@ -324,3 +324,60 @@ def test_monitor_fused_histograms_equal_the_reference_before_clipping(monkeypatc
     assert torch.equal(torch.as_tensor(hist.counts[0]), ref)
     assert torch.equal(torch.as_tensor(hist.zero_count[0]), zeros)
     assert any(not torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))  # clipped
+
+
+def test_monitor_skip_nonfinite_zeroes_on_the_device_without_a_pass_per_gradient(monkeypatch):
+    """``GradMonitor(skip_nonfinite=True)`` with a non-fused optimizer: one zero launch per
+    segment that returns at once on a finite step (no per-gradient torch op: the old path
+    ran a masked_fill, a full read and write, on every gradient at every step)."""
+    from fastgradstats import GradMonitor
+
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    model = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(4)]).to(DEVICE)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    monitor = GradMonitor(model, max_norm=0.1, history=4, skip_nonfinite=True)
+    monitor.step()
+    launches = Launches()
+    monkeypatch.setattr(kernels, "launch", launches)
+    with OpRecorder() as recorder:
+        monitor.step()
+    monkeypatch.undo()
+    assert launches.names == ["stats_kernel", "finalize_kernel", "scale_kernel", "zero_kernel"]
+    assert not [op for op in recorder.ops if "masked_fill" in op or "zero_" in op]
+    # for real: a finite step keeps its (clipped) values, a NaN step is zeroed
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    monitor.step()
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+    model[1].weight.grad[0, 0] = float("nan")
+    monitor.step()
+    assert all((p.grad == 0).all() for p in model.parameters())
+    assert bool(monitor.found_inf)
+
+
+@pytest.mark.parametrize(
+    "options", [{"max_norm": 0.1}, {}, {"max_norm": 0.1, "skip_nonfinite": True}]
+)
+def test_monitor_step_torch_ops_do_not_grow_with_the_parameters(monkeypatch, options):
+    """A steady-state ``GradMonitor.step`` on the fused path: the same few torch ops (the
+    history-ring writes, the found_inf flag) for 8 and for 40 parameters, at most 16 that
+    launch anything; the spike detector runs at flush, not here."""
+    from fastgradstats import GradMonitor
+
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    counts = []
+    for layers in (4, 20):
+        model = torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(layers)]).to(DEVICE)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        monitor = GradMonitor(model, history=8, hand_off=False, **options)
+        monitor.step()
+        launches = Launches()
+        monkeypatch.setattr(kernels, "launch", launches)
+        with OpRecorder() as recorder:
+            monitor.step()
+        monkeypatch.undo()
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+        counts.append([op for op in recorder.ops if op not in ALLOWED_OPS])
+    assert counts[0] == counts[1]
+    assert len(counts[0]) <= 16, counts[0]

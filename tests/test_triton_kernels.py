@@ -580,3 +580,39 @@ def test_fused_clip_with_nan_gradient_matches_torch():
     assert math.isnan(float(ours)) and math.isnan(float(theirs))
     for p, q in zip(params, twins):
         assert torch.isnan(p.grad).all() and torch.isnan(q.grad).all()
+
+
+# ------------------------------------------ conditional zeroing (skip_nonfinite, no sync)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("impl", [triton_backend, torch_backend], ids=["triton", "torch"])
+def test_zero_where_zeroes_only_when_the_device_flag_is_set(impl, dtype):
+    gen = torch.Generator().manual_seed(21)
+    sizes = (0, 1, 7, 31, 129, 1023, 4099)
+    grads = [torch.randn(n, generator=gen).to(DEVICE, dtype) for n in sizes]
+    grads[3][5] = NAN
+    grads[4][0] = -INF
+    grads.append(torch.randn(9, 6, generator=gen).to(DEVICE, dtype).t())  # not contiguous
+    grads.append(torch.randn(300, generator=gen).to(DEVICE, dtype)[1:])  # misaligned
+    before = [g.clone() for g in grads]
+    impl.zero_where_(grads, torch.tensor(False, device=DEVICE))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for g, b in zip(grads, before):  # untouched, bit for bit (NaN included)
+        assert torch.equal(g.view(bits), b.view(bits))
+    versions = [g._version for g in grads]
+    impl.zero_where_(grads, torch.tensor(True, device=DEVICE))
+    for g in grads:
+        assert g.numel() == 0 or (g == 0).all(), g  # NaN/Inf too: not a multiply by 0
+    assert all(g._version > v for g, v in zip(grads, versions))  # autograd is told
+
+
+def test_zero_kernel_touches_nothing_on_a_finite_step_and_refuses_expanded_grads():
+    g = torch.randn(257, device=DEVICE)
+    expanded = torch.randn(1, device=DEVICE).expand(40)
+    with pytest.raises(RuntimeError, match="share memory"):
+        triton_backend.zero_where_([g, expanded], torch.tensor(True, device=DEVICE))
+    assert (g != 0).any()  # refused before anything was written
+    kernels.launch_counts.clear()
+    triton_backend.zero_where_([g], torch.tensor(False, device=DEVICE))
+    assert kernels.launch_counts["zero_kernel"] == 1  # one launch; it returns at once

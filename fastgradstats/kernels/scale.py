@@ -1,11 +1,13 @@
-"""In-place scale (clip_grad_norm_) and clamp (clip_grad_value_) over a table's segments.
+"""In-place scale (clip_grad_norm_), clamp (clip_grad_value_) and conditional zeroing
+(``GradMonitor(skip_nonfinite=True)``) over a table's segments.
 
 One launch per segment, grid ``(blocks of the segment,)``; each program loops over its
 block ``TILE`` elements at a time (128-bit loads and stores on aligned segments). The scale
 kernel reads the clip coefficient from device memory, so the host never learns whether
 clipping happens; when it does not (coefficient >= 1) every program returns before
 touching gradient memory. A NaN coefficient is applied (the gradients become NaN), as
-torch does.
+torch does. The zero kernel reads a device flag the same way: unset, nothing is touched;
+set, the gradients are overwritten with zeros (stores only: NaN * 0 would stay NaN).
 """
 
 from __future__ import annotations
@@ -51,6 +53,30 @@ def scale_kernel(
             mask = lanes < rest
             x = tl.load(pointers, mask=mask, other=0.0)
             tl.store(pointers, round_to(x.to(tl.float32) * factor, DTYPE), mask=mask)
+
+
+@triton.jit
+def zero_kernel(
+    table_ptr,  # int64 table
+    flag_ptr,  # 0-d bool tensor, read on the device: zero the gradients when set
+    n_tensors,  # tensors in the table
+    block_lo,  # the segment's first block
+    DTYPE: tl.constexpr,  # element type of the segment's gradients
+    BLOCK: tl.constexpr,  # elements per block
+    TILE: tl.constexpr,  # elements per loop step
+    ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
+):
+    if tl.load(flag_ptr) != 0:
+        b = block_lo + tl.program_id(0).to(tl.int64)
+        base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
+        lanes = tl.arange(0, TILE)
+        zeros = tl.zeros([TILE], dtype=DTYPE)
+        full = count // TILE
+        for i in range(full):
+            tl.store(base + i * TILE + lanes, zeros)
+        rest = count - full * TILE
+        if rest > 0:
+            tl.store(base + full * TILE + lanes, zeros, mask=lanes < rest)
 
 
 @triton.jit
@@ -111,6 +137,21 @@ def scale_(table: TensorTable, coef: Tensor) -> None:
         )
 
 
+def zero_where_(table: TensorTable, flag: Tensor) -> None:
+    """Zero every gradient of ``table`` in place when the 0-d bool device tensor ``flag``
+    is set; decided on the device (no sync), no memory touched when it is not."""
+    for seg in table.segments:
+        settings.launch(
+            zero_kernel,
+            (seg.num_blocks,),
+            table.data,
+            flag,
+            table.n_tensors,
+            seg.lo,
+            **elementwise_config(seg.dtype, table.block, seg.aligned),
+        )
+
+
 def clamp_(table: TensorTable, clip_value: float) -> None:
     """Clamp every gradient of ``table`` to ``[-clip_value, clip_value]``, in place."""
     for seg in table.segments:
@@ -125,4 +166,12 @@ def clamp_(table: TensorTable, clip_value: float) -> None:
         )
 
 
-__all__ = ["clamp_", "clamp_kernel", "elementwise_config", "scale_", "scale_kernel"]
+__all__ = [
+    "clamp_",
+    "clamp_kernel",
+    "elementwise_config",
+    "scale_",
+    "scale_kernel",
+    "zero_kernel",
+    "zero_where_",
+]

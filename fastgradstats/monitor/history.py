@@ -289,8 +289,8 @@ class DeviceRing:
     """``capacity`` rows of per-step statistics on the device, written without host syncs.
 
     Row ``r`` holds one recorded step; ``host_steps[r]`` is its step number (a Python
-    int the monitor knows, so it is kept on the host). ``spike`` has one column per
-    parameter plus a last one for the total norm.
+    int the monitor knows, so it is kept on the host). Spikes are not on the device: the
+    monitor computes them from the gathered rows (:mod:`fastgradstats.monitor.spikes`).
     """
 
     TENSORS = (
@@ -303,7 +303,6 @@ class DeviceRing:
         "coef",
         "found",
         "skipped",
-        "spike",
     )
 
     def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -318,7 +317,6 @@ class DeviceRing:
         self.coef = torch.ones(h, dtype=dtype, device=device)
         self.found = torch.zeros(h, dtype=torch.bool, device=device)
         self.skipped = torch.zeros(h, dtype=torch.bool, device=device)
-        self.spike = torch.zeros(h, n + 1, dtype=torch.bool, device=device)  # last: total
         self.host_steps = np.full(h, -1, dtype=np.int64)
 
     def gather(self, rows: list[int]) -> dict[str, np.ndarray]:
@@ -333,7 +331,6 @@ class DeviceRing:
             self.nan[index],
             self.inf[index],
             self.present[index],
-            self.spike[index],
             self.total[index, None],
             self.coef[index, None],
             self.found[index, None],
@@ -341,9 +338,8 @@ class DeviceRing:
         ]
         # One float64 block, one device->host copy: the only sync of a flush.
         packed = torch.cat([p.to(torch.float64) for p in pieces], dim=1).cpu().numpy()
-        cols = np.cumsum([0, n, n, n, n, n, n + 1, 1, 1, 1, 1])
+        cols = np.cumsum([0, n, n, n, n, n, 1, 1, 1, 1])
         part = [packed[:, cols[i] : cols[i + 1]] for i in range(len(cols) - 1)]
-        spike = part[5].astype(bool)
         return {
             "steps": self.host_steps[rows].copy(),
             "norms": part[0],
@@ -351,12 +347,12 @@ class DeviceRing:
             "nan_count": part[2].astype(np.int64),
             "inf_count": part[3].astype(np.int64),
             "present": part[4].astype(bool),
-            "total_norm": part[6][:, 0],
-            "clip_coef": part[7][:, 0],
-            "nonfinite": part[8][:, 0].astype(bool),
-            "skipped": part[9][:, 0].astype(bool),
-            "spike_total": spike[:, n],
-            "spike_layer": spike[:, :n],
+            "total_norm": part[5][:, 0],
+            "clip_coef": part[6][:, 0],
+            "nonfinite": part[7][:, 0].astype(bool),
+            "skipped": part[8][:, 0].astype(bool),
+            "spike_total": np.zeros(t, dtype=bool),  # filled by the monitor's detector
+            "spike_layer": np.zeros((t, n), dtype=bool),
         }
 
 

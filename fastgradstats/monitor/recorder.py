@@ -31,17 +31,18 @@ Design choices (the issue left them open):
   the clip coefficient that was applied is recorded next to them (1.0 when not clipping).
 * Step numbers count calls to :meth:`GradMonitor.step` from 0 and are kept on the host
   (they are Python ints the monitor already knows), not in device memory.
-* Spikes are detected on the device at every recorded step: a norm is a spike when its
-  natural log exceeds an exponential moving average of the log-norm by more than
-  ``spike_threshold`` EMA standard deviations *and* the norm is at least
-  ``spike_min_ratio`` times the EMA level (the ratio keeps a very steady run, whose EMA
-  standard deviation is tiny, from flagging harmless wiggles). Log space, because
-  gradient norms vary multiplicatively.
+* Spikes: a norm is a spike when its natural log exceeds an exponential moving average
+  of the log-norm by more than ``spike_threshold`` EMA standard deviations *and* the norm
+  is at least ``spike_min_ratio`` times the EMA level (the ratio keeps a very steady run,
+  whose EMA standard deviation is tiny, from flagging harmless wiggles). Log space,
+  because gradient norms vary multiplicatively. The detector runs on the host when
+  :meth:`GradMonitor.flush` copies the recorded rows there, in step order
+  (:mod:`fastgradstats.monitor.spikes`): on the device it would be ~30 tiny kernel
+  launches per step.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -62,7 +63,6 @@ from .events import Events
 from .history import (
     ARRAY_FIELDS,
     HISTOGRAM_FIELDS,
-    TINY,
     DeviceRing,
     HistogramHistory,
     HistogramRing,
@@ -79,6 +79,7 @@ from .params import (
     positive_int,
 )
 from .plots import plot_histograms, plot_history
+from .spikes import SpikeDetector
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
 
 
@@ -119,7 +120,8 @@ class LruCache:
         self._lock = threading.Lock()
 
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the spike EMA is host state, updated at flush
+_READABLE_VERSIONS = (1, 2)  # 1: same fields (its ring "spike" field is ignored)
 _STATE_KEYS = (
     "names",
     "norm_type",
@@ -304,6 +306,8 @@ class GradMonitor:
         """Track ``pairs`` (in ``self.names`` order); remember how to find them in ``model``."""
         self._model = model if isinstance(model, nn.Module) else None
         self.params = [p for _, p in pairs]
+        # built once: 10k fresh tuples per step cost more (GC passes) than the fused read
+        self._pairs = list(zip(self.names, self.params))
         self.numels = [p.numel() for p in self.params]
         self.ndims = [p.dim() for p in self.params]
         # fp16: the clip coefficient comes from the float32 total (see _clip_and_measure)
@@ -342,9 +346,9 @@ class GradMonitor:
         """Forget everything recorded (buffers are reallocated and zeroed)."""
         h, n, dev, dt = self.capacity, len(self.names), self.device, self.dtype
         self._ring = DeviceRing(h, n, dev, dt)
-        self._ema_mean = torch.zeros(n + 1, dtype=dt, device=dev)
-        self._ema_var = torch.zeros(n + 1, dtype=dt, device=dev)
-        self._ema_count = torch.zeros(n + 1, dtype=dt, device=dev)  # valid updates each
+        self._spikes = SpikeDetector(
+            n, self.spike_threshold, self.spike_min_ratio, self.spike_beta, self.spike_warmup, dt
+        )
         self._calls = 0  # calls to step()
         self._recorded = 0  # rows written to the ring
         self._flushed = 0  # rows copied to the host
@@ -401,11 +405,7 @@ class GradMonitor:
             },
             "ring": {name: getattr(ring, name).clone() for name in DeviceRing.TENSORS},
             "host_steps": torch.from_numpy(ring.host_steps.copy()),
-            "ema": {
-                "mean": self._ema_mean.clone(),
-                "var": self._ema_var.clone(),
-                "count": self._ema_count.clone(),
-            },
+            "ema": self._spikes.state_dict(),  # as of the last flush (rows after it follow)
             "mirror": mirror,
             "events": self._events.state_dict(),
         }
@@ -416,7 +416,7 @@ class GradMonitor:
         Raises ``ValueError`` (and changes nothing) when the state was saved for other
         parameter names, another ``history`` length or another ``norm_type``.
         """
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in _READABLE_VERSIONS:
             raise ValueError("state is not a GradMonitor.state_dict() (or from an unknown version)")
         missing_keys = [k for k in _STATE_KEYS if k not in state]
         if missing_keys:
@@ -444,12 +444,10 @@ class GradMonitor:
             if tuple(state["ring"][name].shape) != tuple(getattr(ring, name).shape):
                 raise ValueError(f"state_dict ring field {name!r} has the wrong shape")
         events = Events.from_state_dict(state["events"])
+        self._spikes.load_state_dict(state["ema"])  # checks its shapes before writing
         for name in DeviceRing.TENSORS:
             getattr(ring, name).copy_(state["ring"][name])
         ring.host_steps[:] = state["host_steps"].cpu().numpy()
-        self._ema_mean.copy_(state["ema"]["mean"])
-        self._ema_var.copy_(state["ema"]["var"])
-        self._ema_count.copy_(state["ema"]["count"])
         self._mirror = None
         if state["mirror"] is not None:
             self._mirror = self._as_history(
@@ -569,7 +567,7 @@ class GradMonitor:
         float64; ``None`` when not computed), and the per-parameter stats when
         ``need_stats``. The coefficient goes to ``optimizer`` when it can take it.
         """
-        pairs = list(zip(self.names, self.params))
+        pairs = self._pairs
         target = optimizer if self.hand_off else None
         if self.clipper is not None or (self.max_norm is not None and self._fp16):
             # Measure, then decide the coefficient from the float32 total: an adaptive
@@ -631,10 +629,13 @@ class GradMonitor:
         # already there and removes ours after the step, so nothing stale stays behind.
         if handoff.set_found_inf_(optimizer, found_inf):
             return
-        for p in self.params:
-            if p.grad is not None:
-                # masked_fill, not a multiply: NaN * 0 is still NaN.
-                p.grad.masked_fill_(found_inf.to(p.grad.device), 0)
+        # Other optimizers: the gradients are zeroed where found_inf is set, decided on
+        # the device (Triton: nothing touched on a finite step; CPU: read for free).
+        grads = core.collect(self._pairs)
+        distributed.to_local_(grads)  # DTensor grads: their local shards (aliases)
+        if grads.grads:
+            core.check_writable(grads)
+            core.zero_groups_where_(core.group(grads.grads), found_inf, self.backend)
 
     def _present_index(self, names: list[str]) -> Tensor:
         key = tuple(self._index[name] for name in names)
@@ -681,42 +682,6 @@ class GradMonitor:
         ring.found[row].copy_(found if found is not None else ~torch.isfinite(total))
         if self.skip_nonfinite:
             ring.skipped[row].copy_(ring.found[row])
-        self._update_spikes(row, total)
-
-    def _update_spikes(self, row: int, total: Tensor) -> None:
-        ring = self._ring
-        values = torch.cat([ring.norms[row], total.reshape(1)])
-        # The total counts as present when any gradient was: a step without gradients must
-        # not pull the total's EMA toward log(0).
-        present = ring.present[row]
-        present = torch.cat([present, present.any().reshape(1)])
-        valid = present & torch.isfinite(values)
-        logs = torch.log(values.clamp_min(TINY))
-        # Warm-up per parameter: a parameter that first gets gradients late (a layer
-        # unfrozen later, a rarely routed MoE expert) is not judged against an EMA that
-        # never saw it.
-        count = self._ema_count
-        warm = count >= max(self.spike_warmup, 1)
-        deviation = logs - self._ema_mean
-        std = self._ema_var.sqrt()
-        spike = (
-            valid
-            & warm
-            & (deviation > self.spike_threshold * std)
-            & (deviation > math.log(self.spike_min_ratio))
-        )
-        ring.spike[row].copy_(spike)
-        # Average over each parameter's first updates, then a plain EMA (no start-up bias
-        # toward 0).
-        alpha = torch.clamp(1.0 / (count + 1.0), min=1.0 - self.spike_beta)
-        delta = torch.where(valid, logs - self._ema_mean, 0.0)
-        self._ema_mean.add_(alpha * delta)
-        self._ema_var.copy_(
-            torch.where(
-                valid, (1.0 - alpha) * (self._ema_var + alpha * delta * delta), self._ema_var
-            )
-        )
-        count.add_(valid.to(count.dtype))
 
     # -- syncing side: once per logging interval ----------------------------------------
 
@@ -733,6 +698,8 @@ class GradMonitor:
         first = self._recorded - count
         rows = [r % self.capacity for r in range(first, self._recorded)]
         chunk = self._gather(rows)
+        spikes = self._spikes.update(chunk.norms, chunk.total_norm, chunk.present)
+        chunk.spike_layer, chunk.spike_total = spikes[:, :-1], spikes[:, -1]
         self._flushed = self._recorded
         self._merge_mirror(rows, chunk)
         chunk.histograms = self._flush_histograms()
