@@ -1,4 +1,4 @@
-"""``python -m benchmarks gpu-check``: everything that needs a GPU, in one command (<= 8 min).
+"""``python -m benchmarks gpu-check``: everything that needs a GPU, in one command (< 10 min).
 
 Steps, each with its own time limit, each recorded (status, seconds, details) in ONE
 results JSON, ``benchmarks/results/gpu-check-<device>-<date>.json``:
