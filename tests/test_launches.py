@@ -90,6 +90,18 @@ def _steady_state(monkeypatch, call):
     return launches.names, recorder.ops
 
 
+def _stubbed_step(monkeypatch, monitor) -> tuple[list[tuple], list[str]]:
+    """One ``monitor.step()`` with launches stubbed and ops recorded: (launch calls, aten
+    ops). The backend stays ``triton`` afterwards."""
+    launches = Launches()
+    monkeypatch.setattr(kernels, "launch", launches)
+    with OpRecorder() as recorder:
+        monitor.step()
+    monkeypatch.undo()
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    return launches.calls, recorder.ops
+
+
 CALLS = {
     "clip_grad_norm_": (lambda ps: fgs.clip_grad_norm_(ps, 0.5), ["stats", "finalize", "scale"]),
     "clip_grad_norm_(return_stats)": (
@@ -286,14 +298,8 @@ def test_monitor_histogram_step_reads_the_gradients_once(monkeypatch):
     with_hist = GradMonitor(model, max_norm=0.1, history=4, histograms=True, hand_off=False)
     for monitor in (plain, with_hist):
         monitor.step()  # warm-up: plans and tables built
-    runs = {}
-    for label, monitor in (("plain", plain), ("histograms", with_hist)):
-        launches = Launches()
-        monkeypatch.setattr(kernels, "launch", launches)
-        monitor.step()
-        monkeypatch.undo()
-        monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
-        runs[label] = launches.calls
+    runs = {label: _stubbed_step(monkeypatch, monitor)[0]
+            for label, monitor in (("plain", plain), ("histograms", with_hist))}  # fmt: skip
     assert [c[0] for c in runs["histograms"]] == [c[0] for c in runs["plain"]]
     assert [c[0] for c in runs["plain"]] == ["stats_kernel", "finalize_kernel", "scale_kernel"]
     flags = {label: [kw["HISTOGRAM"] for name, _, kw in calls if name == "stats_kernel"]
@@ -338,15 +344,11 @@ def test_monitor_skip_nonfinite_zeroes_on_the_device_without_a_pass_per_gradient
         p.grad = torch.randn_like(p)
     monitor = GradMonitor(model, max_norm=0.1, history=4, skip_nonfinite=True)
     monitor.step()
-    launches = Launches()
-    monkeypatch.setattr(kernels, "launch", launches)
-    with OpRecorder() as recorder:
-        monitor.step()
-    monkeypatch.undo()
-    assert launches.names == ["stats_kernel", "finalize_kernel", "scale_kernel", "zero_kernel"]
-    assert not [op for op in recorder.ops if "masked_fill" in op or "zero_" in op]
+    calls, ops = _stubbed_step(monkeypatch, monitor)
+    assert [c[0] for c in calls] == ["stats_kernel", "finalize_kernel", "scale_kernel",
+                                     "zero_kernel"]  # fmt: skip
+    assert not [op for op in ops if "masked_fill" in op or "zero_" in op]
     # for real: a finite step keeps its (clipped) values, a NaN step is zeroed
-    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
     monitor.step()
     assert all(p.grad.abs().sum() > 0 for p in model.parameters())
     model[1].weight.grad[0, 0] = float("nan")
@@ -372,12 +374,7 @@ def test_monitor_step_torch_ops_do_not_grow_with_the_parameters(monkeypatch, opt
             p.grad = torch.randn_like(p)
         monitor = GradMonitor(model, history=8, hand_off=False, **options)
         monitor.step()
-        launches = Launches()
-        monkeypatch.setattr(kernels, "launch", launches)
-        with OpRecorder() as recorder:
-            monitor.step()
-        monkeypatch.undo()
-        monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
-        counts.append([op for op in recorder.ops if op not in ALLOWED_OPS])
+        _, ops = _stubbed_step(monkeypatch, monitor)
+        counts.append([op for op in ops if op not in ALLOWED_OPS])
     assert counts[0] == counts[1]
     assert len(counts[0]) <= 16, counts[0]
