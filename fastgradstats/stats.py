@@ -55,6 +55,9 @@ class GradStats:
     histogram: Tensor | None = None
     histogram_edges: Tensor | None = None
     zero_count: Tensor | None = None
+    # the fused pass's float [2, n] (norms, max_abs) and int64 [2, n] (NaN, Inf) results,
+    # which the per-tensor fields are rows of (GradMonitor copies them in two ops)
+    _packed: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -302,6 +305,7 @@ def from_fused(call: core.Fused, names: list[str], norm_type: float) -> GradStat
         norm_type=norm_type,
         clip_coef=call.coef,
         numels=call.numels,
+        _packed=(call.floats, call.counts),
     )
     if call.histogram is not None and call.zero_count is not None:
         # binned by the stats launches themselves: no second read

@@ -362,7 +362,7 @@ def test_monitor_skip_nonfinite_zeroes_on_the_device_without_a_pass_per_gradient
 )
 def test_monitor_step_torch_ops_do_not_grow_with_the_parameters(monkeypatch, options):
     """A steady-state ``GradMonitor.step`` on the fused path: the same few torch ops (the
-    history-ring writes, the found_inf flag) for 8 and for 40 parameters, at most 16 that
+    history-ring writes, the found_inf flag) for 8 and for 40 parameters, at most 12 that
     launch anything; the spike detector runs at flush, not here."""
     from fastgradstats import GradMonitor
 
@@ -377,4 +377,4 @@ def test_monitor_step_torch_ops_do_not_grow_with_the_parameters(monkeypatch, opt
         _, ops = _stubbed_step(monkeypatch, monitor)
         counts.append([op for op in ops if op not in ALLOWED_OPS])
     assert counts[0] == counts[1]
-    assert len(counts[0]) <= 16, counts[0]
+    assert len(counts[0]) <= 12, counts[0]  # 5 without skip_nonfinite (ring row writes)

@@ -113,3 +113,23 @@ def test_detector_state_dict_checks_shapes():
     assert set(state) == {"mean", "var", "count"} and state["mean"].shape == (4,)
     with pytest.raises(ValueError, match="ema field 'mean'"):
         SpikeDetector(4, 6.0, 2.0, 0.98, 5).load_state_dict(state)
+
+
+def test_a_version_1_state_dict_still_loads():
+    """Version 1 kept the spike flags and found_inf in the device ring; both are now
+    derived (at flush), so their extra fields are ignored."""
+    model = tiny_model(sizes=(6, 8, 4))
+    monitor = GradMonitor(model, history=16)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        set_random_grads(model, gen)
+        monitor.step()
+    state = monitor.state_dict()
+    assert state["version"] == 2
+    n = len(monitor.names)
+    state["version"] = 1
+    state["ring"]["found"] = torch.zeros(16, dtype=torch.bool)
+    state["ring"]["spike"] = torch.zeros(16, n + 1, dtype=torch.bool)
+    resumed = GradMonitor(model, history=16)
+    resumed.load_state_dict(state)
+    np.testing.assert_array_equal(resumed.history().norms, monitor.history().norms)

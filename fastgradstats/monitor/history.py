@@ -301,21 +301,21 @@ class DeviceRing:
         "present",
         "total",
         "coef",
-        "found",
         "skipped",
     )
 
     def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
         h = capacity
         self.capacity, self.n = capacity, n
-        self.norms = torch.zeros(h, n, dtype=dtype, device=device)
-        self.max_abs = torch.zeros(h, n, dtype=dtype, device=device)
-        self.nan = torch.zeros(h, n, dtype=torch.int64, device=device)
-        self.inf = torch.zeros(h, n, dtype=torch.int64, device=device)
+        # [h, 2, n] blocks, laid out as the fused pass hands its results back (p-norm and
+        # max |g|; NaN and Inf counts), so a step's row is two copies
+        self.floats = torch.zeros(h, 2, n, dtype=dtype, device=device)
+        self.counts = torch.zeros(h, 2, n, dtype=torch.int64, device=device)
+        self.norms, self.max_abs = self.floats[:, 0], self.floats[:, 1]
+        self.nan, self.inf = self.counts[:, 0], self.counts[:, 1]
         self.present = torch.zeros(h, n, dtype=torch.bool, device=device)
         self.total = torch.zeros(h, dtype=dtype, device=device)
         self.coef = torch.ones(h, dtype=dtype, device=device)
-        self.found = torch.zeros(h, dtype=torch.bool, device=device)
         self.skipped = torch.zeros(h, dtype=torch.bool, device=device)
         self.host_steps = np.full(h, -1, dtype=np.int64)
 
@@ -333,12 +333,11 @@ class DeviceRing:
             self.present[index],
             self.total[index, None],
             self.coef[index, None],
-            self.found[index, None],
             self.skipped[index, None],
         ]
         # One float64 block, one device->host copy: the only sync of a flush.
         packed = torch.cat([p.to(torch.float64) for p in pieces], dim=1).cpu().numpy()
-        cols = np.cumsum([0, n, n, n, n, n, 1, 1, 1, 1])
+        cols = np.cumsum([0, n, n, n, n, n, 1, 1, 1])
         part = [packed[:, cols[i] : cols[i + 1]] for i in range(len(cols) - 1)]
         return {
             "steps": self.host_steps[rows].copy(),
@@ -349,8 +348,9 @@ class DeviceRing:
             "present": part[4].astype(bool),
             "total_norm": part[5][:, 0],
             "clip_coef": part[6][:, 0],
-            "nonfinite": part[7][:, 0].astype(bool),
-            "skipped": part[8][:, 0].astype(bool),
+            # what step() acted on: the float32 (float64) total is NaN/Inf
+            "nonfinite": ~np.isfinite(part[5][:, 0]),
+            "skipped": part[7][:, 0].astype(bool),
             "spike_total": np.zeros(t, dtype=bool),  # filled by the monitor's detector
             "spike_layer": np.zeros((t, n), dtype=bool),
         }

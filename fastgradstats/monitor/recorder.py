@@ -355,7 +355,8 @@ class GradMonitor:
         self._mirror: History | None = None  # host copy of the ring, filled by flush()
         self._events = Events()
         self.lost_rows = 0
-        self.found_inf: Tensor | None = None
+        self._total_acc: Tensor | None = None  # the latest float32/float64 total
+        self._found: Tensor | None = None  # ~isfinite(_total_acc), made when asked for
         self.last_stats: GradStats | None = None
         self._index_cache = LruCache(self.index_cache_size)
         self._no_grad_steps = 0  # consecutive step() calls without any gradient
@@ -502,18 +503,12 @@ class GradMonitor:
         total, total32, stats = self._clip_and_measure(
             record or self.skip_nonfinite, optimizer, hist_now
         )
-        found: Tensor | None = None
-        if total32 is not None:
-            # Decided from the float32 (or float64) total, never from the total cast to a
-            # 16-bit gradient dtype: finite fp16 gradients whose norm exceeds 65504 are a
-            # finite update (already clipped), not an overflow.
-            found = ~torch.isfinite(total32.to(self.device))
-            if self.skip_nonfinite:
-                self._suppress_update(found, optimizer)
-        self.found_inf = found
+        self._total_acc, self._found = total32, None
+        if self.skip_nonfinite and total32 is not None:
+            self._suppress_update(self.found_inf, optimizer)
         if stats is not None and record:
             self.last_stats = stats
-            self._write_row(step_no, stats, found)
+            self._write_row(step_no, stats)
             if hist_now:
                 self._write_histogram(step_no, stats)
         return total
@@ -637,6 +632,19 @@ class GradMonitor:
             core.check_writable(grads)
             core.zero_groups_where_(core.group(grads.grads), found_inf, self.backend)
 
+    @property
+    def found_inf(self) -> Tensor | None:
+        """0-d bool device tensor for the latest step that measured the gradients: True
+        when they held NaN/Inf or their float32 total overflowed; ``None`` otherwise.
+
+        Decided from the float32 (or float64) total, never from the total cast to a 16-bit
+        gradient dtype: finite fp16 gradients whose norm exceeds 65504 are a finite update
+        (already clipped), not an overflow. Computed when first asked for (no sync).
+        """
+        if self._found is None and self._total_acc is not None:
+            self._found = ~torch.isfinite(self._total_acc.to(self.device))
+        return self._found
+
     def _present_index(self, names: list[str]) -> Tensor:
         key = tuple(self._index[name] for name in names)
         index = self._index_cache.get(key)
@@ -646,7 +654,7 @@ class GradMonitor:
             self._index_cache.put(key, index)
         return index
 
-    def _write_row(self, step_no: int, stats: GradStats, found: Tensor | None) -> None:
+    def _write_row(self, step_no: int, stats: GradStats) -> None:
         ring = self._ring
         row = self._recorded % self.capacity
         self._recorded += 1
@@ -658,7 +666,12 @@ class GradMonitor:
             (ring.nan, stats.nan_count),
             (ring.inf, stats.inf_count),
         ]
-        if len(stats) == n:
+        packed = stats._packed
+        if len(stats) == n and packed is not None and packed[0].dtype == ring.floats.dtype:
+            ring.floats[row].copy_(packed[0])  # the fused pass's [2, n] blocks as they are
+            ring.counts[row].copy_(packed[1])
+            ring.present[row].fill_(True)
+        elif len(stats) == n:
             for buf, value in fields:
                 buf[row].copy_(value)
             ring.present[row].fill_(True)
@@ -677,11 +690,11 @@ class GradMonitor:
             ring.coef[row].copy_(stats.clip_coef)
         else:
             ring.coef[row].fill_(1.0)
-        # A NaN/Inf anywhere makes the total norm non-finite, and so does an overflow of
-        # the float32 accumulation; ``found`` is what step() acted on.
-        ring.found[row].copy_(found if found is not None else ~torch.isfinite(total))
-        if self.skip_nonfinite:
-            ring.skipped[row].copy_(ring.found[row])
+        # Whether the step was non-finite is read from ``total`` at flush (it is the total
+        # found_inf is decided from); only a skip is worth a device write here.
+        found = self.found_inf if self.skip_nonfinite else None
+        if found is not None:
+            ring.skipped[row].copy_(found)
 
     # -- syncing side: once per logging interval ----------------------------------------
 
