@@ -6,6 +6,7 @@ One module per concern:
 * :mod:`.params` -- which tensors the monitor watches and how it finds them again;
 * :mod:`.history` -- the device ring buffers and the host :class:`History` (and its
   :class:`HistogramHistory` with ``histograms=True``);
+* :mod:`.spikes` -- the spike detector (log-norm EMA), run at flush on the host;
 * :mod:`.events` -- tallies that outlive the ring buffer;
 * :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;
 * :mod:`.keys` -- the logger key names (``prefix=``, ``key_style=``);
