@@ -478,7 +478,31 @@ def spawn(target: Callable[..., None], world: int, args: tuple, out_dir: str, ti
 
     Returns ``(exit codes, hung)``: the processes still alive after ``timeout_s`` are
     killed and reported as hung. Each worker saves its results under ``out_dir`` itself.
+
+    A run in which a worker was killed by a signal (gloo's threads can abort the process
+    at teardown on a loaded machine: "terminate called without an active exception",
+    SIGABRT) is run once more from a clean ``out_dir``, with a warning; a second signal,
+    an exception (exit code 1) or a hang is returned as it is.
     """
+    codes, hung = _spawn_once(target, world, args, out_dir, timeout_s)
+    if not hung and any(code is not None and code < 0 for code in codes):
+        import shutil
+        import warnings
+
+        warnings.warn(f"distributed workers died by signal (exit codes {codes}); rerun once",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        for entry in os.listdir(out_dir):  # the file store and any partial results
+            path = os.path.join(out_dir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        codes, hung = _spawn_once(target, world, args, out_dir, timeout_s)
+    return codes, hung
+
+
+def _spawn_once(target: Callable[..., None], world: int, args: tuple, out_dir: str,
+                timeout_s: float):  # fmt: skip
     import multiprocessing
     import time
 

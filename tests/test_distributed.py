@@ -254,3 +254,34 @@ def test_group_without_init_is_an_error():
         fgs.get_total_norm([torch.randn(3)], process_group=object())
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed.combine_pipeline_norm(torch.tensor(1.0))
+
+
+def _abort_first_time(rank: int, world: int, marker_dir: str, out_dir: str) -> None:
+    import os
+
+    marker = os.path.join(marker_dir, f"ran{rank}")
+    first = not os.path.exists(marker)
+    open(marker, "a").close()
+    if first and rank == 0:
+        os.abort()  # as gloo's teardown can, under load
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("ok")
+
+
+def _exit_with_error(rank: int, world: int, out_dir: str) -> None:
+    raise SystemExit(3)
+
+
+def test_spawn_reruns_once_after_a_signal_death_but_not_after_an_error(tmp_path):
+    import _dist_workers
+
+    out_dir, markers = tmp_path / "out", tmp_path / "markers"
+    out_dir.mkdir()
+    markers.mkdir()
+    (out_dir / "store").write_text("stale")  # the rerun starts from a clean out_dir
+    with pytest.warns(RuntimeWarning, match="died by signal"):
+        codes, hung = _dist_workers.spawn(_abort_first_time, 2, (str(markers),), str(out_dir), 60)
+    assert (codes, hung) == ([0, 0], False)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["rank0.txt", "rank1.txt"]
+    codes, hung = _dist_workers.spawn(_exit_with_error, 2, (), str(out_dir), 60)
+    assert codes == [3, 3] and not hung  # an error is reported, never retried
