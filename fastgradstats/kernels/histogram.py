@@ -31,15 +31,7 @@ from torch import Tensor
 from .. import kernels as settings
 from ..histogram import NUM_BINS
 from . import launch, tile_size, triton_dtype
-from .binning import (
-    FINITE_LIMIT,
-    HIST_BINS,
-    abs_bits,
-    abs_bits_of,
-    bin_index,
-    bin_tile,
-    flush_histogram,
-)
+from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
 from .stats import block_location
 from .tables import TensorTable
 
@@ -117,11 +109,6 @@ def group_histogram_triton(table: TensorTable) -> tuple[Tensor, Tensor]:
 
 
 __all__ = [
-    "FINITE_LIMIT",
-    "HIST_BINS",
-    "abs_bits",
-    "abs_bits_of",
-    "bin_index",
     "group_histogram_triton",
     "histogram_config",
     "histogram_kernel",
