@@ -419,6 +419,33 @@ def fused(
     )  # fmt: skip
 
 
+def zero_where_fused(params: list[Tensor], flag: Tensor, backend: str | None) -> bool:
+    """Zero the ``.grad`` of ``params`` in place where the 0-d bool device ``flag`` is set,
+    through the plan the fused stats pass cached for these gradients (one launch per
+    segment, nothing per tensor but the walk). ``False``, with nothing done, when the
+    generic path must do it (torch backend, DTensor or non-dense gradients, ...)."""
+    requested = requested_backend(backend)
+    if not params or requested == "torch" or torch.compiler.is_compiling():
+        return False
+    try:
+        grads = [g for g in map(_GRAD, params) if g is not None]
+        if not grads or (requested == "auto" and grads[0].device.type != "cuda"):
+            return False
+        ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for DTensor
+        numels = tuple(map(Tensor.numel, grads))
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    impl = triton_module()
+    if impl is None:
+        return False
+    kernels = impl.kernels
+    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads, numels)
+    if plan is None:
+        return False
+    impl.zero_fused(plan, flag, grads)
+    return True
+
+
 def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> str:
     """A human sentence naming the tensors that hold NaN/Inf (syncs once)."""
     nan = stats.nan_count.tolist()
@@ -457,4 +484,5 @@ __all__ = [
     "torch_backend",
     "total_norm",
     "zero_groups_where_",
+    "zero_where_fused",
 ]

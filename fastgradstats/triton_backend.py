@@ -487,6 +487,13 @@ def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
     _bump_versions(grads)
 
 
+def zero_fused(plan: Plan, flag: Tensor, grads: list[Tensor]) -> None:
+    """Zero every gradient of ``plan`` where the 0-d bool device ``flag`` is set."""
+    with _on_device(plan.device):
+        scale_kernels.zero_where_(plan.table, flag.to(plan.device, torch.bool).reshape(()))
+    _bump_versions(grads)
+
+
 __all__ = [
     "FusedResult",
     "Plan",
@@ -500,5 +507,6 @@ __all__ = [
     "scale_",
     "scale_fused",
     "supports",
+    "zero_fused",
     "zero_where_",
 ]

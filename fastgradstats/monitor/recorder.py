@@ -625,7 +625,10 @@ class GradMonitor:
         if handoff.set_found_inf_(optimizer, found_inf):
             return
         # Other optimizers: the gradients are zeroed where found_inf is set, decided on
-        # the device (Triton: nothing touched on a finite step; CPU: read for free).
+        # the device (Triton: nothing touched on a finite step; CPU: read for free). The
+        # fused path reuses the stats pass's cached plan: no per-tensor checks per step.
+        if core.zero_where_fused(self.params, found_inf, self.backend):
+            return
         grads = core.collect(self._pairs)
         distributed.to_local_(grads)  # DTensor grads: their local shards (aliases)
         if grads.grads:
