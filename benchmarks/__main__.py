@@ -35,10 +35,54 @@ from .workloads import WORKLOAD_NAMES
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 
 
+# The subcommands, each a module with its own main(argv) and --help.
+SUBCOMMANDS = {
+    "codegen": ("benchmarks.codegen", "offline sm_90/sm_80 PTX/SASS report (no GPU needed)"),
+    "host": ("benchmarks.host", "host cost per call with the kernel launches stubbed"),
+    "gpu-check": ("benchmarks.gpu_check", "everything that needs a GPU, in one command"),
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _tag(text: str) -> str:
+    if not text.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"must be letters, digits, '-' or '_', got {text!r}")
+    return text
+
+
+def _subcommand_epilog() -> str:
+    lines = ["subcommands (each has its own --help):"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the suite's options; a bad value exits with status 2 and one line, before any work."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
+        usage="python -m benchmarks [codegen|host|gpu-check] [OPTIONS]",
         description="Time fastgradstats against torch on model-shaped gradients.",
+        epilog=_subcommand_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats (seconds; for CI)")  # fmt: skip
@@ -51,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="OP", help=f"subset of {', '.join(OP_NAMES)}")  # fmt: skip
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
                         help="fastgradstats backend (default: env or auto)")  # fmt: skip
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=_positive_float, default=None,
                         help="timing seconds per workload x op (3; quick 0.05)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for the results JSON (default {DEFAULT_OUT}; "
@@ -59,10 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true",
                         help="also run the size and tensor-count sweeps and plot them")  # fmt: skip
     parser.add_argument(
-        "--tag", default="", help="appended to the results file name: <device>-<date>-<tag>.json"
+        "--tag",
+        type=_tag,
+        default="",
+        help="appended to the results file name: <device>-<date>-<tag>.json",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
     )
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the correctness check against torch before timing")  # fmt: skip
@@ -73,8 +123,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the suite from command-line arguments; print the table; return the result."""
     args = parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     settings = Settings(
@@ -90,8 +138,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     suffix = ("-quick" if args.quick else "") + (f"-{args.threads}thread" if args.threads else "")
     if args.tag:
-        if not args.tag.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
         suffix += f"-{args.tag}"
     if args.sweep:
         from .sweep import plot_sweep, run_sweep
@@ -118,17 +164,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-SUBCOMMANDS = {
-    "codegen": "benchmarks.codegen",
-    "host": "benchmarks.host",
-    "gpu-check": "benchmarks.gpu_check",
-}
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         import importlib
 
-        module = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
+        module = importlib.import_module(SUBCOMMANDS[sys.argv[1]][0])
         sys.exit(module.main(sys.argv[2:]))
     outcome = main()
     sys.exit(1 if any(r["check"] and not r["check"]["ok"] for r in outcome["results"]) else 0)

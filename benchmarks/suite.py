@@ -46,6 +46,7 @@ from .ops import (
     restore_after_clip_step,
 )
 from .ops import make_case as _make_case
+from .progress import progress, write_line
 from .workloads import WORKLOAD_NAMES, Workload, grad_holders, make_grads, make_workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -499,17 +500,16 @@ def run_suite(settings: Settings, log: Any = None) -> dict[str, Any]:
     if log:
         print(f"copy bandwidth: {bandwidth['gbps']:.1f} GB/s on {meta['device_name']}", file=log)
     rows: list[dict[str, Any]] = []
-    for name in settings.workloads:
+    workloads = progress(settings.workloads, len(settings.workloads), "workloads", log)
+    for name in workloads:
         new = run_workload(name, settings, bandwidth["gbps"])
         rows += new
-        if log:
-            for r in new:
-                print(
-                    f"  {r['workload']:<15} {r['op']:<12} {_fmt_ms(r['fgs_s'])} ms "
-                    f"vs {_fmt_ms(r['torch_s'])} ms",
-                    file=log,
-                    flush=True,
-                )
+        for r in new:
+            write_line(
+                f"  {r['workload']:<15} {r['op']:<12} {_fmt_ms(r['fgs_s'])} ms "
+                f"vs {_fmt_ms(r['torch_s'])} ms",
+                log,
+            )
     steps = []
     if settings.clip_step and "clip" in settings.ops:
         for name in settings.workloads:

@@ -46,6 +46,16 @@ def version() -> str:
     return __version__
 
 
+def version_line() -> str:
+    """``fastgradstats X (torch Y; Triton kernels: ...)``: says how to get the kernels if absent."""
+    import torch
+
+    from .dispatch import TRITON_INSTALL_HINT, triton_available
+
+    kernels = "available" if triton_available() else f"not installed. {TRITON_INSTALL_HINT}"
+    return f"fastgradstats {version()} (torch {torch.__version__}; Triton kernels: {kernels})"
+
+
 def _find_benchmarks() -> bool:
     # A console script's sys.path starts at its bin/ folder, not at the checkout it is run
     # from, so look in the working directory too.
@@ -101,6 +111,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _writable_dir(text: str) -> str:
+    """``--out``: a folder the demo can write to, created here so a bad path fails at once."""
+    path = os.path.abspath(text)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".fastgradstats-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot write the report to {text!r}: {exc.strerror or exc}"
+        ) from None
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import demo  # imported here: --version and bench need no model code
 
@@ -113,17 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastgradstats",
         description="Fused per-layer gradient statistics and clipping for PyTorch.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"fastgradstats {version()}", help="print it"
-    )
+    parser.add_argument("--version", action="version", version=version_line(), help="print it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_demo = sub.add_parser(
         "demo",
-        help="train 3 small deep nets on CPU and diagnose their gradients (~10-20 s)",
-        description="Train an exploding, a clipped and a vanishing deep MLP on synthetic "
-        "data, print the gradient diagnosis, and write PNG plots + JSON/markdown summary.",
+        help="train 4 small deep nets on CPU and diagnose their gradients (~10 s)",
+        description="Train four deep MLPs on synthetic data (one exploding, the same clipped, "
+        "one vanishing, one hit by outlier batches and clipped adaptively), print the "
+        "gradient diagnosis, and write PNG plots + a JSON/markdown summary.",
     )
-    p_demo.add_argument("--out", default="fgs-report", help="report folder (default fgs-report)")
+    p_demo.add_argument(
+        "--out",
+        type=_writable_dir,
+        default="fgs-report",
+        help="report folder, created if missing (default fgs-report)",
+    )
     p_demo.add_argument("--steps", type=_positive, default=200, help="SGD steps per run")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bar or diagnosis text")

@@ -29,7 +29,8 @@ Same signatures, return values and return dtypes as torch 2.13, plus keyword-onl
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -178,6 +179,38 @@ def clip_grads_with_norm_(
     core.check_writable(grads)
     coef = core.clip_coefficient(max_norm, total_norm)
     core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
+
+
+@overload
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Any],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    return_stats: Literal[False] = False,
+    histogram: bool = False,
+    backend: str | None = None,
+    process_group: Any = None,
+    optimizer: Any = None,
+) -> Tensor: ...
+
+
+@overload
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Any],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    return_stats: Literal[True],
+    histogram: bool = False,
+    backend: str | None = None,
+    process_group: Any = None,
+    optimizer: Any = None,
+) -> tuple[Tensor, GradStats]: ...
 
 
 @torch.no_grad()

@@ -26,6 +26,12 @@ from .env import ENV_BACKEND, triton_interpreter_on
 
 BACKENDS = ("auto", "torch", "triton")
 
+# One line for every place that has to say how to get the kernels.
+TRITON_INSTALL_HINT = (
+    'The Triton kernels need `pip install "fastgradstats[triton]"` (CUDA builds of torch '
+    "bring Triton already); without them the PyTorch backend computes the same results."
+)
+
 
 def requested_backend(backend: str | None = None) -> str:
     """The backend name in force: the keyword, else ``$FASTGRADSTATS_BACKEND``, else auto."""
@@ -82,15 +88,19 @@ def backend_for(
     if not _triton_can_run_on(device):
         if name == "auto":
             return torch_backend
+        hint = "" if triton_available() else f" {TRITON_INSTALL_HINT}"
         raise RuntimeError(
             f"backend='triton' cannot run on {device.type} tensors: Triton needs CUDA "
-            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported." + hint
         )
     module = _triton_backend_or_error()
     if isinstance(module, str):
         if name == "auto":
             return torch_backend
-        raise RuntimeError(f"backend='triton' was requested but Triton is unusable: {module}")
+        raise RuntimeError(
+            f"backend='triton' was requested but Triton is unusable: {module}. "
+            f"{TRITON_INSTALL_HINT}"
+        )
     if module.supports(device, dtype, norm_type):
         return module
     return torch_backend
