@@ -36,6 +36,39 @@ BACKENDS = _backends()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--routed-only",
+        action="store_true",
+        help="keep only the tests whose backend comes from the environment: drop those "
+        "parametrized by the `backend` fixture (the default pass already ran them on both "
+        "backends) and those marked `backend_independent`. CI's FASTGRADSTATS_BACKEND=triton "
+        "pass uses it to run what only that pass can catch.",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """``slow_on_triton`` tests are ``slow`` in their Triton case; ``--routed-only`` filters."""
+    slow = pytest.mark.slow
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_triton = params is not None and params.params.get("backend") == "triton"
+        if on_triton and item.get_closest_marker("slow_on_triton") is not None:
+            item.add_marker(slow)
+    if not config.getoption("--routed-only"):
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        fixture_backend = params is not None and "backend" in params.params
+        independent = item.get_closest_marker("backend_independent") is not None
+        (drop if fixture_backend or independent else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """Runs the test once per available backend, selected through the environment."""

@@ -148,6 +148,7 @@ def test_nan_and_inf_are_counted_like_torch(workload):
         assert check_op(op, grads, backend="auto")["ok"], op
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 def test_benchmarked_calls_match_torch_on_each_backend(backend):
     """The benchmarked calls, run on the backend the fixture selects (Triton: interpreter)."""
     grads = make_grads(make_workload("gpt2-124m-bf16", "cpu", 1 / 64), "cpu", seed=1)

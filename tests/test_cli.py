@@ -20,6 +20,8 @@ import pytest
 import fastgradstats
 from fastgradstats import cli
 
+pytestmark = pytest.mark.backend_independent  # no gradient op routed by the environment
+
 PACKAGE = Path(fastgradstats.__file__).resolve().parent
 REPO = PACKAGE.parent
 

@@ -20,6 +20,10 @@ pytest.importorskip("triton")
 
 from benchmarks import codegen
 
+# torch.compile and offline sm_90 compiles take minutes on 2 cores: CI runs them
+# (pytest -m "slow or distributed"), the README's quick command does not.
+pytestmark = [pytest.mark.slow, pytest.mark.backend_independent]
+
 REPO = Path(__file__).resolve().parents[1]
 
 

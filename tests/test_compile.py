@@ -17,6 +17,10 @@ from helpers import clone_grads, make_params
 
 import fastgradstats as fgs
 
+# torch.compile and offline sm_90 compiles take minutes on 2 cores: CI runs them
+# (pytest -m "slow or distributed"), the README's quick command does not.
+pytestmark = pytest.mark.slow
+
 COMPILE_BACKENDS = ["eager", "aot_eager", "inductor"]
 SIZES = [7, 13, 0, 1]  # an empty gradient takes the indexed-scatter path of the inf-norm
 

@@ -73,6 +73,7 @@ OPTIMIZERS = [
 TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 @pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("clipping", ["on", "off"])

@@ -10,7 +10,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import fastgradstats
+
+pytestmark = pytest.mark.backend_independent  # no gradient op routed by the environment
 
 PACKAGE = Path(fastgradstats.__file__).parent
 

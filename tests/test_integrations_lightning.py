@@ -197,6 +197,7 @@ def count_torch_clips(monkeypatch):
     return calls
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 def test_takes_max_norm_from_the_trainer_and_clips_once(monkeypatch, backend):
     max_norm = 0.5
     reference_module = Regressor()

@@ -32,6 +32,7 @@ def _assert_params_close(a: torch.nn.Module, b: torch.nn.Module, rtol: float) ->
         torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=1e-7)
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 @pytest.mark.parametrize("opt_name", ["Adam", "AdamW", "SGD"])
 def test_monitor_hands_the_coefficient_to_a_fused_optimizer(backend, opt_name):
     model = tiny_model(seed=3)
@@ -73,6 +74,7 @@ def test_hand_off_false_scales_in_the_monitor(backend):
     assert float(total) == pytest.approx(0.5, rel=1e-5)
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 @pytest.mark.parametrize(
     "make_clipper",
     [lambda: fgs.ZClip(warmup_steps=5), lambda: fgs.AutoClip(percentile=25.0, history=10)],

@@ -87,6 +87,7 @@ def test_fp16_nan_is_still_skipped_and_the_history_says_so(backend):
 # ----------------------------------------------------------------------------- warm-up
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 def test_spike_warmup_is_per_parameter(backend):
     """A layer that first gets gradients after warm-up (unfrozen late) and an expert that
     gets them now and then (MoE routing) are not flagged on their first steps; a real
@@ -181,6 +182,7 @@ def _route(model: nn.Module, gen: torch.Generator) -> None:
             p.grad = None
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 def test_index_cache_is_bounded_under_routing(backend):
     model = tiny_model(sizes=(3, 3, 3, 3, 3, 3, 3), seed=7)  # 12 tensors: 4096 subsets
     names = [n for n, _ in model.named_parameters()]

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.backend_independent  # no gradient op routed by the environment
+
 
 def _run(code: str) -> str:
     result = subprocess.run(

@@ -205,6 +205,7 @@ _shapes = st.lists(
 )
 
 
+@pytest.mark.slow_on_triton  # the interpreter makes it slow; CI runs it
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 pytestmark = [
     pytest.mark.distributed,
+    pytest.mark.backend_independent,  # parametrized over the backends itself
     pytest.mark.skipif(
         not (dist.is_available() and dist.is_gloo_available()),
         reason="needs torch.distributed with gloo",
