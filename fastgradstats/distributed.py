@@ -345,6 +345,12 @@ def deepspeed_zero_grads(engine: Any) -> tuple[list[tuple[str, Tensor]], Any]:
     parameter with ``safe_get_full_grad``. With fp16 loss scaling the gradients hold the
     scaled values (divide by ``engine.optimizer.loss_scale``). No host sync.
     """
+    stage = getattr(engine, "zero_optimization_stage", None)
+    if callable(stage) and stage() not in (1, 2):
+        raise ValueError(
+            f"engine: ZeRO stage {stage()} is not supported (stage 0: the parameters' .grad "
+            "are whole, call fastgradstats as under DDP; stage 3: not supported)"
+        )
     opt = getattr(engine, "optimizer", None)
     needed = ("averaged_gradients", "params_in_partition", "bit16_groups", "real_dp_process_group")
     if not all(hasattr(opt, attr) for attr in needed):

@@ -102,12 +102,26 @@ def _fsdp1_case(rank: int, seed: int, use_orig_params: bool, mixed: bool) -> dic
     out["clip_dtype"], out["want_clip_dtype"] = total.dtype, want.dtype
     grads = [p.grad for p in ours.parameters() if p.grad is not None]
     want_grads = [p.grad for p in theirs.parameters() if p.grad is not None]
-    out["clipped"], out["want_clipped"] = grads, want_grads
+    out["clipped"] = [g.clone() for g in grads]  # clones: a NaN is planted below
+    out["want_clipped"] = [g.clone() for g in want_grads]
     # the inf-norm: a second clip, on the already clipped gradients
     out["clip_inf"] = fgs.clip_grad_norm_(named, 1e-3, float("inf"), process_group=group).item()
     out["want_clip_inf"] = theirs.clip_grad_norm_(1e-3, float("inf")).item()
     out["clipped_inf"] = [g.clone() for g in grads]
     out["want_clipped_inf"] = [g.clone() for g in want_grads]
+    # histograms of the full parameters: every element binned once (replicas too)
+    hist = fgs.grad_stats(named, process_group=group, histogram=True)
+    out["hist_elements"] = (hist.histogram.sum(1) + hist.zero_count).tolist()
+    out["hist_numels"] = hist.numels
+    # a NaN in one rank's piece of a sharded parameter is counted once, on every rank
+    # (replicated gradients are read on the group's first rank only, as DTensor replicas)
+    if rank == 1:
+        sharded = (h for _, h in named if not h._fastgradstats_full[1])
+        holder = next(h for h in sharded if h.grad.numel())
+        holder.grad.view(-1)[0] = float("nan")
+    nan_stats = fgs.grad_stats(named, process_group=group)
+    out["nan_counts"] = nan_stats.nan_count.tolist()
+    out["nan_names"] = nan_stats.nonfinite_names()
     if rank == 0:
         out["bad_model"] = error_text(lambda: fsdp1_grads(nn.Linear(2, 2)))
         out["not_module"] = error_text(lambda: fsdp1_grads("model"))

@@ -120,6 +120,20 @@ def test_fsdp1_clip_equals_fsdp_clip_grad_norm(fsdp1, case):
 
 @pytest.mark.distributed
 @needs_gloo
+@pytest.mark.parametrize("case", FSDP1_CASES)
+def test_fsdp1_histograms_and_nan_counts_cover_each_element_once(fsdp1, case):
+    ranks = scenario(fsdp1, case)
+    for r in ranks:
+        assert (
+            r["hist_elements"] == r["hist_numels"] == [w["numel"] for w in r["want_stats"].values()]
+        )
+        assert sum(r["nan_counts"]) == 1  # planted on rank 1 only
+        assert len(r["nan_names"]) == 1
+    assert ranks[0]["nan_names"] == ranks[1]["nan_names"]
+
+
+@pytest.mark.distributed
+@needs_gloo
 def test_fsdp1_grads_refuses_what_is_not_fsdp1(fsdp1):
     r = scenario(fsdp1, "fsdp1_orig")[0]
     assert r["bad_model"].startswith("ValueError: model: no FullyShardedDataParallel")
