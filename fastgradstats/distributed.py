@@ -379,12 +379,15 @@ def deepspeed_zero_grads(engine: Any) -> tuple[list[tuple[str, Tensor]], Any]:
             )
         grads = [g for g in grads if not getattr(g, "_zero_padding", False)]
         local = opt.params_in_partition[i]
-        if len(grads) != len(local):
+        # a trailing block of zeros (not always marked _zero_padding) pads the last
+        # partition; DeepSpeed's own norm pairs pieces with parameters the same way
+        extra = len(grads) - len(local)
+        if extra not in (0, 1) or any(g.numel() > p.numel() for p, g in zip(local, grads)):
             raise RuntimeError(
                 f"engine: parameter group {i} holds {len(grads)} gradient pieces for "
                 f"{len(local)} parameters in this partition (unknown DeepSpeed layout)"
             )
-        pieces.update((id(p), g) for p, g in zip(local, grads))
+        pieces.update((id(p), g) for p, g in zip(local, grads[: len(local)]))
         in_groups.update(id(p) for p in params)
     base: dict = {}
     named: list[tuple[str, Tensor]] = []

@@ -45,9 +45,11 @@ def reference(model: nn.Module, seed: int) -> list[tuple[str, torch.Tensor]]:
     return [(n, p.grad) for n, p in model.named_parameters()]
 
 
-def local_loss(model: nn.Module, rank: int, seed: int) -> torch.Tensor:
+def local_loss(
+    model: nn.Module, rank: int, seed: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     xs, ys = batches(seed)
-    return nn.functional.mse_loss(model(xs[rank]).squeeze(-1), ys[rank])
+    return nn.functional.mse_loss(model(xs[rank].to(dtype)).float().squeeze(-1), ys[rank])
 
 
 # ---------------------------------------------------------------- FSDP1
@@ -156,7 +158,7 @@ FSDP1_SCENARIOS = {
 # ---------------------------------------------------------------- DeepSpeed ZeRO 1/2
 
 
-def _engine(model: nn.Module, stage: int, clipping: float) -> Any:
+def _engine(model: nn.Module, stage: int, clipping: float, bf16: bool) -> Any:
     import deepspeed
 
     config = {
@@ -166,30 +168,39 @@ def _engine(model: nn.Module, stage: int, clipping: float) -> Any:
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # torch SGD: DeepSpeed warns, nothing else
         "gradient_clipping": clipping,
+        # bf16 parameters, fp32 gradient partitions: DeepSpeed's compact buffer layout
+        "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32" if bf16 else None},
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=config)  # fmt: skip
     return engine
 
 
-def _zero_case(rank: int, seed: int, stage: int) -> dict[str, Any]:
+def _zero_case(rank: int, seed: int, stage: int, bf16: bool = False) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_grad
 
     import fastgradstats as fgs
     from fastgradstats.distributed import deepspeed_zero_grads
 
     torch.manual_seed(seed)
-    base = mlp(7, 13, 5, 1)
+    base = mlp(7, 11, 5, 1)  # 154 elements: partitions cut a parameter, and end in padding
     out: dict[str, Any] = {"want_stats": ref_stats(reference(copy.deepcopy(base), seed))}
     max_norm = 0.02
-    ours = _engine(copy.deepcopy(base), stage, 0.0)  # clipped by fastgradstats
-    theirs = _engine(copy.deepcopy(base), stage, max_norm)  # clipped by DeepSpeed
+    ours = _engine(copy.deepcopy(base), stage, 0.0, bf16)  # clipped by fastgradstats
+    theirs = _engine(copy.deepcopy(base), stage, max_norm, bf16)  # clipped by DeepSpeed
+    dtype = torch.bfloat16 if bf16 else torch.float32
     for engine in (ours, theirs):
-        engine.backward(local_loss(engine, rank, seed))
+        engine.backward(local_loss(engine, rank, seed, dtype))
+    out["bf16"] = bf16
     out["stage"] = (ours.zero_optimization_stage(), theirs.zero_optimization_stage())
 
+    opt = ours.optimizer
+    out["compact"] = opt._use_compact_grad_partition_buffer(0)
+    out["pieces"] = (len(opt.averaged_gradients[0]), len(opt.params_in_partition[0]))
     named, group = deepspeed_zero_grads(ours)
     out["names"] = [name for name, _ in named]
+    out["grad_dtypes"] = sorted({str(h.grad.dtype) for _, h in named})
     out["stats"] = fgs.grad_stats(named, process_group=group).to_dict()
     # DeepSpeed's own full gradients, one collective per parameter
     out["full_grads"] = {n: safe_get_full_grad(p) for n, p in theirs.module.named_parameters()}
@@ -212,7 +223,15 @@ def scenario_zero2(rank: int, seed: int) -> dict[str, Any]:
     return _zero_case(rank, seed, 2)
 
 
-DEEPSPEED_SCENARIOS = {"zero1": scenario_zero1, "zero2": scenario_zero2}
+def scenario_zero2_bf16(rank: int, seed: int) -> dict[str, Any]:
+    return _zero_case(rank, seed, 2, bf16=True)
+
+
+DEEPSPEED_SCENARIOS = {
+    "zero1": scenario_zero1,
+    "zero2": scenario_zero2,
+    "zero2_bf16": scenario_zero2_bf16,
+}
 
 
 # ---------------------------------------------------------------- process side

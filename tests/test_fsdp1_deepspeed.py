@@ -149,16 +149,26 @@ def test_fsdp1_grads_bad_input_without_processes():
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO 1/2
 
+ZERO_CASES = ["zero1", "zero2", "zero2_bf16"]
+
 
 @pytest.mark.distributed
 @needs_gloo
 @needs_deepspeed
-@pytest.mark.parametrize("case", ["zero1", "zero2"])
+@pytest.mark.parametrize("case", ZERO_CASES)
 def test_zero_stats_are_those_of_the_full_gradients(zero, case):
-    for r in scenario(zero, case):
-        assert r["stage"] == (int(case[-1]),) * 2
+    ranks = scenario(zero, case)
+    assert ranks[1]["pieces"][0] == ranks[1]["pieces"][1] + 1  # the last partition is padded
+    for r in ranks:
+        assert r["stage"] == (int(case[4]),) * 2
         assert r["names"] == list(r["want_stats"])
-        assert_stats(r["stats"], r["want_stats"])
+        assert r["grad_dtypes"] == ["torch.float32"]  # fp32 partitions, bf16 parameters too
+        assert r["compact"] == r["bf16"]  # DeepSpeed's other partition layout
+        if r["bf16"]:  # a bf16 forward: only DeepSpeed's own gradients are the reference
+            numels = {n: row["numel"] for n, row in r["stats"]["tensors"].items()}
+            assert numels == {n: w["numel"] for n, w in r["want_stats"].items()}
+        else:
+            assert_stats(r["stats"], r["want_stats"])
         for name, full in r["full_grads"].items():  # DeepSpeed's own full gradients
             row = r["stats"]["tensors"][name]
             assert row["norm"] == pytest.approx(full.double().norm().item(), rel=1e-5), name
@@ -168,12 +178,12 @@ def test_zero_stats_are_those_of_the_full_gradients(zero, case):
 @pytest.mark.distributed
 @needs_gloo
 @needs_deepspeed
-@pytest.mark.parametrize("case", ["zero1", "zero2"])
+@pytest.mark.parametrize("case", ZERO_CASES)
 def test_zero_clip_equals_deepspeed_gradient_clipping(zero, case):
     for r in scenario(zero, case):
         assert r["clip_total"] == pytest.approx(r["want_clip_total"], rel=1e-5)
         assert r["clip_total"] > 0.02  # the clip was active
-        assert_same_tensors(r["params"], r["want_params"])
+        assert_same_tensors(r["params"], r["want_params"])  # bf16 too: same fp32 master step
         assert r["after_step"].startswith("RuntimeError: engine: no reduced gradients")
 
 
@@ -183,3 +193,10 @@ def test_deepspeed_zero_grads_refuses_other_engines():
 
     with pytest.raises(ValueError, match="not DeepSpeed's ZeRO stage 1/2"):
         deepspeed_zero_grads(Engine())
+
+    class Stage3(Engine):
+        def zero_optimization_stage(self) -> int:
+            return 3
+
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        deepspeed_zero_grads(Stage3())
