@@ -201,9 +201,13 @@ def _zero_case(rank: int, seed: int, stage: int, bf16: bool = False) -> dict[str
     named, group = deepspeed_zero_grads(ours)
     out["names"] = [name for name, _ in named]
     out["grad_dtypes"] = sorted({str(h.grad.dtype) for _, h in named})
-    out["stats"] = fgs.grad_stats(named, process_group=group).to_dict()
+    with count_all_reduce() as calls:
+        out["stats"] = fgs.grad_stats(named, process_group=group).to_dict()
+    out["all_reduces_stats"] = len(calls)
     # DeepSpeed's own full gradients, one collective per parameter
-    out["full_grads"] = {n: safe_get_full_grad(p) for n, p in theirs.module.named_parameters()}
+    with count_all_reduce() as calls:
+        full = {n: safe_get_full_grad(p) for n, p in theirs.module.named_parameters()}
+    out["full_grads"], out["all_reduces_full_grads"] = full, len(calls)
     total = fgs.clip_grad_norm_(named, max_norm, process_group=group)
     out["clip_total"] = total.item()
     ours.step()

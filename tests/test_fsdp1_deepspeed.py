@@ -169,6 +169,8 @@ def test_zero_stats_are_those_of_the_full_gradients(zero, case):
             assert numels == {n: w["numel"] for n, w in r["want_stats"].items()}
         else:
             assert_stats(r["stats"], r["want_stats"])
+        assert r["all_reduces_stats"] == 2  # SUM and MAX for every parameter at once ...
+        assert r["all_reduces_full_grads"] == len(r["names"])  # ... safe_get_full_grad: 1 each
         for name, full in r["full_grads"].items():  # DeepSpeed's own full gradients
             row = r["stats"]["tensors"][name]
             assert row["norm"] == pytest.approx(full.double().norm().item(), rel=1e-5), name
