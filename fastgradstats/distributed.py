@@ -19,6 +19,13 @@ MAX of NaN is not portable across collective backends). That is per reduction gr
 group for a 1-D mesh or a ``process_group``; on an N-D mesh one group per sharded mesh dim,
 or the default group when more than one dim is sharded and the mesh spans the whole world.
 
+FSDP1 and DeepSpeed ZeRO 1/2 keep flat shards that cut parameters anywhere:
+:func:`fsdp1_grads` and :func:`deepspeed_zero_grads` name each parameter's piece of this
+rank's shard (placeholders whose ``.grad`` is the piece), to be passed with their group as
+``process_group=``. They read the libraries' internal layouts (FSDP1's ``FlatParameter``
+shard metadata, the ZeRO optimizer's ``averaged_gradients``); the tests run them against
+torch 2.13's FSDP1 and DeepSpeed 0.19.8.
+
 Pipeline stages hold different parameters: :func:`combine_pipeline_norm` combines their
 total norms (one all-reduce, no sync) and :func:`combine_pipeline_stats` concatenates their
 per-tensor statistics (one object all-gather of names on the host, then one all-gather).
