@@ -19,6 +19,13 @@ MAX of NaN is not portable across collective backends). That is per reduction gr
 group for a 1-D mesh or a ``process_group``; on an N-D mesh one group per sharded mesh dim,
 or the default group when more than one dim is sharded and the mesh spans the whole world.
 
+FSDP1 and DeepSpeed ZeRO 1/2 keep flat shards that cut parameters anywhere:
+:func:`fsdp1_grads` and :func:`deepspeed_zero_grads` name each parameter's piece of this
+rank's shard (placeholders whose ``.grad`` is the piece), to be passed with their group as
+``process_group=``. They read the libraries' internal layouts (FSDP1's ``FlatParameter``
+shard metadata, the ZeRO optimizer's ``averaged_gradients``); the tests run them against
+torch 2.13's FSDP1 and DeepSpeed 0.19.8.
+
 Pipeline stages hold different parameters: :func:`combine_pipeline_norm` combines their
 total norms (one all-reduce, no sync) and :func:`combine_pipeline_stats` concatenates their
 per-tensor statistics (one object all-gather of names on the host, then one all-gather).
@@ -202,6 +209,205 @@ class Sharding:
         return GroupStats(norms, max_abs, counts[0], counts[1]), numels
 
 
+# Set on the placeholder tensors made by fsdp1_grads / deepspeed_zero_grads: (element count
+# of the full parameter, whether every rank holds the whole gradient).
+_FULL = "_fastgradstats_full"
+
+
+def _plain_shards(grads: core.GradList, process_group: Any) -> Sharding:
+    """The Sharding of plain tensors that are shards over ``process_group``.
+
+    Placeholders from :func:`fsdp1_grads` / :func:`deepspeed_zero_grads` say the full
+    element count (no SUM of local counts, so no host sync) and whether the gradient is
+    replicated (counted on the group's first rank only, as FSDP counts NO_SHARD gradients).
+    """
+    local = [g.numel() for g in grads.grads]
+    marks = [getattr(p, _FULL, None) for p in grads.params]
+    if not any(marks):
+        return Sharding([process_group], None, [0] * len(local), local, sum_numels=True)
+    known = [m[0] if m else 0 for m in marks]
+    unknown = [0 if m else n for m, n in zip(marks, local)]
+    first = dist.get_rank(process_group) == 0
+    contributes = [first or not (m and m[1]) for m in marks]
+    # every rank builds the same list, so ``all(marks)`` (the buffer layout) agrees
+    return Sharding([process_group], contributes, known, unknown, sum_numels=not all(marks))
+
+
+def _placeholder(grad: Tensor, full_numel: int, replicated: bool, base: dict) -> Tensor:
+    """A tensor whose ``.grad`` is ``grad`` (a stride-0 view of one element: no memory)."""
+    key = (grad.dtype, grad.device)
+    if key not in base:
+        base[key] = grad.new_zeros(())
+    holder = base[key].expand(grad.shape)
+    holder.grad = grad
+    setattr(holder, _FULL, (int(full_numel), bool(replicated)))
+    return holder
+
+
+def fsdp1_grads(model: Any) -> tuple[list[tuple[str, Tensor]], Any]:
+    """The gradients of an FSDP1 model as named shards, and the group they are sharded over.
+
+    ``model`` is a ``torch.distributed.fsdp.FullyShardedDataParallel`` module (or a module
+    holding some), after ``backward()``. Returns ``(named, group)``: ``named`` lists, in
+    ``model.named_parameters()`` order and with the original parameter names (FSDP's
+    ``_fsdp_wrapped_module.`` prefixes removed), one ``(name, tensor)`` pair per original
+    parameter whose ``tensor.grad`` is this rank's piece of its gradient (a view into
+    FSDP's flat gradient shard, empty where this rank holds none of it), with
+    ``use_orig_params=True`` or ``False`` alike. Pass both on::
+
+        named, group = fsdp1_grads(model)
+        total = fgs.clip_grad_norm_(named, 1.0, process_group=group)  # == FSDP.clip_grad_norm_
+        stats = fgs.grad_stats(named, process_group=group)  # full-parameter stats
+
+    Parameters under ``NO_SHARD`` or not managed by FSDP are counted once, as
+    ``FSDP.clip_grad_norm_`` counts them. No collective, no host sync; call it again after
+    each ``backward()`` (the views are those of this step's gradients).
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module wrapped by FSDP, got {type(model).__name__}")
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+    from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
+
+    handles = _get_fsdp_handles(model)
+    if not handles:
+        raise ValueError(
+            "model: no FullyShardedDataParallel module found in it (for FSDP2's fully_shard "
+            "pass model.named_parameters() to fastgradstats directly)"
+        )
+    by_flat = {id(h.flat_param): h for h in handles}
+    by_orig = {}
+    for h in handles:
+        if h._use_orig_params:
+            by_orig.update((id(q), (h, i)) for i, q in enumerate(h.flat_param._params))
+    groups = {h.process_group for h in handles if h.uses_sharded_strategy}
+    if len(groups) > 1:
+        raise ValueError(
+            "model: its FSDP modules shard over different process groups; fastgradstats "
+            "combines one group per call"
+        )
+    group = groups.pop() if groups else None
+    base: dict = {}
+
+    def piece(h: Any, i: int, grad: Tensor | None, flat: Tensor) -> Tensor:
+        info = h.flat_param._shard_param_infos[i]
+        if grad is None or not info.in_shard:
+            return flat[:0]
+        return grad if h._use_orig_params else grad[info.offset_in_shard :][: info.numel_in_shard]
+
+    # model order: FSDP1 lists its FlatParameters root unit first, so sort the original
+    # parameters by (position of their module in model.modules(), position in the module)
+    modules = list(model.modules())
+    module_pos = {id(m): k for k, m in enumerate(modules)}
+    slot = {}
+    for k, m in enumerate(modules):
+        for j, q in enumerate(m._parameters.values()):
+            slot.setdefault(id(q), (k, j))
+    keyed: list[tuple[tuple[int, int], str, Tensor]] = []
+    for raw_name, param in model.named_parameters():
+        name = clean_tensor_name(raw_name)
+        if id(param) in by_flat:  # use_orig_params=False: one FlatParameter per FSDP unit
+            h = by_flat[id(param)]
+            flat = param.grad
+            if flat is None:
+                continue
+            prefix = name[: -len("_flat_param")] if name.endswith("_flat_param") else name
+            replicated = not h.uses_sharded_strategy
+            for i, (fqn, info) in enumerate(zip(param._fqns, param._param_infos)):
+                holder = _placeholder(piece(h, i, flat, flat), param._numels[i], replicated, base)
+                keyed.append(((module_pos.get(id(info.module), -1), i), prefix + fqn, holder))
+            continue
+        if id(param) in by_orig:  # use_orig_params=True: 1-D views of the flat shard
+            h, i = by_orig[id(param)]
+            flat = h.flat_param.grad
+            if flat is None:  # this unit took no part in backward (on every rank)
+                continue
+            grad = piece(h, i, param.grad, flat)
+            holder = _placeholder(grad, h.flat_param._numels[i], not h.uses_sharded_strategy, base)
+        elif param.grad is not None:  # not managed by FSDP: every rank holds all of it
+            holder = _placeholder(param.grad, param.numel(), True, base)
+        else:
+            continue
+        keyed.append((slot.get(id(param), (-1, 0)), name, holder))
+    keyed.sort(key=lambda entry: entry[0])
+    named = [(name, holder) for _, name, holder in keyed]
+    return named, group
+
+
+def deepspeed_zero_grads(engine: Any) -> tuple[list[tuple[str, Tensor]], Any]:
+    """The gradient partitions of a DeepSpeed ZeRO stage 1/2 engine, named, and their group.
+
+    Call it after ``engine.backward(loss)`` at a gradient accumulation boundary and before
+    ``engine.step()``. Returns ``(named, group)`` as :func:`fsdp1_grads` does: one pair per
+    trainable parameter, in ``engine.module.named_parameters()`` order, whose ``.grad`` is
+    this rank's piece of the reduced gradient (the tensors ``engine.step()`` reads, so
+    clipping them in place clips the step), and the data-parallel group::
+
+        named, group = deepspeed_zero_grads(engine)
+        stats = fgs.grad_stats(named, process_group=group)  # total == get_global_grad_norm()
+        fgs.clip_grad_norm_(named, 1.0, process_group=group)  # as "gradient_clipping": 1.0
+
+    One SUM (and one MAX) all-reduce for all parameters, instead of one collective per
+    parameter with ``safe_get_full_grad``. With fp16 loss scaling the gradients hold the
+    scaled values (divide by ``engine.optimizer.loss_scale``). No host sync.
+    """
+    stage = getattr(engine, "zero_optimization_stage", None)
+    if callable(stage) and stage() not in (1, 2):
+        raise ValueError(
+            f"engine: ZeRO stage {stage()} is not supported (stage 0: the parameters' .grad "
+            "are whole, call fastgradstats as under DDP; stage 3: not supported)"
+        )
+    opt = getattr(engine, "optimizer", None)
+    needed = ("averaged_gradients", "params_in_partition", "bit16_groups", "real_dp_process_group")
+    if not all(hasattr(opt, attr) for attr in needed):
+        raise ValueError(
+            f"engine: its optimizer ({type(opt).__name__}) is not DeepSpeed's ZeRO stage 1/2 "
+            "optimizer; for stage 0 the parameters' .grad are whole (call fastgradstats as "
+            "under DDP), stage 3 is not supported"
+        )
+    if getattr(opt, "cpu_offload", False):
+        raise ValueError("engine: ZeRO offload_optimizer is not supported (the gradients are "
+                         "copied into the offloaded fp32 partition)")  # fmt: skip
+    mp_group = getattr(opt, "model_parallel_group", None)
+    if mp_group is not None and dist.get_world_size(mp_group) > 1:
+        raise ValueError("engine: model (tensor) parallelism is not supported")
+    groups = {id(g): g for g in opt.real_dp_process_group}
+    if len(groups) > 1:
+        raise ValueError("engine: parameter groups use different data-parallel groups (MoE)")
+    pieces: dict[int, Tensor] = {}
+    in_groups: set[int] = set()
+    for i, params in enumerate(opt.bit16_groups):
+        grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) else None
+        if grads is None:
+            raise RuntimeError(
+                "engine: no reduced gradients; call deepspeed_zero_grads after "
+                "engine.backward(loss) at a gradient accumulation boundary, before engine.step()"
+            )
+        grads = [g for g in grads if not getattr(g, "_zero_padding", False)]
+        local = opt.params_in_partition[i]
+        # a trailing block of zeros (not always marked _zero_padding) pads the last
+        # partition; DeepSpeed's own norm pairs pieces with parameters the same way
+        extra = len(grads) - len(local)
+        if extra not in (0, 1) or any(g.numel() > p.numel() for p, g in zip(local, grads)):
+            raise RuntimeError(
+                f"engine: parameter group {i} holds {len(grads)} gradient pieces for "
+                f"{len(local)} parameters in this partition (unknown DeepSpeed layout)"
+            )
+        pieces.update((id(p), g) for p, g in zip(local, grads[: len(local)]))
+        in_groups.update(id(p) for p in params)
+    base: dict = {}
+    named: list[tuple[str, Tensor]] = []
+    for name, param in engine.module.named_parameters():
+        if id(param) not in in_groups:
+            continue  # frozen: not handed to the optimizer
+        grad = pieces.get(id(param))
+        if grad is None:  # none of it in this rank's partition
+            grad = torch.empty(0, dtype=opt.gradient_accumulation_dtype, device=param.device)
+        named.append((name, _placeholder(grad, param.numel(), False, base)))
+    return named, next(iter(groups.values()))
+
+
 def _placement_kinds(grad: Any, name: str) -> tuple[bool, ...]:
     """Per mesh dim: True where ``grad`` is split across that dim, False where replicated."""
     kinds = []
@@ -237,8 +443,7 @@ def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None
     _require_initialized("process_group=" if not has_dtensor else "DTensor gradients")
     if not has_dtensor:
         _group_ranks(process_group, "process_group")
-        local = [g.numel() for g in grads.grads]
-        return Sharding([process_group], None, [0] * len(local), local, sum_numels=True)
+        return _plain_shards(grads, process_group)
 
     mesh, mesh_owner = None, ""
     kinds: list[tuple[bool, ...] | None] = []
@@ -417,6 +622,8 @@ __all__ = [
     "as_total_norm",
     "combine_pipeline_norm",
     "combine_pipeline_stats",
+    "deepspeed_zero_grads",
+    "fsdp1_grads",
     "is_dtensor",
     "local_tensor",
     "localize",
