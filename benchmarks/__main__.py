@@ -64,7 +64,7 @@ def _positive_float(text: str) -> float:
 
 
 def _tag(text: str) -> str:
-    if not text.replace("-", "").replace("_", "").isalnum():
+    if text and not text.replace("-", "").replace("_", "").isalnum():
         raise argparse.ArgumentTypeError(f"must be letters, digits, '-' or '_', got {text!r}")
     return text
 

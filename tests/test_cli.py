@@ -94,6 +94,7 @@ def benchmark_options() -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_bench_help_outside_a_checkout_lists_the_options(outside):
     env, cwd = outside
     expected = benchmark_options()

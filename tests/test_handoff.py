@@ -321,6 +321,7 @@ def test_hand_off_path_never_reads_the_device(forbid_host_reads, monkeypatch):
     assert not hasattr(opt, "grad_scale")
 
 
+@pytest.mark.slow
 def test_clip_step_benchmark_row_quick():
     """The "clip + optimizer step" benchmark row: well formed, and its check passes."""
     from pathlib import Path

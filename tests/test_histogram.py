@@ -632,6 +632,7 @@ def test_tensorboard_writer_round_trip(tmp_path):
     writer.close()
 
 
+@pytest.mark.slow
 def test_wandb_histogram_offline(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     x = planted(2000, torch.bfloat16, seed=8)
@@ -683,6 +684,7 @@ def test_histogram_benchmark_quick(tmp_path):
     assert moved <= 5, moved  # of 5000 (0 here; histc can move values next to an edge)
 
 
+@pytest.mark.slow
 def test_histogram_benchmark_cuda_rows_are_the_fused_kernel(monkeypatch):
     """The rows ``--device cuda`` times: the fused ``grad_stats(histogram=True)`` against
     the same call without bins, and the counts ``check`` compares with numpy. Run here on
@@ -733,6 +735,7 @@ print(json.dumps({"ops": ops, "per_thread": config["TILE"] // (num_warps * 32)})
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kernel_codegen_sm90(dtype):
     """Offline sm_90 PTX (no GPU needed): 16-byte loads, one shared atomic per element,

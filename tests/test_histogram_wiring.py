@@ -299,6 +299,7 @@ def _dist_full(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.distributed
 def test_sharded_histograms_are_those_of_the_full_parameters(tmp_path):
     import torch.distributed as dist
 

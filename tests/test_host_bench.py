@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_host_benchmark_quick_run(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(

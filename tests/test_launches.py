@@ -364,6 +364,7 @@ def test_monitor_skip_nonfinite_zeroes_on_the_device_without_a_pass_per_gradient
     assert bool(monitor.found_inf)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options", [{"max_norm": 0.1}, {}, {"max_norm": 0.1, "skip_nonfinite": True}]
 )

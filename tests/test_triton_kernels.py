@@ -114,6 +114,7 @@ def assert_stats_match(stats, grads, norm_type):
     assert torch.equal(stats.inf_count.cpu(), infs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_table_stress_stats_against_float64_and_torch_backend(dtype):
     grads = stress_list(dtype, seed=KERNEL_DTYPES.index(dtype))
