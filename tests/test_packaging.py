@@ -13,6 +13,8 @@ import pytest
 
 import fastgradstats
 
+pytestmark = pytest.mark.backend_independent  # the subprocesses choose their own backend
+
 PACKAGE = Path(fastgradstats.__file__).resolve().parent
 REPO = PACKAGE.parent
 
@@ -116,8 +118,6 @@ from torch import Tensor
 
 import fastgradstats as fgs
 from fastgradstats import GradStats
-
-pytestmark = pytest.mark.backend_independent  # no gradient op routed by the environment
 
 model = torch.nn.Linear(2, 2)
 t: Tensor = fgs.clip_grad_norm_(model.parameters(), 1.0)
