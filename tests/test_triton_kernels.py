@@ -25,6 +25,8 @@ from fastgradstats.kernels import scale as scale_kernels
 from fastgradstats.kernels import stats as stats_kernels
 from fastgradstats.kernels import tables
 
+pytestmark = pytest.mark.backend_independent  # every call pins backend="triton" or a kernel
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 128
 TILE = 32
