@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import core, distributed, torch_backend
+from . import core, torch_backend
 from .dispatch import backend_for
 from .histogram import NUM_BINS, group_histogram
 from .histogram import SUPPORTED_DTYPES as HISTOGRAM_DTYPES
+from .sharding import Sharding, localize
 from .torch_backend import host_to_device
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ def compute(
     backend: str | None = None,
     foreach: bool | None = None,
     groups: core.Groups | None = None,
-    sharding: distributed.Sharding | None = None,
+    sharding: Sharding | None = None,
     histogram: bool = False,
 ) -> GradStats:
     """Per-tensor stats and total norm of already collected gradients (no host sync).
@@ -321,7 +322,7 @@ def _add_histograms(
     stats: GradStats,
     grads: list[Tensor],
     backend: str | None,
-    sharding: distributed.Sharding | None = None,
+    sharding: Sharding | None = None,
 ) -> None:
     """Fill the histogram fields of ``stats`` with a read of their own (the generic path:
     torch backend, sharded or traced gradients; the fused Triton path bins in its stats
@@ -342,7 +343,7 @@ def _add_histograms(
 def histograms(
     grads: list[Tensor],
     backend: str | None,
-    sharding: distributed.Sharding | None,
+    sharding: Sharding | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """Per-tensor histograms and zero counts of (localized) ``grads`` on ``device``; with
@@ -482,7 +483,7 @@ def grad_stats(
     grads = core.collect(parameters)
     if histogram:
         check_histogram_input(grads)
-    sharding = distributed.localize(grads, process_group)
+    sharding = localize(grads, process_group)
     return compute(grads, p, backend, sharding=sharding, histogram=histogram)
 
 

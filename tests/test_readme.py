@@ -21,6 +21,10 @@ EXEMPT = {
     "from fastgradstats.integrations.huggingface import attach": "placeholders (`...`); "
     "tests/test_integrations_hf.py",
     "import torch": "needs torchrun; the same calls run in tests/_dist_workers.py",
+    "from fastgradstats.distributed import fsdp1_grads": "needs an FSDP1 process group; "
+    "tests/_fsdp1_workers.py",
+    "from fastgradstats.distributed import deepspeed_zero_grads": "needs a DeepSpeed engine; "
+    "tests/_fsdp1_workers.py",
     "from fastgradstats.distributed import combine_pipeline_norm, combine_pipeline_stats": (
         "needs a pipeline group; tests/test_distributed.py"
     ),
