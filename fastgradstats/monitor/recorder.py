@@ -495,7 +495,6 @@ class GradMonitor:
             self.attach(self._model)
         self._count_missing_grads()
         step_no = self._calls
-        self._calls += 1
         record = step_no % self.every == 0
         hist_now = record and self.histograms and self._recorded % self.histogram_every == 0
         optimizer = optimizer or self.optimizer
@@ -503,6 +502,7 @@ class GradMonitor:
         total, total32, stats = self._clip_and_measure(
             record or self.skip_nonfinite, optimizer, hist_now
         )
+        self._calls = step_no + 1  # after the clip: a refused step is not counted
         self._total_acc, self._found = total32, None
         if self.skip_nonfinite and total32 is not None:
             self._suppress_update(self.found_inf, optimizer)
@@ -577,12 +577,21 @@ class GradMonitor:
                 grads, self.norm_type, self.backend, self.foreach,
                 sharding=sharding, histogram=histogram,
             )  # fmt: skip
+            commit = None
             if self.clipper is not None:
-                coef, _skip = self.clipper.compute_coef(stats.total_norm)
+                # ZClip/AutoClip: the state moves only once the clip was applied, so a
+                # refused step (an expanded gradient, ...) does not count the norm
+                propose = getattr(self.clipper, "propose_coef", None)
+                if propose is not None:
+                    coef, _skip, commit = propose(stats.total_norm)
+                else:
+                    coef, _skip = self.clipper.compute_coef(stats.total_norm)
                 coef = coef.to(stats.total_norm.device, stats.total_norm.dtype)
             else:
                 coef = core.clip_coefficient(self.max_norm, stats.total_norm)
             apply_coef_(grads, coef, target, self.backend, self.foreach)
+            if commit is not None:
+                commit()
             stats.clip_coef = coef
             total = stats.total_norm.to(core.result_dtype(grads.grads))
             return distributed.as_total_norm(total, sharding), stats.total_norm, stats
