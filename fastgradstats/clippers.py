@@ -77,6 +77,17 @@ def _as_total(total_norm: Any) -> Tensor:
     return total_norm.detach()
 
 
+def _state_scalar(state: dict[str, Any], key: str, device: Any, dtype: torch.dtype) -> Tensor:
+    """``state[key]`` as a 0-d tensor on ``device``; ``ValueError`` naming it otherwise."""
+    try:
+        value = torch.as_tensor(state[key])
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"state[{key!r}] must be a number or a 1-element tensor") from None
+    if value.numel() != 1:
+        raise ValueError(f"state[{key!r}] must hold one number, got shape {tuple(value.shape)}")
+    return value.to(device, dtype).reshape(()).clone()
+
+
 def _torch_coef(max_norm: Tensor | float, norm: Tensor) -> Tensor:
     """``min(max_norm / (norm + 1e-6), 1)``: torch.nn.utils.clip_grad_norm_'s coefficient."""
     return torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
@@ -320,11 +331,17 @@ class ZClip(_Clipper):
                 f"warmup_steps={self.warmup_steps} (a buffer of {self._window})"
             )
         device, dtype = self._mean.device, self._mean.dtype
-        self._fresh = False
-        self._buffer = buffer.to(device, dtype).clone()
-        self._count = torch.as_tensor(state["count"]).to(device, torch.int64).reshape(())
-        self._mean = torch.as_tensor(state["mean"]).to(device, dtype).reshape(()).clone()
-        self._var = torch.as_tensor(state["var"]).to(device, dtype).reshape(()).clone()
+        # every field converted and checked before any is assigned: a bad state raises
+        # and leaves this clipper as it was
+        self._commit(
+            {
+                "_fresh": False,
+                "_buffer": buffer.to(device, dtype).clone(),
+                "_count": _state_scalar(state, "count", device, torch.int64),
+                "_mean": _state_scalar(state, "mean", device, dtype),
+                "_var": _state_scalar(state, "var", device, dtype),
+            }
+        )
 
 
 class AutoClip(_Clipper):
@@ -445,15 +462,16 @@ class AutoClip(_Clipper):
                 f"steps={steps} and history={self.history}"
             )
         device, dtype = self._norms.device, self._norms.dtype
-        self._fresh = False
-        count = torch.as_tensor(state["count"]).to(device, torch.int64).reshape(())
+        count = _state_scalar(state, "count", device, torch.int64)
         capacity = max(in_use, 1)
-        self._norms = torch.full((capacity,), math.nan, dtype=dtype, device=device)
-        self._norms[:in_use] = norms.to(device, dtype)
+        buffer = torch.full((capacity,), math.nan, dtype=dtype, device=device)
+        buffer[:in_use] = norms.to(device, dtype)
         if self.history is not None and in_use == self.history:
             # back into ring order: entry i (oldest first) goes to slot (count + i) % history
             slots = (torch.arange(in_use, device=device) + count) % self.history
-            self._norms = self._norms.index_put((slots,), norms.to(device, dtype))
+            buffer = buffer.index_put((slots,), norms.to(device, dtype))
+        self._fresh = False
+        self._norms = buffer
         self._count = count
         self._steps = steps
 

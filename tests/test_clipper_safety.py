@@ -159,3 +159,19 @@ def test_monitor_with_a_clipper_refusal_leaves_the_clipper_alone(make, backend):
     _same_state(clipper.state_dict(), twin.state_dict())
     assert monitor.num_steps == 1  # the refused call was not counted as a step
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("key,value", [("mean", torch.zeros(2)), ("var", "x"), ("count", [])])
+def test_zclip_load_state_dict_refusal_changes_nothing(key, value):
+    """A bad field raises ValueError naming it, before any field is assigned (the buffer
+    used to be replaced already when the mean turned out to have the wrong shape)."""
+    clipper = fgs.ZClip(warmup_steps=3)
+    _history(clipper, 5)
+    before = clipper.state_dict()
+    other = fgs.ZClip(warmup_steps=3)
+    _history(other, 2)
+    state = other.state_dict()
+    state[key] = value
+    with pytest.raises(ValueError, match=rf"state\['{key}'\]"):
+        clipper.load_state_dict(state)
+    _same_state(clipper.state_dict(), before)
