@@ -183,8 +183,14 @@ def test_a_version_1_state_saved_again_before_a_flush_keeps_its_flags():
     middle = GradMonitor(model, **kwargs)
     middle.load_state_dict(_v1_state(first))
     _spiky_run(middle, model, range(20, 23), 18)
+    state = middle.state_dict()
+    assert state["version"] == 2 and "ema_ahead" in state
     last = GradMonitor(model, **kwargs)
-    last.load_state_dict(middle.state_dict())
+    bad = dict(state, ema_ahead={"start": 0, "spikes": torch.zeros(30, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="ema_ahead"):
+        last.load_state_dict(bad)
+    assert last.num_steps == 0
+    last.load_state_dict(state)
     _spiky_run(last, model, range(23, 26), 18)
     np.testing.assert_array_equal(last.history().spike_total, straight.history().spike_total)
 

@@ -183,9 +183,8 @@ class GradMonitor:
             moments already accumulated. ``optimizer.found_inf`` is removed again after
             that optimizer's next step (a one-shot step post-hook), as GradScaler does.
             Decided from the NaN/Inf counts and the float32 total (see the module notes);
-            on steps that are not
-            recorded this computes the same stats as a recorded step (on the Triton
-            backend that is the same single pass as the norm alone).
+            on steps that are not recorded this computes the same stats as a recorded
+            step (on the Triton backend that is the same single pass as the norm alone).
         optimizer: the optimizer that steps on these gradients (also accepted by
             :meth:`step`). A fused one (``Adam``/``AdamW``/``SGD(fused=True)``) whose
             parameters are exactly the monitored ones with a gradient receives the clip
@@ -422,7 +421,9 @@ class GradMonitor:
         are cloned on their device (no host sync); every other value is a plain Python
         type, so ``torch.load(..., weights_only=True)`` reads it back. The model, the
         optimizer and the writers are not part of it, nor are the histograms
-        (``histograms=True``): a resumed monitor starts its histogram ring empty.
+        (``histograms=True``): a resumed monitor starts its histogram ring empty. After
+        loading a version-1 state and before the next flush, ``"ema_ahead"`` also holds
+        the spike flags of the unflushed rows that EMA already includes.
         """
         ring = self._ring
         mirror = None
@@ -481,7 +482,8 @@ class GradMonitor:
         if ahead is None:
             return None
         start, flags = int(ahead["start"]), ahead["spikes"].detach().cpu().numpy().astype(bool)
-        if flags.ndim != 2 or flags.shape[1] != n + 1 or not flushed <= start <= recorded:
+        fits = flags.ndim == 2 and flags.shape[1] == n + 1
+        if not fits or not flushed <= start <= start + len(flags) <= recorded:
             raise ValueError("state_dict field 'ema_ahead' does not fit this monitor")
         return start, flags
 
