@@ -146,9 +146,9 @@ class _Clipper:
         if sharding is not None:
             norms = sharding.reduce_norms(norms, 2.0)
         total = core.total_norm(norms, 2.0)
-        # refuse (e.g. an expanded gradient) before anything is decided, and advance the
-        # state only once the coefficient was applied: a refused call changes nothing
-        core.check_writable(grads)
+        # the state advances only once the coefficient was applied (apply_coef_ refuses an
+        # expanded gradient, or a second clip before step(), before writing anything): a
+        # refused call changes nothing
         coef64, _skip, new_state = self._propose(total)
         apply_coef_(grads, coef64.to(groups.acc), optimizer, backend)
         self._commit(new_state)
