@@ -16,6 +16,12 @@ The protocol (what ``GradMonitor(max_norm=clipper)`` relies on):
   tensor): ``coef`` 0-d float32 in [0, 1] (1: no clip) and ``skip`` 0-d bool; it advances
   the state and never syncs.
 
+A call that raises (a gradient that cannot be written in place, an optimizer that still
+holds an unused coefficient, ...) leaves the state and every gradient as they were: the
+coefficient is computed without touching the state, and the new state is committed only
+once the gradients are clipped (or the coefficient handed over), so the retry the error
+asks for sees the norm once.
+
 State: float64 tensors on the device of the first total norm seen (float32 on MPS, which
 has no float64), ``state_dict()`` / ``load_state_dict()`` for checkpoints.
 """
@@ -71,6 +77,17 @@ def _as_total(total_norm: Any) -> Tensor:
     return total_norm.detach()
 
 
+def _state_scalar(state: dict[str, Any], key: str, device: Any, dtype: torch.dtype) -> Tensor:
+    """``state[key]`` as a 0-d tensor on ``device``; ``ValueError`` naming it otherwise."""
+    try:
+        value = torch.as_tensor(state[key])
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"state[{key!r}] must be a number or a 1-element tensor") from None
+    if value.numel() != 1:
+        raise ValueError(f"state[{key!r}] must hold one number, got shape {tuple(value.shape)}")
+    return value.to(device, dtype).reshape(()).clone()
+
+
 def _torch_coef(max_norm: Tensor | float, norm: Tensor) -> Tensor:
     """``min(max_norm / (norm + 1e-6), 1)``: torch.nn.utils.clip_grad_norm_'s coefficient."""
     return torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
@@ -79,8 +96,25 @@ def _torch_coef(max_norm: Tensor | float, norm: Tensor) -> Tensor:
 class _Clipper:
     """Shared ``__call__``: norm, coefficient, then hand-off or in-place scaling."""
 
-    def _coef64(self, total: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    def _propose(self, total: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:  # pragma: no cover
+        """``(coef64, skip, new_state)`` without changing ``self``: ``new_state`` maps
+        attribute names to their values after this norm (see :meth:`_commit`)."""
         raise NotImplementedError
+
+    def _commit(self, new_state: dict[str, Any]) -> None:
+        self.__dict__.update(new_state)
+
+    def _coef64(self, total: Tensor) -> tuple[Tensor, Tensor]:
+        coef, skip, new_state = self._propose(total)
+        self._commit(new_state)
+        return coef, skip
+
+    def propose_coef(self, total_norm: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """Like :meth:`compute_coef` but the state does not move until the returned
+        ``commit()`` is called: ``(coef, skip, commit)``. A caller whose clip may still be
+        refused (``GradMonitor``) commits only once the coefficient was applied."""
+        coef, skip, new_state = self._propose(_as_total(total_norm))
+        return coef.to(torch.float32), skip, lambda: self._commit(new_state)
 
     def compute_coef(self, total_norm: Tensor) -> tuple[Tensor, Tensor]:
         """``(coef, skip)`` for a pre-clip total norm; advances the state, never syncs.
@@ -112,8 +146,12 @@ class _Clipper:
         if sharding is not None:
             norms = sharding.reduce_norms(norms, 2.0)
         total = core.total_norm(norms, 2.0)
-        coef64, _skip = self._coef64(total)
+        # the state advances only once the coefficient was applied (apply_coef_ refuses an
+        # expanded gradient, or a second clip before step(), before writing anything): a
+        # refused call changes nothing
+        coef64, _skip, new_state = self._propose(total)
         apply_coef_(grads, coef64.to(groups.acc), optimizer, backend)
+        self._commit(new_state)
         return total.to(core.result_dtype(grads.grads))
 
 
@@ -202,9 +240,8 @@ class ZClip(_Clipper):
             self._mean = self._mean.to(device, dtype)
             self._var = self._var.to(device, dtype)
 
-    def _coef64(self, total: Tensor) -> tuple[Tensor, Tensor]:
-        self._to(total.device)
-        self._fresh = False
+    def _propose(self, total: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        self._to(total.device)  # the same values on another device: not an advance
         g = total.to(self._mean.dtype)
         finite = torch.isfinite(g)
         g = torch.where(finite, g, torch.zeros_like(g))  # keeps NaN out of unused branches
@@ -215,11 +252,12 @@ class ZClip(_Clipper):
         take = finite & warm
         slot = self._count.clamp(max=window - 1).reshape(1)
         kept = self._buffer.index_select(0, slot)
-        self._buffer.index_put_((slot,), torch.where(take, g.reshape(1), kept))
+        # out of place: the state changes only at _commit
+        buffer = self._buffer.index_put((slot,), torch.where(take, g.reshape(1), kept))
         count = self._count + take.to(torch.int64)
         filled = take & (count == window)
-        start_mean = self._buffer.mean()
-        start_var = (self._buffer - start_mean).square().mean()
+        start_mean = buffer.mean()
+        start_var = (buffer - start_mean).square().mean()
 
         # After warm-up: the spike test and its threshold on the current statistics.
         mean, var = self._mean, self._var
@@ -250,10 +288,17 @@ class ZClip(_Clipper):
         x = torch.where(spike, threshold, g)
         new_mean = self.alpha * mean + (1.0 - self.alpha) * x
         new_var = self.alpha * var + (1.0 - self.alpha) * (x - new_mean).square()
-        self._mean = torch.where(update, new_mean, torch.where(filled, start_mean, mean))
-        self._var = torch.where(update, new_var, torch.where(filled, start_var, var))
-        self._count = count
-        return coef, skip
+        return (
+            coef,
+            skip,
+            {
+                "_fresh": False,
+                "_buffer": buffer,
+                "_count": count,
+                "_mean": torch.where(update, new_mean, torch.where(filled, start_mean, mean)),
+                "_var": torch.where(update, new_var, torch.where(filled, start_var, var)),
+            },
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics as device tensors (no sync) plus the hyper-parameters."""
@@ -286,11 +331,17 @@ class ZClip(_Clipper):
                 f"warmup_steps={self.warmup_steps} (a buffer of {self._window})"
             )
         device, dtype = self._mean.device, self._mean.dtype
-        self._fresh = False
-        self._buffer = buffer.to(device, dtype).clone()
-        self._count = torch.as_tensor(state["count"]).to(device, torch.int64).reshape(())
-        self._mean = torch.as_tensor(state["mean"]).to(device, dtype).reshape(()).clone()
-        self._var = torch.as_tensor(state["var"]).to(device, dtype).reshape(()).clone()
+        # every field converted and checked before any is assigned: a bad state raises
+        # and leaves this clipper as it was
+        self._commit(
+            {
+                "_fresh": False,
+                "_buffer": buffer.to(device, dtype).clone(),
+                "_count": _state_scalar(state, "count", device, torch.int64),
+                "_mean": _state_scalar(state, "mean", device, dtype),
+                "_var": _state_scalar(state, "var", device, dtype),
+            }
+        )
 
 
 class AutoClip(_Clipper):
@@ -335,37 +386,38 @@ class AutoClip(_Clipper):
     def _in_use(self, steps: int) -> int:
         return steps if self.history is None else min(steps, self.history)
 
-    def _grow(self, needed: int) -> None:
+    def _grown(self, needed: int) -> Tensor:
+        """The norms buffer, in a larger copy when ``needed`` slots do not fit."""
         capacity = self._norms.numel()
         if needed <= capacity:
-            return
+            return self._norms
         while capacity < needed:
             capacity *= 2
         if self.history is not None:
             capacity = min(capacity, self.history)
         grown = self._norms.new_full((capacity,), math.nan)
         grown[: self._norms.numel()] = self._norms
-        self._norms = grown
+        return grown
 
-    def _coef64(self, total: Tensor) -> tuple[Tensor, Tensor]:
-        self._to(total.device)
-        self._fresh = False
-        self._steps += 1
-        in_use = self._in_use(self._steps)
-        self._grow(in_use)
-        g = total.to(self._norms.dtype)
+    def _propose(self, total: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        self._to(total.device)  # the same values on another device: not an advance
+        steps = self._steps + 1
+        in_use = self._in_use(steps)
+        norms = self._grown(in_use)
+        g = total.to(norms.dtype)
         finite = torch.isfinite(g)
         g = torch.where(finite, g, torch.zeros_like(g))
         slot = self._count if self.history is None else self._count % self.history
         slot = slot.reshape(1)
-        kept = self._norms.index_select(0, slot)
-        self._norms.index_put_((slot,), torch.where(finite, g.reshape(1), kept))
-        self._count = self._count + finite.to(torch.int64)
-        n = self._count if self.history is None else self._count.clamp(max=self.history)
+        kept = norms.index_select(0, slot)
+        # out of place: the state changes only at _commit
+        norms = norms.index_put((slot,), torch.where(finite, g.reshape(1), kept))
+        count = self._count + finite.to(torch.int64)
+        n = count if self.history is None else count.clamp(max=self.history)
 
         # numpy.percentile 'linear': position q (n - 1) between order statistics; the
         # unused and skipped slots hold NaN, which sorts after every number.
-        ordered = torch.sort(self._norms[:in_use]).values
+        ordered = torch.sort(norms[:in_use]).values
         last = (n - 1).clamp(min=0)
         position = last.to(ordered.dtype) * (self.percentile / 100.0)
         lo = position.floor().to(torch.int64).clamp(max=last)
@@ -377,7 +429,8 @@ class AutoClip(_Clipper):
         clip_value = torch.where(t >= 0.5, b - diff * (1.0 - t), a + diff * t)
         coef = _torch_coef(clip_value, g)
         coef = torch.where(finite & (n > 0), coef, torch.ones_like(g))
-        return coef, torch.zeros((), dtype=torch.bool, device=g.device)
+        skip = torch.zeros((), dtype=torch.bool, device=g.device)
+        return coef, skip, {"_fresh": False, "_steps": steps, "_norms": norms, "_count": count}
 
     def state_dict(self) -> dict[str, Any]:
         """The finite norms kept (device tensor, oldest first), the count and the steps."""
@@ -409,15 +462,16 @@ class AutoClip(_Clipper):
                 f"steps={steps} and history={self.history}"
             )
         device, dtype = self._norms.device, self._norms.dtype
-        self._fresh = False
-        count = torch.as_tensor(state["count"]).to(device, torch.int64).reshape(())
+        count = _state_scalar(state, "count", device, torch.int64)
         capacity = max(in_use, 1)
-        self._norms = torch.full((capacity,), math.nan, dtype=dtype, device=device)
-        self._norms[:in_use] = norms.to(device, dtype)
+        buffer = torch.full((capacity,), math.nan, dtype=dtype, device=device)
+        buffer[:in_use] = norms.to(device, dtype)
         if self.history is not None and in_use == self.history:
             # back into ring order: entry i (oldest first) goes to slot (count + i) % history
             slots = (torch.arange(in_use, device=device) + count) % self.history
-            self._norms = self._norms.index_put((slots,), norms.to(device, dtype))
+            buffer = buffer.index_put((slots,), norms.to(device, dtype))
+        self._fresh = False
+        self._norms = buffer
         self._count = count
         self._steps = steps
 

@@ -348,8 +348,9 @@ class DeviceRing:
             "present": part[4].astype(bool),
             "total_norm": part[5][:, 0],
             "clip_coef": part[6][:, 0],
-            # what step() acted on: the float32 (float64) total is NaN/Inf
-            "nonfinite": ~np.isfinite(part[5][:, 0]),
+            # what step() acted on: a NaN/Inf count (any norm type; a 0-norm counts a NaN
+            # as a nonzero and stays finite) or a NaN/Inf float32 (float64) total
+            "nonfinite": ~np.isfinite(part[5][:, 0]) | (part[2] + part[3] > 0).any(axis=1),
             "skipped": part[7][:, 0].astype(bool),
             "spike_total": np.zeros(t, dtype=bool),  # filled by the monitor's detector
             "spike_layer": np.zeros((t, n), dtype=bool),

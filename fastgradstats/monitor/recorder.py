@@ -23,10 +23,10 @@ Design choices (the issue left them open):
   lookup per parameter, no sync) and tracks the new ones; :meth:`GradMonitor.attach`
   does the same for a new model object. Several steps in a row without any gradient
   raise a warning and make the diagnosis ``no_gradients``.
-* Skipping (``skip_nonfinite``) is decided from the total norm in float32 (float64 for
-  float64 gradients), i.e. from NaN/Inf in the gradients or an overflow of that
-  accumulation, never from the total cast back to fp16: finite fp16 gradients whose
-  norm exceeds 65504 are a finite update.
+* Skipping (``skip_nonfinite``) is decided from the NaN/Inf counts of the same pass (any
+  norm type: a 0-norm counts a NaN as nonzero and stays finite) or an overflow of the
+  float32 (float64 for float64 gradients) total, never from the total cast back to
+  fp16: finite fp16 gradients whose norm exceeds 65504 are a finite update.
 * Recorded norms are the gradients as they came out of ``backward()``, before clipping;
   the clip coefficient that was applied is recorded next to them (1.0 when not clipping).
 * Step numbers count calls to :meth:`GradMonitor.step` from 0 and are kept on the host
@@ -121,7 +121,10 @@ class LruCache:
 
 
 _STATE_VERSION = 2  # 2: the spike EMA is host state, updated at flush
-_READABLE_VERSIONS = (1, 2)  # 1: same fields (its ring "spike" field is ignored)
+# 1: same fields, but its EMA was updated at every recorded step (so it already holds the
+# rows not yet flushed) and each row's spike flags are in ring["spike"]: those rows keep
+# these flags and are not fed to the EMA again (see _spikes_ahead)
+_READABLE_VERSIONS = (1, 2)
 _STATE_KEYS = (
     "names",
     "norm_type",
@@ -133,6 +136,15 @@ _STATE_KEYS = (
     "mirror",
     "events",
 )
+
+
+def _nonfinite_counts(stats: GradStats) -> tuple[Tensor, ...]:
+    """The NaN/Inf count tensors of ``stats``: the fused pass's one ``[2, n]`` block when
+    there is one (a single reduction), else the two ``[n]`` vectors."""
+    packed = stats._packed
+    if packed is not None and len(stats):
+        return (packed[1],)
+    return (stats.nan_count, stats.inf_count)
 
 
 class GradMonitor:
@@ -170,9 +182,9 @@ class GradMonitor:
             step (masked on the device), which stops plain SGD but not momentum or Adam
             moments already accumulated. ``optimizer.found_inf`` is removed again after
             that optimizer's next step (a one-shot step post-hook), as GradScaler does.
-            Decided from the float32 total (see the module notes); on steps that are not
-            recorded this computes the same stats as a recorded step (on the Triton
-            backend that is the same single pass as the norm alone).
+            Decided from the NaN/Inf counts and the float32 total (see the module notes);
+            on steps that are not recorded this computes the same stats as a recorded
+            step (on the Triton backend that is the same single pass as the norm alone).
         optimizer: the optimizer that steps on these gradients (also accepted by
             :meth:`step`). A fused one (``Adam``/``AdamW``/``SGD(fused=True)``) whose
             parameters are exactly the monitored ones with a gradient receives the clip
@@ -213,7 +225,8 @@ class GradMonitor:
     Attributes:
         found_inf: 0-d bool device tensor after each :meth:`step` that measured the
             gradients (recorded steps, and every step with ``skip_nonfinite``): True when
-            they held NaN/Inf or their float32 total overflowed; ``None`` otherwise.
+            they held NaN/Inf (any norm type) or their float32 total overflowed; ``None``
+            otherwise.
         last_stats: the :class:`~fastgradstats.GradStats` of the latest recorded step.
         keys: the :class:`~fastgradstats.monitor.keys.Keys` naming every logged value.
     """
@@ -314,6 +327,26 @@ class GradMonitor:
         self._fp16 = any(p.dtype == torch.float16 for p in self.params)
         self._owners = find_owners(model, pairs) if self._model is not None else None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled (or deep-copied): the monitor now watches the copy of the model that
+        # was pickled with it. step() refuses while that copy has no gradient at all (the
+        # monitor was restored apart from its model: it would record 0 and clip nothing).
+        self.__dict__.update(state)
+        self._unpickled = True
+
+    def _check_unpickled(self) -> None:
+        if not self.__dict__.get("_unpickled"):
+            return
+        if any(p.grad is not None for p in self.params):  # host attributes: no sync
+            self._unpickled = False  # pickled with its model, which is the one training
+            return
+        raise RuntimeError(
+            "GradMonitor.step(): this monitor was unpickled (or deep-copied) and watches "
+            "the copy of the model that was pickled with it, whose parameters have no "
+            "gradients; nothing was recorded or clipped. Call monitor.attach(model) with "
+            "the model you train, then step() again"
+        )
+
     def _params_moved(self) -> bool:
         owners = self._owners
         if owners is None:
@@ -339,6 +372,7 @@ class GradMonitor:
                 "create a new GradMonitor for a model with different parameters"
             )
         self._bind(model, [(name, current[name]) for name in self.names])
+        self._unpickled = False
 
     # -- state ---------------------------------------------------------------------------
 
@@ -349,6 +383,9 @@ class GradMonitor:
         self._spikes = SpikeDetector(
             n, self.spike_threshold, self.spike_min_ratio, self.spike_beta, self.spike_warmup, dt
         )
+        # (first row, flags [k, n + 1]) of rows already in the spike EMA but not flushed
+        # (a version-1 state): flush() takes their flags from here, not from the detector
+        self._spikes_ahead: tuple[int, np.ndarray] | None = None
         self._calls = 0  # calls to step()
         self._recorded = 0  # rows written to the ring
         self._flushed = 0  # rows copied to the host
@@ -356,7 +393,8 @@ class GradMonitor:
         self._events = Events()
         self.lost_rows = 0
         self._total_acc: Tensor | None = None  # the latest float32/float64 total
-        self._found: Tensor | None = None  # ~isfinite(_total_acc), made when asked for
+        self._counts: Any = None  # that pass's NaN/Inf counts (device tensors)
+        self._found: Tensor | None = None  # counts or ~isfinite(_total_acc), when asked for
         self.last_stats: GradStats | None = None
         self._index_cache = LruCache(self.index_cache_size)
         self._no_grad_steps = 0  # consecutive step() calls without any gradient
@@ -383,7 +421,9 @@ class GradMonitor:
         are cloned on their device (no host sync); every other value is a plain Python
         type, so ``torch.load(..., weights_only=True)`` reads it back. The model, the
         optimizer and the writers are not part of it, nor are the histograms
-        (``histograms=True``): a resumed monitor starts its histogram ring empty.
+        (``histograms=True``): a resumed monitor starts its histogram ring empty. After
+        loading a version-1 state and before the next flush, ``"ema_ahead"`` also holds
+        the spike flags of the unflushed rows that EMA already includes.
         """
         ring = self._ring
         mirror = None
@@ -409,7 +449,43 @@ class GradMonitor:
             "ema": self._spikes.state_dict(),  # as of the last flush (rows after it follow)
             "mirror": mirror,
             "events": self._events.state_dict(),
+            **self._spikes_ahead_state(),
         }
+
+    def _spikes_ahead_state(self) -> dict[str, Any]:
+        # only after loading a version-1 state, until the next flush: the EMA is ahead of
+        # the flushed rows, and these are the flags of the rows it already holds
+        if self._spikes_ahead is None:
+            return {}
+        start, flags = self._spikes_ahead
+        return {"ema_ahead": {"start": start, "spikes": torch.from_numpy(flags.copy())}}
+
+    def _load_spikes_ahead(self, state: dict[str, Any]) -> tuple[int, np.ndarray] | None:
+        """The rows of ``state`` whose spike flags are known and already in its EMA."""
+        n, capacity = len(self.names), self.capacity
+        counters = state["counters"]
+        recorded, flushed = int(counters["recorded"]), int(counters["flushed"])
+        if state["version"] == 1:
+            # version 1 updated the EMA at every recorded step: every unflushed row still
+            # in the ring is in it, with its flags in ring["spike"] (all False if absent)
+            start = max(flushed, recorded - capacity)
+            if start >= recorded:
+                return None
+            spike = state["ring"].get("spike")
+            if spike is None:
+                return start, np.zeros((recorded - start, n + 1), dtype=bool)
+            if tuple(spike.shape) != (capacity, n + 1):
+                raise ValueError("state_dict ring field 'spike' has the wrong shape")
+            rows = [r % capacity for r in range(start, recorded)]
+            return start, spike.detach().cpu().numpy().astype(bool)[rows]
+        ahead = state.get("ema_ahead")
+        if ahead is None:
+            return None
+        start, flags = int(ahead["start"]), ahead["spikes"].detach().cpu().numpy().astype(bool)
+        fits = flags.ndim == 2 and flags.shape[1] == n + 1
+        if not fits or not flushed <= start <= start + len(flags) <= recorded:
+            raise ValueError("state_dict field 'ema_ahead' does not fit this monitor")
+        return start, flags
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a monitor of the same parameters.
@@ -445,7 +521,9 @@ class GradMonitor:
             if tuple(state["ring"][name].shape) != tuple(getattr(ring, name).shape):
                 raise ValueError(f"state_dict ring field {name!r} has the wrong shape")
         events = Events.from_state_dict(state["events"])
+        spikes_ahead = self._load_spikes_ahead(state)  # checks shapes before writing
         self._spikes.load_state_dict(state["ema"])  # checks its shapes before writing
+        self._spikes_ahead = spikes_ahead
         for name in DeviceRing.TENSORS:
             getattr(ring, name).copy_(state["ring"][name])
         ring.host_steps[:] = state["host_steps"].cpu().numpy()
@@ -489,13 +567,13 @@ class GradMonitor:
         Returns the total gradient norm before clipping (0-d tensor on the device), or
         ``None`` on a step that is neither recorded nor needs a norm. Never syncs.
         """
+        self._check_unpickled()
         if self._params_moved():
             # Same model, new parameter objects (load_state_dict(assign=True), ...):
             # follow them by name instead of silently watching the old ones.
             self.attach(self._model)
         self._count_missing_grads()
         step_no = self._calls
-        self._calls += 1
         record = step_no % self.every == 0
         hist_now = record and self.histograms and self._recorded % self.histogram_every == 0
         optimizer = optimizer or self.optimizer
@@ -503,7 +581,9 @@ class GradMonitor:
         total, total32, stats = self._clip_and_measure(
             record or self.skip_nonfinite, optimizer, hist_now
         )
+        self._calls = step_no + 1  # after the clip: a refused step is not counted
         self._total_acc, self._found = total32, None
+        self._counts = None if stats is None else _nonfinite_counts(stats)
         if self.skip_nonfinite and total32 is not None:
             self._suppress_update(self.found_inf, optimizer)
         if stats is not None and record:
@@ -577,12 +657,21 @@ class GradMonitor:
                 grads, self.norm_type, self.backend, self.foreach,
                 sharding=sharding, histogram=histogram,
             )  # fmt: skip
+            commit = None
             if self.clipper is not None:
-                coef, _skip = self.clipper.compute_coef(stats.total_norm)
+                # ZClip/AutoClip: the state moves only once the clip was applied, so a
+                # refused step (an expanded gradient, ...) does not count the norm
+                propose = getattr(self.clipper, "propose_coef", None)
+                if propose is not None:
+                    coef, _skip, commit = propose(stats.total_norm)
+                else:
+                    coef, _skip = self.clipper.compute_coef(stats.total_norm)
                 coef = coef.to(stats.total_norm.device, stats.total_norm.dtype)
             else:
                 coef = core.clip_coefficient(self.max_norm, stats.total_norm)
             apply_coef_(grads, coef, target, self.backend, self.foreach)
+            if commit is not None:
+                commit()
             stats.clip_coef = coef
             total = stats.total_norm.to(core.result_dtype(grads.grads))
             return distributed.as_total_norm(total, sharding), stats.total_norm, stats
@@ -640,12 +729,21 @@ class GradMonitor:
         """0-d bool device tensor for the latest step that measured the gradients: True
         when they held NaN/Inf or their float32 total overflowed; ``None`` otherwise.
 
-        Decided from the float32 (or float64) total, never from the total cast to a 16-bit
-        gradient dtype: finite fp16 gradients whose norm exceeds 65504 are a finite update
-        (already clipped), not an overflow. Computed when first asked for (no sync).
+        Decided from the NaN/Inf counts of the pass that measured the norms (the total
+        alone misses a NaN under ``norm_type=0``, which counts it as a nonzero) and from
+        the float32 (or float64) total, never from the total cast to a 16-bit gradient
+        dtype: finite fp16 gradients whose norm exceeds 65504 are a finite update (already
+        clipped), not an overflow. Computed when first asked for (no sync; a few 0-d ops
+        whatever the number of parameters).
         """
         if self._found is None and self._total_acc is not None:
-            self._found = ~torch.isfinite(self._total_acc.to(self.device))
+            total = self._total_acc.to(self.device)
+            # x - x is 0 exactly for every finite x, NaN for NaN/Inf: ~isfinite in two ops
+            # (torch decomposes isfinite into four, plus the not)
+            found = (total - total).ne(0)
+            for counts in self._counts or ():
+                found = found | counts.any().to(self.device)
+            self._found = found
         return self._found
 
     def _present_index(self, names: list[str]) -> Tensor:
@@ -714,7 +812,7 @@ class GradMonitor:
         first = self._recorded - count
         rows = [r % self.capacity for r in range(first, self._recorded)]
         chunk = self._gather(rows)
-        spikes = self._spikes.update(chunk.norms, chunk.total_norm, chunk.present)
+        spikes = self._detect_spikes(first, chunk)
         chunk.spike_layer, chunk.spike_total = spikes[:, :-1], spikes[:, -1]
         self._flushed = self._recorded
         self._merge_mirror(rows, chunk)
@@ -729,6 +827,21 @@ class GradMonitor:
         for writer in self._writers:
             writer.write(chunk)
         return chunk
+
+    def _detect_spikes(self, first: int, chunk: History) -> np.ndarray:
+        """Spike flags of ``chunk`` (rows ``first`` ... in recording order): from the
+        detector, except for rows its EMA already holds (a version-1 state's), which keep
+        the flags computed then and are not fed again."""
+        ahead, self._spikes_ahead = self._spikes_ahead, None
+        if ahead is None:
+            return self._spikes.update(chunk.norms, chunk.total_norm, chunk.present)
+        start, flags = ahead
+        end = start + len(flags)
+        known = max(0, end - first)  # rows before `first` were lost (overwritten)
+        rest = self._spikes.update(
+            chunk.norms[known:], chunk.total_norm[known:], chunk.present[known:]
+        )
+        return np.concatenate([flags[first - start : end - start], rest])
 
     def _flush_histograms(self) -> HistogramHistory | None:
         """Copy the histogram rows new since the last flush to the host mirror; return them."""
