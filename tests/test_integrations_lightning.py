@@ -303,7 +303,7 @@ def test_progress_bar_shows_the_total_and_loggers_get_every_layer():
 
 def test_log_shaping_options_reach_the_loggers():
     callback = GradMonitorCallback(log="blocks", group_by=2, prog_bar=False)
-    trainer, module, logger = fit([callback], log_every_n_steps=4)
+    trainer, _, logger = fit([callback], log_every_n_steps=4)
     assert total_key(callback.monitor) not in trainer.progress_bar_metrics
     rows = [row for _, row in logger.rows if total_key(callback.monitor) in row]
     norms = {k for k in rows[-1] if k.startswith("grad_norm/")}
