@@ -215,3 +215,21 @@ def test_report_before_any_step_gives_no_verdict():
         p.grad = torch.full_like(p, 0.1)
     monitor.step()
     assert monitor.report().verdict == "healthy"
+
+
+def test_demo_threshold_is_the_level_zclip_clips_above():
+    from fastgradstats import ZClip
+    from fastgradstats.demo import zclip_threshold
+
+    clipper = ZClip(warmup_steps=5)
+    gen = torch.Generator().manual_seed(0)
+    norms = torch.rand(60, generator=gen, dtype=torch.float64) + 1.0
+    norms[[20, 35, 50]] = 40.0  # spikes
+    for k, g in enumerate(norms):
+        level = float(zclip_threshold(clipper))
+        coef, _ = clipper.compute_coef(g)
+        if k < 5:
+            assert math.isnan(level)  # warm-up: no threshold drawn
+        else:
+            assert (float(coef) < 1.0) == (float(g) > level), k
+    assert float(clipper.compute_coef(torch.tensor(1e6, dtype=torch.float64))[0]) < 1.0
