@@ -450,3 +450,10 @@ def test_log_shaping_options_reach_the_log_history(tmp_path):
     cols = [j for j, n in enumerate(history.names) if n.startswith("net.0.")]
     ref = float(torch.linalg.vector_norm(torch.tensor(history.norms[-1, cols])))
     assert last["grad_norm/net.0"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_bad_log_options_fail_at_construction():
+    with pytest.raises(ValueError, match="group_by must be"):
+        GradMonitorCallback(group_by=0)
+    with pytest.raises(TypeError, match="include must be"):
+        GradMonitorCallback(include=3)

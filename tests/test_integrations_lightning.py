@@ -315,3 +315,10 @@ def test_log_shaping_options_reach_the_loggers():
     totals = GradMonitorCallback(log="totals")
     _, _, logger = fit([totals], log_every_n_steps=4)
     assert not [k for _, row in logger.rows for k in row if "/" in k and "grad_stats" not in k]
+
+
+def test_bad_log_options_fail_at_construction():
+    with pytest.raises(ValueError, match="log must be one of"):
+        GradMonitorCallback(log="everything")
+    with pytest.raises(ValueError, match="top_k must be"):
+        GradMonitorCallback(top_k=0)

@@ -43,7 +43,7 @@ from transformers import TrainerCallback
 
 from ..clip import clip_grad_norm_, get_total_norm
 from ..monitor import GradMonitor
-from ..monitor.logspec import total_keys
+from ..monitor.logspec import check_log_options, total_keys
 from . import inner_optimizer
 
 __all__ = ["MIN_TRANSFORMERS", "GradMonitorCallback", "attach"]
@@ -140,6 +140,7 @@ class GradMonitorCallback(TrainerCallback):
             raise ValueError(f'max_norm must be a number, None or "trainer", got {max_norm!r}')
         if console not in CONSOLE_MODES:
             raise ValueError(f"console must be one of {CONSOLE_MODES}, got {console!r}")
+        check_log_options(monitor_kwargs)  # a bad log= fails here, not at the first step
         self.console = console
         self._hidden_on_console: set[str] = set()  # this log row's keys the console skips
         self._same_total = False  # the Trainer's grad_norm is the monitor's total

@@ -35,6 +35,7 @@ except ImportError:  # the standalone package has the same API
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
 from ..monitor import GradMonitor
+from ..monitor.logspec import check_log_options
 from . import inner_optimizer
 
 __all__ = ["GradMonitorCallback"]
@@ -123,6 +124,7 @@ class GradMonitorCallback(pl.Callback):
         if "optimizer" in monitor_kwargs or "model" in monitor_kwargs:
             raise TypeError("GradMonitorCallback takes the model and optimizer from the Trainer")
         self.max_norm = max_norm
+        check_log_options(monitor_kwargs)  # a bad log= fails here, not at the first step
         self.log = bool(log)
         self.prog_bar = bool(prog_bar)
         self.monitor_kwargs = monitor_kwargs

@@ -230,6 +230,15 @@ class LogSpec:
         return [label for label, *_ in self.rows(history, t)]
 
 
+LOG_OPTIONS = ("log", "group_by", "include", "exclude", "top_k")
+
+
+def check_log_options(kwargs: dict[str, Any]) -> LogSpec:
+    """The :class:`LogSpec` of the ``log`` options among ``kwargs`` (``GradMonitor``
+    keyword arguments); raises as ``GradMonitor`` would, before any training starts."""
+    return LogSpec(**{k: kwargs[k] for k in LOG_OPTIONS if k in kwargs})
+
+
 def _rank(row: tuple[str, float, float, int]) -> tuple[int, float]:
     _, norm, _, bad = row
     broken = bad > 0 or not math.isfinite(norm)
@@ -263,4 +272,12 @@ def total_keys(keys: Keys) -> set[str]:
     }
 
 
-__all__ = ["LOG_LEVELS", "LogSpec", "combine_norms", "total_keys", "totals_dict"]
+__all__ = [
+    "LOG_LEVELS",
+    "LOG_OPTIONS",
+    "LogSpec",
+    "check_log_options",
+    "combine_norms",
+    "total_keys",
+    "totals_dict",
+]
