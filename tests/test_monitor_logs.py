@@ -227,6 +227,15 @@ class FakeSummaryWriter:
         self.scalars[tag] = value
 
 
+class FakeHistogramWriter(FakeSummaryWriter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.histograms: dict[str, float] = {}
+
+    def add_histogram_raw(self, tag, global_step=None, **kwargs) -> None:
+        self.histograms[tag] = kwargs["num"]
+
+
 class FakeRun:
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -257,6 +266,27 @@ def test_tensorboard_and_wandb_writers_follow_the_spec():
     with pytest.raises(TypeError, match="spec"):
         WandbWriter(run, spec={"log": "totals"})
     assert isinstance(monitor.log_spec, LogSpec)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"group_by": 2}, {"layers.0": 40, "layers.1": 40, "head.weight": 8}),  # 16+4+16+4
+        ({"log": "layers", "include": "head"}, {"head.weight": 8}),
+        ({"log": "totals"}, {}),
+    ],
+)
+def test_histograms_follow_the_spec_and_add_per_block(options, expected):
+    model = Net()
+    for p in model.parameters():
+        p.grad = torch.linspace(0.5, 2.0, p.numel()).reshape(p.shape)
+    monitor = GradMonitor(model, histograms=True, **options)
+    board = FakeHistogramWriter()
+    monitor.log_tensorboard(board)
+    monitor.step()
+    monitor.flush()
+    # a block's histogram holds every value of its members: counts add
+    assert board.histograms == {f"grad_hist/{k}": float(v) for k, v in expected.items()}
 
 
 # ---------------------------------------------------------------- table

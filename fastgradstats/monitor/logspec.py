@@ -222,12 +222,28 @@ class LogSpec:
         return out
 
     def layer_names(self, history: History, t: int) -> list[str]:
-        """The parameters whose own per-layer extras (histograms, precision shares) are
-        logged at step ``t``: the selected ones in ``"layers"`` mode (after ``top_k``),
-        none otherwise."""
+        """The parameters whose own per-layer extras (precision shares) are logged at step
+        ``t``: the selected ones in ``"layers"`` mode (after ``top_k``), none otherwise."""
         if self.log != "layers":
             return []
         return [label for label, *_ in self.rows(history, t)]
+
+    def histogram_counts(self, history: History, t: int, k: int) -> list[tuple[str, np.ndarray]]:
+        """``(label, counts)`` of the |g| histograms to log for recorded step ``t`` (row ``k``
+        of ``history.histograms``): one per logged layer, or per logged block with its
+        members' counts added (a block's histogram is that of all its values); none with
+        ``log="totals"``."""
+        hist = history.histograms
+        if hist is None or self.log == "totals":
+            return []
+        labels, members = self.plan(history.names)
+        shown = {label for label, *_ in self.rows(history, t)}  # after top_k
+        out = []
+        for label, cols in zip(labels, members):
+            cols = [j for j in cols if hist.present[k, j]]
+            if label in shown and cols:
+                out.append((label, hist.counts[k, cols].sum(axis=0)))
+        return out
 
 
 LOG_OPTIONS = ("log", "group_by", "include", "exclude", "top_k")

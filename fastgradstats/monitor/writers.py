@@ -147,7 +147,8 @@ class TensorBoardWriter:
 
     ``spec``: which values to write (:class:`~fastgradstats.monitor.logspec.LogSpec`; the
     monitor passes its own): totals, blocks or layers, filtered. Default: every layer.
-    Histograms are written for the layers it logs in ``"layers"`` mode only.
+    Histograms follow it: one per logged layer, or per logged block (its members' counts
+    added), none with ``log="totals"``.
     """
 
     def __init__(
@@ -184,11 +185,8 @@ class TensorBoardWriter:
         keys = history.key_names()
         for t, k in rows:
             step = int(hist.steps[k])
-            shown = set(self.spec.layer_names(history, t))
-            for j, name in enumerate(hist.names):
-                if not hist.present[k, j] or name not in shown:
-                    continue
-                kwargs = tensorboard_histogram_kwargs(hist.counts[k, j].tolist())
+            for name, counts in self.spec.histogram_counts(history, t, k):
+                kwargs = tensorboard_histogram_kwargs(counts.tolist())
                 if kwargs is not None:  # None: no finite value to show
                     self.writer.add_histogram_raw(keys.histogram(name), global_step=step, **kwargs)
 
@@ -269,25 +267,25 @@ class WandbWriter:
             row = self.spec.row_dict(history, t)
             row[keys.step_metric] = int(history.steps[t])
             if t in by_row:
-                shown = set(self.spec.layer_names(history, t))
-                row.update(self._histograms(history, by_row[t], keys, shown))
+                pairs = self.spec.histogram_counts(history, t, by_row[t])
+                row.update(self._histograms(history, by_row[t], keys, pairs))
             if self.rows == "all":
                 self.run.log(row)
             else:
                 self.run.log(row, commit=False)
 
     @staticmethod
-    def _histograms(history: History, k: int, keys: Keys, shown: set[str]) -> dict[str, Any]:
+    def _histograms(
+        history: History, k: int, keys: Keys, pairs: list[tuple[str, np.ndarray]]
+    ) -> dict[str, Any]:
         import wandb
 
         from ..histogram import wandb_np_histogram
 
         hist = history.histograms
         out: dict[str, Any] = {}
-        for j, name in enumerate(hist.names):
-            if not hist.present[k, j] or name not in shown:
-                continue
-            pair = wandb_np_histogram(hist.counts[k, j].tolist())
+        for name, counts in pairs:
+            pair = wandb_np_histogram(counts.tolist())
             if pair is not None:
                 out[keys.histogram(name)] = wandb.Histogram(np_histogram=pair)
         if out:
