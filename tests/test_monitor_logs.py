@@ -15,6 +15,10 @@ from fastgradstats import GradMonitor
 from fastgradstats.monitor import LogSpec, TensorBoardWriter, WandbWriter
 from fastgradstats.monitor.logspec import combine_norms
 
+# The shaping is host-side work on the recorded rows; the stats under it are tested on both
+# backends elsewhere, so the routed Triton pass need not repeat these.
+pytestmark = pytest.mark.backend_independent
+
 TOTALS = {
     "grad_norm_total",
     "grad_clip_coef",

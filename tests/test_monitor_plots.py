@@ -26,6 +26,9 @@ from fastgradstats.monitor.plots import (
     plot_total_norm,
 )
 
+# numpy histories and a CPU monitor: nothing here depends on FASTGRADSTATS_BACKEND
+pytestmark = pytest.mark.backend_independent
+
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
