@@ -159,7 +159,7 @@ class LogSpec:
             picked = match.group(1) if self._regex.groups else match.group(0)
             return picked if picked else name
         parts = name.split(".")
-        if self.group_by is None:  # the owning module
+        if not isinstance(self.group_by, int):  # None: the owning module
             return ".".join(parts[:-1]) if len(parts) > 1 else name
         return ".".join(parts[: self.group_by])
 
