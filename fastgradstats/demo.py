@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .clippers import ZClip
+from .clippers import CLIP_EPS, ZClip
 from .monitor import Diagnosis, GradMonitor
 
 
@@ -154,15 +154,34 @@ def make_mlp(run: DemoRun, seed: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def train(run: DemoRun, steps: int, seed: int, quiet: bool) -> tuple[GradMonitor, list[float]]:
-    """Train one scenario for ``steps`` SGD steps; returns the monitor and the losses."""
+def zclip_threshold(clipper: ZClip) -> torch.Tensor:
+    """The norm above which ``clipper`` clips the next step (``mean + z_thresh * std`` of its
+    statistics; NaN during warm-up), a 0-d device tensor: read without a host sync."""
+    state = clipper.state_dict()
+    mean, std = state["mean"], state["var"].sqrt()
+    level = mean + clipper.z_thresh * (std + CLIP_EPS)
+    if clipper.mode == "percentile":
+        level = mean + clipper.z_thresh * std
+    warm = state["count"] < max(clipper.warmup_steps, 1)
+    return torch.where(warm, torch.full_like(level, math.nan), level)
+
+
+def train(
+    run: DemoRun, steps: int, seed: int, quiet: bool, thresholds: list[float] | None = None
+) -> tuple[GradMonitor, list[float]]:
+    """Train one scenario for ``steps`` SGD steps; returns the monitor and the losses.
+
+    ``thresholds``: for an adaptive run, filled with the clipper's threshold at each step
+    (what the plot draws)."""
     torch.manual_seed(seed)
     x, y = make_data(seed)
     model = make_mlp(run, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)
+    clipper = ZClip(warmup_steps=10) if run.adaptive else None
+    levels: list[torch.Tensor] = []
     monitor = GradMonitor(
         model,
-        max_norm=ZClip(warmup_steps=10) if run.adaptive else run.max_norm,
+        max_norm=clipper if clipper is not None else run.max_norm,
         history=steps,
         histograms=run.histograms,
         histogram_every=HISTOGRAM_EVERY,
@@ -180,6 +199,8 @@ def train(run: DemoRun, steps: int, seed: int, quiet: bool) -> tuple[GradMonitor
         loss = nn.functional.mse_loss(model(inputs), y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clipper is not None:
+            levels.append(zclip_threshold(clipper))  # the level this step is judged against
         monitor.step()  # per-layer stats (and clipping) in one pass, no sync
         optimizer.step()
         losses.append(loss.detach())
@@ -193,6 +214,8 @@ def train(run: DemoRun, steps: int, seed: int, quiet: bool) -> tuple[GradMonitor
     else:
         stopped = None
     values = torch.stack(losses).tolist()
+    if thresholds is not None and levels:
+        thresholds.extend(torch.stack(levels).tolist())
     if bar is not None:
         end = f"diverged, stopped after {stopped} steps" if stopped else f"{values[-1]:.3g}"
         bar.close(f"loss {values[0]:.3g} -> {end}", done=stopped)
@@ -234,13 +257,21 @@ def _write_markdown(path: Path, results: list[dict[str, Any]], seconds: float) -
 def _run_one(
     run: DemoRun, steps: int, seed: int, quiet: bool, out: Path, can_plot: bool, say: Any
 ) -> dict[str, Any]:
-    monitor, losses = train(run, steps, seed, quiet)
+    thresholds: list[float] = []
+    monitor, losses = train(run, steps, seed, quiet, thresholds)
     diagnosis: Diagnosis = monitor.report()
     plot_name = f"{run.key}.png"
     if can_plot:
         from .plot import plot_history
 
-        plot_history(monitor.history(), out / plot_name, title=f"{run.key}: {run.title}")
+        history = monitor.history()
+        plot_history(
+            history,
+            out / plot_name,
+            title=f"{run.key}: {run.title}",
+            # one value per step; every step is recorded in the demo (every=1)
+            threshold=thresholds[: len(history)] if thresholds else None,
+        )
     hist_plot = None
     if can_plot and run.histograms:
         hist_plot = f"{run.key}_histograms.png"

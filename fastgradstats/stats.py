@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -183,10 +184,24 @@ class GradStats:
             "tensors": tensors,
         }
 
-    def table(self, limit: int | None = None) -> str:
-        """A fixed-width text table of the per-tensor stats (one host sync)."""
+    def table(self, limit: int | None = None, sort: bool = True) -> str:
+        """A fixed-width text table of the per-tensor stats (one host sync).
+
+        Rows are sorted (``sort=True``): tensors holding NaN/Inf (or with a non-finite
+        norm) first, then by norm, largest first; ``sort=False`` keeps model order.
+        ``limit`` rows at most (``None``: all); the table then says how many it left out
+        (``... 138 more rows``).
+        """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"limit must be an int or None, got {limit!r}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
         data = self.to_dict()
-        rows = list(data["tensors"].items())[:limit]
+        rows = list(data["tensors"].items())
+        if sort:
+            rows.sort(key=lambda item: _table_rank(item[1]))  # stable: model order in ties
+        left_out = 0 if limit is None else max(0, len(rows) - limit)
+        rows = rows if limit is None else rows[:limit]
         width = max([len("name"), *(len(name) for name, _ in rows)])
         header = f"{'norm':>11}  {'max|g|':>11}  {'NaN':>6}  {'Inf':>6}  {'numel':>11}"
         lines = [f"{'name':<{width}}  {header}"]
@@ -195,8 +210,17 @@ class GradStats:
                 f"{name:<{width}}  {row['norm']:>11.4e}  {row['max_abs']:>11.4e}  "
                 f"{row['nan_count']:>6d}  {row['inf_count']:>6d}  {row['numel']:>11d}"
             )
+        if left_out:
+            lines.append(f"... {left_out} more row{'s' if left_out != 1 else ''}")
         lines.append(f"total {self.norm_type:g}-norm: {data['total_norm']:.6e}")
         return "\n".join(lines)
+
+
+def _table_rank(row: dict[str, Any]) -> tuple[int, float]:
+    """Sort key of a :meth:`GradStats.table` row: non-finite first, then largest norm."""
+    norm = row["norm"]
+    broken = row["nan_count"] > 0 or row["inf_count"] > 0 or not math.isfinite(norm)
+    return (0 if broken else 1, -norm if math.isfinite(norm) else 0.0)
 
 
 def _precision_targets(precision: Any) -> list[Any]:

@@ -28,7 +28,9 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert runs["exploding"]["verdict"] == "exploding"
     assert runs["exploding"]["first_nonfinite_step"] is not None
     assert runs["clipped"]["nonfinite_steps"] == 0
-    assert runs["clipped"]["contained_by_clipping"] is True
+    # far above max_norm but not growing: clipped, not exploding (issue 20)
+    assert runs["clipped"]["verdict"] == "clipped"
+    assert runs["clipped"]["contained_by_clipping"] is False
     assert runs["vanishing"]["verdict"] == "vanishing"
     # ZClip clips the outlier steps only, and the run survives them
     adaptive = runs["adaptive"]

@@ -142,16 +142,15 @@ def test_logs_every_logging_step_with_that_steps_values(tmp_path):
     callback = attach(trainer)
     train(trainer)
     history = callback.monitor.history()
-    key = total_key(callback.monitor)
     # A log row at global step s follows the optimizer step s - 1 (0-based monitor steps).
     truth = {int(step) + 1: total for step, total in zip(history.steps, history.total_norm)}
-    rows = logged(trainer, key)
+    # The Trainer's grad_norm is the monitor's total norm (no second pass computed it), so
+    # it is logged once, as grad_norm (issue 20).
+    rows = logged(trainer, "grad_norm")
     assert sorted(rows) == [2, 4, 6]
     assert all(rows[s] == pytest.approx(truth[s], rel=1e-6) for s in rows)
-    # The Trainer's grad_norm is the monitor's total norm (no second pass computed it).
-    assert all(
-        rows[s] == pytest.approx(v, rel=1e-6) for s, v in logged(trainer, "grad_norm").items()
-    )
+    per_layer = logged(trainer, "grad_norm/net.0.weight")
+    assert sorted(per_layer) == [2, 4, 6]
 
 
 def count_accelerator_norms(trainer):
@@ -287,6 +286,8 @@ def test_values_reach_the_report_to_loggers(tmp_path, how):
     else:
         train(trainer)
     key = total_key(callback.monitor)
+    if how == "attach":  # the same number as the Trainer's grad_norm: logged once (issue 20)
+        key = "grad_norm/transformer.h.0.attn.c_attn.weight"
     if how != "old recipe":
         assert sorted(logged(trainer, key)) == [2, 4]  # trainer.state.log_history has them
     names = [f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)]
@@ -390,3 +391,69 @@ def test_monitor_kwargs_pass_through_and_history_covers_the_logging_interval(tmp
         GradMonitorCallback(max_norm="auto")
     with pytest.raises(TypeError, match="model"):
         GradMonitorCallback(model=None)
+
+
+# ----------------------------------------------------------------- readable logs (issue 20)
+
+
+def printed_rows(text):
+    return [line for line in text.splitlines() if "'loss'" in line]
+
+
+def test_console_shows_totals_and_the_history_every_layer(tmp_path, capsys):
+    trainer = make_trainer(tmp_path)  # disable_tqdm=True: the PrinterCallback prints rows
+    callback = attach(trainer)
+    train(trainer)
+    rows = printed_rows(capsys.readouterr().out)
+    assert len(rows) == 3
+    assert all("grad_norm/" not in row and "grad_max_abs/" not in row for row in rows)
+    assert all("'grad_nonfinite'" in row and "'grad_norm'" in row for row in rows)
+    names = [n for n, _ in callback.monitor._model.named_parameters()]
+    last = [row for row in trainer.state.log_history if "loss" in row][-1]
+    assert {f"grad_norm/{n}" for n in names} <= set(last)  # the loggers get every layer
+    everything = make_trainer(tmp_path)
+    attach(everything, console="all")
+    train(everything)
+    assert all("grad_norm/net.0.weight" in row for row in printed_rows(capsys.readouterr().out))
+    with pytest.raises(ValueError, match="console"):
+        GradMonitorCallback(console="layers")
+
+
+def test_grad_norm_is_logged_once(tmp_path):
+    trainer = make_trainer(tmp_path)
+    callback = attach(trainer)
+    train(trainer)
+    history = callback.monitor.history()
+    truth = {int(step) + 1: total for step, total in zip(history.steps, history.total_norm)}
+    assert logged(trainer, total_key(callback.monitor)) == {}  # no duplicate of grad_norm
+    norms = logged(trainer, "grad_norm")
+    assert sorted(norms) == [2, 4, 6]
+    assert all(norms[s] == pytest.approx(truth[s], rel=1e-6) for s in norms)
+    # another norm type: a different number, so both are logged
+    other = make_trainer(tmp_path)
+    attach(other, norm_type=1.0)
+    train(other)
+    assert sorted(logged(other, "grad_norm_1_total")) == [2, 4, 6]
+    assert sorted(logged(other, "grad_norm")) == [2, 4, 6]
+
+
+def test_log_shaping_options_reach_the_log_history(tmp_path):
+    trainer = make_trainer(tmp_path)
+    callback = attach(trainer, group_by=2, include="net")
+    train(trainer)
+    last = [row for row in trainer.state.log_history if "loss" in row][-1]
+    assert {k for k in last if k.startswith("grad_norm/")} == {
+        "grad_norm/net.0",
+        "grad_norm/net.2",
+    }
+    history = callback.monitor.history()
+    cols = [j for j, n in enumerate(history.names) if n.startswith("net.0.")]
+    ref = float(torch.linalg.vector_norm(torch.tensor(history.norms[-1, cols])))
+    assert last["grad_norm/net.0"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_bad_log_options_fail_at_construction():
+    with pytest.raises(ValueError, match="group_by must be"):
+        GradMonitorCallback(group_by=0)
+    with pytest.raises(TypeError, match="include must be"):
+        GradMonitorCallback(include=3)

@@ -283,3 +283,42 @@ def test_monitor_kwargs_pass_through_and_bad_ones_fail_early():
         GradMonitorCallback(max_norm="auto")
     with pytest.raises(TypeError, match="optimizer"):
         GradMonitorCallback(optimizer=None)
+
+
+# ----------------------------------------------------------------- readable logs (issue 20)
+
+
+def test_progress_bar_shows_the_total_and_loggers_get_every_layer():
+    callback = GradMonitorCallback()
+    trainer, module, logger = fit([callback], log_every_n_steps=4)
+    key = total_key(callback.monitor)
+    bar = trainer.progress_bar_metrics
+    assert key in bar and not [k for k in bar if k.startswith("grad_norm/")]
+    names = [n for n, _ in module.named_parameters()]
+    last = logger.rows[-1][1]
+    assert {f"grad_norm/{n}" for n in names} <= set(last) and key in last
+    # the progress bar value is the recorded total of that step
+    assert bar[key] == pytest.approx(last[key])
+
+
+def test_log_shaping_options_reach_the_loggers():
+    callback = GradMonitorCallback(log="blocks", group_by=2, prog_bar=False)
+    trainer, _, logger = fit([callback], log_every_n_steps=4)
+    assert total_key(callback.monitor) not in trainer.progress_bar_metrics
+    rows = [row for _, row in logger.rows if total_key(callback.monitor) in row]
+    norms = {k for k in rows[-1] if k.startswith("grad_norm/")}
+    assert norms == {"grad_norm/net.0", "grad_norm/net.2"}  # weight and bias together
+    history = callback.monitor.history()
+    cols = [j for j, n in enumerate(history.names) if n.startswith("net.2.")]
+    ref = float(torch.linalg.vector_norm(torch.tensor(history.norms[-1, cols])))
+    assert rows[-1]["grad_norm/net.2"] == pytest.approx(ref, rel=1e-5)
+    totals = GradMonitorCallback(log="totals")
+    _, _, logger = fit([totals], log_every_n_steps=4)
+    assert not [k for _, row in logger.rows for k in row if "/" in k and "grad_stats" not in k]
+
+
+def test_bad_log_options_fail_at_construction():
+    with pytest.raises(ValueError, match="log must be one of"):
+        GradMonitorCallback(log="everything")
+    with pytest.raises(ValueError, match="top_k must be"):
+        GradMonitorCallback(top_k=0)

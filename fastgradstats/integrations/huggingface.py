@@ -43,12 +43,14 @@ from transformers import TrainerCallback
 
 from ..clip import clip_grad_norm_, get_total_norm
 from ..monitor import GradMonitor
+from ..monitor.logspec import check_log_options, total_keys
 from . import inner_optimizer
 
 __all__ = ["MIN_TRANSFORMERS", "GradMonitorCallback", "attach"]
 
 MIN_TRANSFORMERS = "4.45"  # first release with the on_pre_optimizer_step hook
 _FROM_TRAINER = "trainer"
+CONSOLE_MODES = ("totals", "all")
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -109,18 +111,39 @@ class GradMonitorCallback(TrainerCallback):
             of the two, once; without ``attach`` the Trainer clips first and it warns).
             With a ``norm_type`` other than 2 the Trainer's clipping and ``grad_norm`` log
             stay 2-norms, computed after the monitor's pass.
+        console: what the Trainer's console line (progress bar or printer) shows of the
+            monitor's values: ``"totals"`` (default: the total-norm flags and tallies, no
+            per-layer keys) or ``"all"``. The loggers (``report_to``) and
+            ``trainer.state.log_history`` always get everything ``log=`` selects. Needs
+            :func:`attach` (a plain ``callbacks=[...]`` entry cannot reach the printer).
         **monitor_kwargs: passed to :class:`~fastgradstats.GradMonitor` (``norm_type``,
-            ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, ...).
+            ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, and what
+            to log: ``log``, ``group_by``, ``include``, ``exclude``, ``top_k``).
 
     ``on_log`` merges :meth:`GradMonitor.to_dict` into the training logs (and into
     ``trainer.state.log_history``) whenever the Trainer logs: one sync per logging step.
+    When the Trainer's own ``grad_norm`` is the same number as the monitor's total (2-norm,
+    ``every=1``, norms measured before the Trainer clips), the monitor's total key
+    (``grad_norm_total``) is left out: ``grad_norm`` is logged once.
     After training, :attr:`monitor` holds the monitor.
     """
 
-    def __init__(self, max_norm: float | str | None = _FROM_TRAINER, **monitor_kwargs: Any):
+    def __init__(
+        self,
+        max_norm: float | str | None = _FROM_TRAINER,
+        *,
+        console: str = "totals",
+        **monitor_kwargs: Any,
+    ):
         check_transformers_version()
         if isinstance(max_norm, str) and max_norm != _FROM_TRAINER:
             raise ValueError(f'max_norm must be a number, None or "trainer", got {max_norm!r}')
+        if console not in CONSOLE_MODES:
+            raise ValueError(f"console must be one of {CONSOLE_MODES}, got {console!r}")
+        check_log_options(monitor_kwargs)  # a bad log= fails here, not at the first step
+        self.console = console
+        self._hidden_on_console: set[str] = set()  # this log row's keys the console skips
+        self._same_total = False  # the Trainer's grad_norm is the monitor's total
         if "optimizer" in monitor_kwargs or "model" in monitor_kwargs:
             raise TypeError("GradMonitorCallback takes the model and optimizer from the Trainer")
         self.max_norm = max_norm
@@ -210,6 +233,12 @@ class GradMonitorCallback(TrainerCallback):
         )
         self._measured_at = -1
         self._merged_steps = 0
+        # The Trainer logs grad_norm, the norm before its clipping; it is the monitor's
+        # total when both are 2-norms of every step, measured before any clipping.
+        trainer_clips = float(args.max_grad_norm or 0.0) > 0
+        self._same_total = (
+            self._l2 and self.monitor.every == 1 and (self.attached or not trainer_clips)
+        )
         if not self.attached and _has_reporters(args):
             warnings.warn(
                 "GradMonitorCallback was added with Trainer(callbacks=[...]), after the "
@@ -240,6 +269,10 @@ class GradMonitorCallback(TrainerCallback):
             return
         self._merged_steps = self.monitor.num_steps
         values = self.monitor.to_dict()  # one sync, at the Trainer's logging steps only
+        if self._same_total and "grad_norm" in logs:
+            values.pop(self.monitor.keys.total, None)  # the same number as grad_norm
+        console = total_keys(self.monitor.keys) if self.console == "totals" else set(values)
+        self._hidden_on_console = {key for key in values if key not in console}
         logs.update(values)
         # Trainer.log appended a copy of logs to log_history before calling on_log.
         history = getattr(state, "log_history", None)
@@ -277,7 +310,43 @@ def attach(trainer: Any, callback: GradMonitorCallback | None = None, **kw: Any)
     handler.callbacks.insert(0, callback)
     callback._trainer_ref = weakref.ref(trainer)
     _route_norms(trainer, callback)
+    for printer in handler.callbacks:
+        if _prints_logs(printer):
+            _filter_console(printer, callback)
     return callback
+
+
+def _prints_logs(callback: Any) -> bool:
+    """Whether ``callback`` writes the log rows to the console (progress bar, printer)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    name = type(callback).__name__
+    return isinstance(callback, (PrinterCallback, ProgressCallback)) or name in (
+        "NotebookProgressCallback",
+    )
+
+
+def _filter_console(printer: Any, callback: GradMonitorCallback) -> None:
+    """Make ``printer`` skip the monitor keys its console should not show (per-layer keys
+    with ``console="totals"``); the loggers and the log history keep them."""
+    if getattr(printer, "_fastgradstats_callback", None) is not None:
+        printer._fastgradstats_callback = callback  # already wrapped: point at this one
+        return
+    printer._fastgradstats_callback = callback
+    original = printer.on_log
+
+    def on_log(args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> Any:
+        hidden = printer._fastgradstats_callback._hidden_on_console
+        if not isinstance(logs, dict) or not hidden:
+            return original(args, state, control, logs=logs, **kw)
+        # Out of the dict only while the printer reads it: callbacks after it see all.
+        removed = {key: logs.pop(key) for key in list(logs) if key in hidden}
+        try:
+            return original(args, state, control, logs=logs, **kw)
+        finally:
+            logs.update(removed)
+
+    printer.on_log = on_log
 
 
 def _route_norms(trainer: Any, callback: GradMonitorCallback) -> None:

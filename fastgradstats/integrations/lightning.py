@@ -35,6 +35,7 @@ except ImportError:  # the standalone package has the same API
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
 from ..monitor import GradMonitor
+from ..monitor.logspec import check_log_options
 from . import inner_optimizer
 
 __all__ = ["GradMonitorCallback"]
@@ -93,23 +94,39 @@ class GradMonitorCallback(pl.Callback):
             for the run; with a ``norm_type`` other than 2 Lightning keeps its 2-norm
             clipping); ``None``: the monitor never clips; a number: the monitor clips at it
             (warns if Lightning clips by norm too).
-        log: send :meth:`GradMonitor.to_dict` to the loggers on Lightning's schedule.
+        log: send :meth:`GradMonitor.to_dict` to the loggers on Lightning's schedule
+            (``True``), or nothing (``False``). What it holds is the monitor's ``log=``
+            (``"layers"`` by default; ``"blocks"``, ``"totals"``), ``group_by``,
+            ``include``, ``exclude`` and ``top_k``, passed through ``monitor_kwargs``.
+        prog_bar: also show the total norm on the progress bar (the console); the
+            per-layer keys go to the loggers only.
         **monitor_kwargs: passed to :class:`~fastgradstats.GradMonitor` (``norm_type``,
-            ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, ...).
+            ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, ``log``,
+            ``group_by``, ``include``, ``exclude``, ``top_k``, ...).
 
     After ``fit``, :attr:`monitor` holds the monitor (``report()``, ``history()``, ``plot()``).
     """
 
     def __init__(
-        self, max_norm: float | str | None = _FROM_TRAINER, log: bool = True, **monitor_kwargs: Any
+        self,
+        max_norm: float | str | None = _FROM_TRAINER,
+        log: bool | str = True,
+        *,
+        prog_bar: bool = True,
+        **monitor_kwargs: Any,
     ) -> None:
         super().__init__()
+        if isinstance(log, str):  # log="totals" / "blocks" / "layers": the monitor's choice
+            monitor_kwargs["log"] = log
+            log = True
         if isinstance(max_norm, str) and max_norm != _FROM_TRAINER:
             raise ValueError(f'max_norm must be a number, None or "trainer", got {max_norm!r}')
         if "optimizer" in monitor_kwargs or "model" in monitor_kwargs:
             raise TypeError("GradMonitorCallback takes the model and optimizer from the Trainer")
         self.max_norm = max_norm
+        check_log_options(monitor_kwargs)  # a bad log= fails here, not at the first step
         self.log = bool(log)
+        self.prog_bar = bool(prog_bar)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: GradMonitor | None = None
         self._saved_clip: tuple[Any, Any] | None = None
@@ -189,6 +206,12 @@ class GradMonitorCallback(pl.Callback):
         if not lightning_writes_this_step(trainer):
             return  # Lightning would not write it: no sync
         values = self.monitor.to_dict()  # one sync, at Lightning's logging interval only
+        total = self.monitor.keys.total
+        if self.prog_bar and total in values:
+            # the console shows the total only; each key is logged once (Lightning refuses
+            # a key logged twice in a step)
+            pl_module.log(total, values.pop(total), on_step=True, on_epoch=False,
+                          prog_bar=True, logger=True)  # fmt: skip
         if values:
             pl_module.log_dict(
                 values,

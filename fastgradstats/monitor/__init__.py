@@ -10,6 +10,8 @@ One module per concern:
 * :mod:`.events` -- tallies that outlive the ring buffer;
 * :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;
 * :mod:`.keys` -- the logger key names (``prefix=``, ``key_style=``);
+* :mod:`.logspec` -- what is logged (``log=``, ``group_by=``, ``include=``, ``exclude=``,
+  ``top_k=``);
 * :mod:`.writers` -- JSON lines, CSV, TensorBoard and W&B writers;
 * :mod:`.plots` -- matplotlib figures of a :class:`History`.
 """
@@ -18,6 +20,7 @@ from .diagnosis import Diagnosis, depth_profile, diagnose
 from .events import Events
 from .history import HistogramHistory, History
 from .keys import KEY_STYLES, Keys
+from .logspec import LOG_LEVELS, LogSpec
 from .recorder import GradMonitor
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
 
@@ -25,6 +28,7 @@ _Events = Events  # the name this class had before the package split
 
 __all__ = [
     "KEY_STYLES",
+    "LOG_LEVELS",
     "CsvWriter",
     "Diagnosis",
     "GradMonitor",
@@ -33,6 +37,7 @@ __all__ = [
     "HistoryWriter",
     "JsonlWriter",
     "Keys",
+    "LogSpec",
     "TensorBoardWriter",
     "WandbWriter",
     "depth_profile",

@@ -20,13 +20,16 @@ class Diagnosis:
     """What the recorded history says, in numbers and in words.
 
     Attributes:
-        verdict: ``"exploding"`` (gradients grow across depth or over time, overflow to
-            Inf, or are held at ``max_norm`` by clipping from far above), ``"vanishing"``
+        verdict: ``"exploding"`` (gradients grow across depth or over time, or overflow
+            to Inf; a high but steady level is not growth), ``"vanishing"``
             (earliest layers get far smaller gradients than the latest), ``"nonfinite"``
             (NaN without signs of explosion), ``"no_gradients"`` (no monitored parameter had
-            a gradient in any recorded step, or in the latest ``NO_GRADIENT_STEPS``), or
-            ``"healthy"``.
-        contained: exploding, but clipping kept every step finite.
+            a gradient in any recorded step, or in the latest ``NO_GRADIENT_STEPS``),
+            ``"clipped"`` (most steps clipped with a raw total norm typically >= 10x
+            ``max_norm``, but no growth: not an explosion), ``"no_data"`` (no recorded step
+            yet: no verdict), or ``"healthy"``.
+        contained: exploding (growth over time or across depth), but clipping on at least
+            half of the steps kept every step finite.
         findings: plain-language sentences, most important first.
         depth_slope: decades of gradient RMS per layer from the first (input side) to
             the last layer (least-squares fit of log10 RMS against layer index; > 0:
@@ -221,18 +224,31 @@ def diagnose(
             f"EXPLODING: gradients overflowed to Inf on {events.overflow_steps} step(s){last}. "
             "Lower the learning rate or the init scale, and clip the gradient norm."
         )
-    contained = False
     clip_share = events.clipped_steps / events.recorded if events.recorded else 0.0
+    deep_exploding = ratio is not None and math.log10(ratio) >= decades
+    # Exploding needs growth (over the run or across depth) or an overflow. A level far
+    # above max_norm is not growth: a run held at 93 -> 183 -> 133 -> 92 (140x max_norm)
+    # is clipped every step, not exploding, and says so in its own verdict.
+    far_above = False
+    contained = False
     if history.max_norm is not None and history.max_norm > 0 and len(finite_total):
         typical = float(np.median(finite_total))
         far_above = typical >= 10.0 * history.max_norm and clip_share >= 0.5
-        if far_above and not events.nonfinite_steps:
+        if (grew or deep_exploding) and clip_share >= 0.5 and not events.nonfinite_steps:
             contained = True
             findings.append(
                 f"Contained by clipping: the raw total norm is typically {typical:.3g} "
                 f"({typical / history.max_norm:.3g}x max_norm) and no NaN/Inf appeared; "
                 "without clipping these updates would blow up. The scale is still wrong: "
                 "check the init and the learning rate."
+            )
+        elif far_above:
+            findings.append(
+                f"CLIPPED on {clip_share:.0%} of steps: the raw total norm is typically "
+                f"{typical:.3g} ({typical / history.max_norm:.3g}x max_norm) but did not "
+                "grow over the run, so this is not an explosion; every update is scaled "
+                "down to max_norm. If that is not intended, raise max_norm or check the "
+                "init scale, the loss scale and the learning rate."
             )
 
     if events.first_nonfinite_step is not None:
@@ -288,10 +304,17 @@ def diagnose(
             "monitor.attach(model); DeepSpeed ZeRO keeps gradients outside .grad.",
         )
 
-    deep_exploding = ratio is not None and math.log10(ratio) >= decades
     exploding = deep_exploding or grew or bool(events.overflow_steps) or contained
     vanishing = ratio is not None and math.log10(ratio) <= -decades
-    if exploding:
+    if not events.recorded:
+        # Nothing measured yet: no verdict, above all not "healthy".
+        verdict = "no_data"
+        findings.insert(
+            0,
+            "NO DATA: no step has been recorded yet, so there is nothing to judge. Call "
+            "monitor.step() after backward() and before optimizer.step().",
+        )
+    elif exploding:
         verdict = "exploding"
     elif vanishing:
         verdict = "vanishing"
@@ -299,6 +322,8 @@ def diagnose(
         verdict = "nonfinite"
     elif no_gradients:
         verdict = "no_gradients"
+    elif far_above:
+        verdict = "clipped"
     else:
         verdict = "healthy"
         findings.insert(0, "No NaN/Inf, no runaway growth, no vanishing profile.")

@@ -1,8 +1,10 @@
 """Pictures of a :class:`~fastgradstats.monitor.History` (needs the ``plot`` extra: matplotlib).
 
-* :func:`plot_heatmap` -- log10 per-layer gradient norm, layers (y) by step (x);
-* :func:`plot_total_norm` -- total norm over steps with the clip threshold, spikes and
-  NaN/Inf steps marked;
+* :func:`plot_heatmap` -- log10 per-layer gradient norm, layers (y) by step (x), colour
+  limits from percentiles (:func:`color_limits`), NaN/Inf in colours of their own,
+  per-layer spikes marked (:func:`heatmap_data` returns what it draws);
+* :func:`plot_total_norm` -- total norm over steps with the clip threshold (fixed or
+  adaptive), the norm after clipping, spikes, clipped steps and NaN/Inf steps marked;
 * :func:`plot_history` -- both in one PNG;
 * :func:`plot_layer_histogram` -- one layer's |g| histogram over steps (log2 |g| by step);
 * :func:`plot_underflow` -- per-layer shares that flush to zero / fall below the smallest
@@ -62,55 +64,138 @@ def _shown(history: History) -> tuple[list[str], np.ndarray, int]:
     return [history.names[j] for j in cols], cols, len(history.names) - len(cols)
 
 
+NAN_COLOR = "red"  # a cell whose gradient held NaN
+INF_COLOR = "magenta"  # a cell whose gradient held Inf (or whose norm overflowed)
+ABSENT_COLOR = "0.92"  # no gradient that step
+PERCENTILES = (2.0, 98.0)  # colour limits of the heatmap (see color_limits)
+
+
+def color_limits(
+    values: np.ndarray, percentiles: tuple[float, float] = PERCENTILES
+) -> tuple[float, float]:
+    """Colour-scale limits of the finite ``values``: their ``percentiles``, robust to outliers.
+
+    With three or more values the limits never come from the single smallest or largest
+    value (the percentile is moved inward when needed), so one cell at log10 = 28 cannot
+    stretch the scale and turn every other cell the same colour; cells outside the limits
+    take the end colours (the colour bar's arrows say so). ``(0, 1)`` without finite values;
+    a constant range is widened by 0.5 on each side.
+    """
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo_q, hi_q = percentiles
+    n = finite.size
+    if n >= 3:  # at least one value outside each limit: one outlier cannot set it
+        inner = 100.0 / (n - 1)
+        lo_q, hi_q = max(lo_q, inner), min(hi_q, 100.0 - inner)
+    vmin, vmax = (float(v) for v in np.percentile(finite, [lo_q, hi_q]))
+    if vmax - vmin < 1e-6:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    return vmin, vmax
+
+
+def heatmap_data(history: History) -> dict[str, Any]:
+    """What :func:`plot_heatmap` draws, as arrays (rows: the shown parameters; columns: steps).
+
+    Keys: ``names``; ``hidden`` (parameters without any gradient, left out); ``log10``
+    (float [n, T], NaN where absent or non-finite); ``vmin`` / ``vmax`` (:func:`color_limits`
+    of ``log10``); ``nan`` / ``inf`` (bool [n, T]: the gradient held NaN; held Inf but no
+    NaN, or its norm overflowed); ``absent`` (bool [n, T]); ``spikes`` (bool [n, T], the
+    spike detector's per-layer flags).
+    """
+    history = _check_history(history)
+    names, cols, hidden = _shown(history)
+    norms = history.norms[:, cols].T  # [n, T]
+    present = history.present[:, cols].T
+    nan = present & ((history.nan_count[:, cols].T > 0) | np.isnan(norms))
+    inf = present & ~nan & ((history.inf_count[:, cols].T > 0) | ~np.isfinite(norms))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(np.where(present & np.isfinite(norms), np.maximum(norms, 1e-30), np.nan))
+    logs = np.where(nan | inf, np.nan, logs)
+    vmin, vmax = color_limits(logs)
+    return {
+        "names": names,
+        "hidden": hidden,
+        "log10": logs,
+        "vmin": vmin,
+        "vmax": vmax,
+        "nan": nan,
+        "inf": inf,
+        "absent": ~present,
+        "spikes": history.spike_layer[:, cols].T & present,
+    }
+
+
 def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> Any:
     """Heatmap of log10 gradient norm per parameter (rows, input side on top) and step.
 
-    Absent gradients are blank; NaN/Inf cells are drawn black. Parameters that had no
-    gradient in any step of ``history`` (frozen ones) are left out when others had one.
-    Returns the Axes.
+    The colour scale spans the 2nd to 98th percentile of the finite cells
+    (:func:`color_limits`), so one outlier cannot flatten it; cells beyond it take the end
+    colours. NaN cells are red, Inf cells magenta, absent gradients light grey, each with a
+    legend entry when present; per-layer spikes are marked with a white triangle.
+    Parameters that had no gradient in any step of ``history`` (frozen ones) are left out
+    when others had one. Returns the Axes.
     """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
     history = _check_history(history)
     plt = _pyplot()
-    names, cols, hidden = _shown(history)
+    data = heatmap_data(history)
+    names, logs = data["names"], data["log10"]
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 0.25 * len(names) + 2))
-    norms = history.norms[:, cols].T  # [n, T]
-    present = history.present[:, cols].T
-    bad = ~np.isfinite(norms) & present
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.log10(np.where(present & np.isfinite(norms), np.maximum(norms, 1e-30), np.nan))
-    finite = logs[np.isfinite(logs)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmax - vmin < 1e-6:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
     steps = history.steps
     if len(steps) == 0:
         extent = (0, 1, len(names) - 0.5, -0.5)
     else:
         half = 0.5 * (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else 0.5
         extent = (steps[0] - half, steps[-1] + half, len(names) - 0.5, -0.5)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR)
     image = ax.imshow(
         np.ma.masked_invalid(logs if logs.size else np.zeros((len(names), 1))),
         aspect="auto",
         interpolation="nearest",
         cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
+        vmin=data["vmin"],
+        vmax=data["vmax"],
         extent=extent,
     )
-    if bad.any():
-        overlay = np.ma.masked_where(~bad, np.ones_like(norms))
+    # NaN and Inf as categories of their own on top (0: NaN, 1: Inf), not as values
+    kinds = np.where(data["nan"], 0.0, np.where(data["inf"], 1.0, np.nan))
+    if np.isfinite(kinds).any():
         ax.imshow(
-            overlay,
+            np.ma.masked_invalid(kinds),
             aspect="auto",
             interpolation="nearest",
-            cmap="gray_r",
+            cmap=ListedColormap([NAN_COLOR, INF_COLOR]),
             vmin=0,
             vmax=1,
             extent=extent,
         )
-    colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01)
+    rows, where = np.nonzero(data["spikes"])
+    if rows.size:
+        ax.scatter(
+            steps[where],
+            rows,
+            marker="^",
+            s=18,
+            facecolor="white",
+            edgecolor="black",
+            linewidths=0.6,
+            zorder=4,
+            label=f"layer spike ({rows.size})",
+        )
+    finite = logs[np.isfinite(logs)]
+    extend = "neither"
+    if finite.size:
+        below, above = finite.min() < data["vmin"], finite.max() > data["vmax"]
+        extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get(
+            (bool(below), bool(above)), "neither"
+        )
+    colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01, extend=extend)
     colorbar.set_label(f"log10 gradient {_norm_name(history.norm_type)}")
     n = len(names)
     stride = max(1, math.ceil(n / _MAX_LABELS))
@@ -119,9 +204,28 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
     ax.set_yticklabels([_short(names[j]) for j in ticks], fontsize=7)
     ax.set_ylabel("parameter (input side at top)")
     ax.set_xlabel("step")
-    suffix = "  (black: NaN/Inf)" if bad.any() else ""
-    if hidden:
-        suffix += f"  ({hidden} parameters without any gradient not shown)"
+    handles = [
+        Patch(color=color, label=f"{label} ({int(mask.sum())} cells)")
+        for color, label, mask in (
+            (NAN_COLOR, "NaN", data["nan"]),
+            (INF_COLOR, "Inf", data["inf"]),
+            (ABSENT_COLOR, "no gradient", data["absent"] if len(steps) else np.zeros(0)),
+        )
+        if mask.any()
+    ]
+    handles += [h for h in ax.get_legend_handles_labels()[0]]
+    if handles:
+        ax.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(0.0, -0.12),
+            ncol=len(handles),
+            fontsize=8,
+            frameon=False,
+        )
+    suffix = (
+        f"  ({data['hidden']} parameters without any gradient not shown)" if data["hidden"] else ""
+    )
     ax.set_title(title or f"Per-layer gradient norm{suffix}")
     return ax
 
@@ -132,9 +236,35 @@ def _norm_name(norm_type: float) -> str:
     return f"L{norm_type:g} norm"
 
 
-def plot_total_norm(history: History, ax: Any = None, title: str | None = None) -> Any:
-    """Total gradient norm over steps (log y), clip threshold, spikes and NaN/Inf steps."""
+def _check_threshold(threshold: Any, history: History) -> np.ndarray | None:
+    if threshold is None:
+        return None
+    values = np.asarray(threshold, dtype=np.float64).reshape(-1)
+    if values.shape != (len(history),):
+        raise ValueError(
+            f"threshold must have one value per recorded step ({len(history)}), got "
+            f"shape {values.shape}"
+        )
+    return values
+
+
+def plot_total_norm(
+    history: History, ax: Any = None, title: str | None = None, threshold: Any = None
+) -> Any:
+    """Total gradient norm over steps (log y): the clip threshold, the norm after clipping,
+    spikes, clipped steps and NaN/Inf steps.
+
+    ``threshold``: an adaptive clipper's threshold at each recorded step (e.g. ZClip's
+    ``mean + z_thresh * std``; NaN where it has none yet), drawn as a dotted line.
+
+    Layers, bottom to top (``zorder``): NaN/Inf step bands (0), ``max_norm`` (a wide pale
+    dashed band, 1), the adaptive threshold (dotted purple, 2), total norm before clipping
+    (blue, 3), norm after clipping (thin solid green, only at clipped steps, with hollow
+    markers when there are at most 50 of them, 4: it runs along ``max_norm`` where a step was
+    clipped, so it is drawn above and inside that band), spike markers (5). Returns the Axes.
+    """
     history = _check_history(history)
+    adaptive = _check_threshold(threshold, history)
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.5))
@@ -147,21 +277,50 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
         lw=1.2,
         marker="o" if len(steps) <= 50 else None,
         ms=3,
+        zorder=3,
         label="total norm (pre-clip)",
     )
     if history.max_norm is not None:
+        # a wide pale band under everything: the after-clipping line runs along it on
+        # clipped steps and stays visible inside it
         ax.axhline(
             history.max_norm,
-            color="tab:green",
+            color="0.55",
             ls="--",
-            lw=1.2,
+            lw=3.0,
+            alpha=0.6,
+            zorder=1,
             label=f"clip threshold max_norm={history.max_norm:g}",
         )
-        clipped = history.clip_coef < 1.0
-        if clipped.any() and finite.any():
-            with np.errstate(invalid="ignore", over="ignore"):
-                after = np.where(finite, total * np.minimum(history.clip_coef, 1.0), np.nan)
-            ax.plot(steps, after, color="tab:green", lw=0.8, alpha=0.7, label="after clipping")
+    if adaptive is not None and np.isfinite(adaptive).any():
+        ax.plot(
+            steps,
+            np.where(np.isfinite(adaptive) & (adaptive > 0), adaptive, np.nan),
+            color="tab:purple",
+            ls=":",
+            lw=1.6,
+            zorder=2,
+            label="adaptive clip threshold",
+        )
+    clipped = (history.clip_coef < 1.0) & finite
+    if clipped.any():
+        # only where clipping changed the norm: elsewhere it equals the pre-clip line,
+        # which it would hide
+        with np.errstate(invalid="ignore", over="ignore"):
+            after = np.where(clipped, total * np.minimum(history.clip_coef, 1.0), np.nan)
+        ax.plot(
+            steps,
+            after,
+            color="tab:green",
+            ls="-",
+            lw=1.2,
+            marker="o" if clipped.sum() <= 50 else None,
+            ms=4,
+            mfc="none",
+            mew=1.2,
+            zorder=4,
+            label=f"after clipping ({int(clipped.sum())} clipped steps)",
+        )
     spikes = history.spike_total & finite
     if spikes.any():
         ax.scatter(
@@ -170,7 +329,9 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
             marker="^",
             s=45,
             color="tab:orange",
-            zorder=3,
+            edgecolor="black",
+            linewidths=0.5,
+            zorder=5,
             label=f"spike ({int(spikes.sum())})",
         )
     bad_steps = steps[history.nonfinite]
@@ -180,6 +341,7 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
             color="tab:red",
             alpha=0.25,
             lw=1.5,
+            zorder=0,
             label=f"NaN/Inf step ({len(bad_steps)})" if k == 0 else None,
         )
     if finite.any():
@@ -195,12 +357,18 @@ def plot_total_norm(history: History, ax: Any = None, title: str | None = None) 
     return ax
 
 
-def plot_history(history: History, path: str | Path, title: str | None = None) -> Path:
-    """Save a two-panel PNG (heatmap above, total norm below) to ``path``; returns it."""
+def plot_history(
+    history: History, path: str | Path, title: str | None = None, threshold: Any = None
+) -> Path:
+    """Save a two-panel PNG (heatmap above, total norm below) to ``path``; returns it.
+
+    ``threshold``: an adaptive clipper's threshold per recorded step (see
+    :func:`plot_total_norm`)."""
     history = _check_history(history)
+    _check_threshold(threshold, history)
     plt = _pyplot()
     n = len(_shown(history)[0])
-    height = min(0.22 * n, 14) + 5
+    height = min(0.22 * n, 14) + 5.5
     fig, (top, bottom) = plt.subplots(
         2,
         1,
@@ -209,7 +377,7 @@ def plot_history(history: History, path: str | Path, title: str | None = None) -
         constrained_layout=True,
     )
     plot_heatmap(history, ax=top)
-    plot_total_norm(history, ax=bottom)
+    plot_total_norm(history, ax=bottom, threshold=threshold)
     bottom.sharex(top)
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold")
@@ -382,6 +550,8 @@ def plot_histograms(
 
 
 __all__ = [
+    "color_limits",
+    "heatmap_data",
     "plot_heatmap",
     "plot_histograms",
     "plot_history",

@@ -71,6 +71,7 @@ from .history import (
     empty_histogram_arrays,
 )
 from .keys import Keys
+from .logspec import LogSpec
 from .params import (
     check_max_norm,
     find_owners,
@@ -221,6 +222,20 @@ class GradMonitor:
             histogram against. Default: the parameters' own 16-bit dtypes when there are
             any (fp16/bf16 training), else ``float16`` and ``float8_e4m3fn`` (the formats
             an fp32 run would move to, and where gradients underflow first).
+        log: what :meth:`to_dict` and the TensorBoard / W&B writers send per step:
+            ``"totals"`` (the total norm, clip coefficient, NaN/skip/spike flags and
+            tallies), ``"blocks"`` (the totals and per-block norm, max |g| and NaN/Inf
+            count, reduced correctly: norms combine as norms, counts add, max as max) or
+            ``"layers"`` (the totals and every parameter; the default, or ``"blocks"`` when
+            ``group_by`` is given). See :mod:`fastgradstats.monitor.logspec`.
+        group_by: the blocks of ``log="blocks"``: an int depth (``2``:
+            ``layers.0.attn.weight`` -> ``layers.0``), a regular expression whose first
+            group names the block, or ``None`` (by owning module).
+        include / exclude: regular expressions (one or a list) a parameter name must
+            match / must not match (``re.search``) to be logged on its own or in a block;
+            the totals always cover every parameter.
+        top_k: log only the ``top_k`` layers (or blocks) with the largest norm each step
+            (non-finite ones first).
 
     Attributes:
         found_inf: 0-d bool device tensor after each :meth:`step` that measured the
@@ -229,6 +244,8 @@ class GradMonitor:
             otherwise.
         last_stats: the :class:`~fastgradstats.GradStats` of the latest recorded step.
         keys: the :class:`~fastgradstats.monitor.keys.Keys` naming every logged value.
+        log_spec: the :class:`~fastgradstats.monitor.logspec.LogSpec` built from ``log``,
+            ``group_by``, ``include``, ``exclude`` and ``top_k``.
     """
 
     index_cache_size = 16  # device index tensors kept for rows with missing gradients
@@ -257,7 +274,13 @@ class GradMonitor:
         histogram_every: int = 1,
         histogram_history: int = 64,
         histogram_dtypes: Iterable[Any] | None = None,
+        log: str | None = None,
+        group_by: int | str | None = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        top_k: int | None = None,
     ) -> None:
+        self.log_spec = LogSpec(log, group_by, include, exclude, top_k)  # checks first
         pairs = named_parameters(model)
         self.names = [name for name, _ in pairs]
         self._index = {name: j for j, name in enumerate(self.names)}
@@ -966,11 +989,20 @@ class GradMonitor:
         With ``histograms=True``, the latest histogram step's ``grad_zero_frac/<name>`` and
         ``grad_<fmt>_{flush_to_zero,subnormal,overflow}/<name>`` for each format in
         ``histogram_dtypes`` (shares of the nonzero finite values).
+
+        The per-parameter keys follow ``log`` / ``group_by`` / ``include`` / ``exclude`` /
+        ``top_k`` (:attr:`log_spec`): ``"totals"`` keeps none, ``"blocks"`` has per-block
+        norm / max |g| / NaN+Inf keys instead (no precision shares), ``"layers"`` the
+        selected parameters.
         """
         hist = self.history()
-        out = hist.row_dict(len(hist) - 1) if len(hist) else {}
-        if hist.histograms is not None:
-            out.update(hist.histograms.precision_dict(self.histogram_dtypes, self.keys))
+        last = len(hist) - 1
+        out = self.log_spec.row_dict(hist, last) if len(hist) else {}
+        if hist.histograms is not None and len(hist):
+            shown = set(self.log_spec.layer_names(hist, last))  # log="layers" only
+            precision = hist.histograms.precision_dict(self.histogram_dtypes, self.keys)
+            cut = len(self.keys.prefix)  # keys are {prefix}grad_<what>/<name>
+            out.update({k: v for k, v in precision.items() if k[cut:].split("/", 1)[1] in shown})
         out[self.keys.tally("nonfinite_steps")] = float(self._events.nonfinite_steps)
         out[self.keys.tally("skipped_steps")] = float(self._events.skipped_steps)
         out[self.keys.tally("spikes")] = float(self._events.spike_count)
@@ -985,8 +1017,11 @@ class GradMonitor:
         return self.add_writer(CsvWriter(path))  # type: ignore[return-value]
 
     def log_tensorboard(self, writer: Any = None, log_dir: str | None = None) -> TensorBoardWriter:
-        """Log every flushed step to TensorBoard (needs ``tensorboard``)."""
-        return self.add_writer(TensorBoardWriter(writer, log_dir))  # type: ignore[return-value]
+        """Log every flushed step to TensorBoard (needs ``tensorboard``), shaped by ``log`` /
+        ``group_by`` / ``include`` / ``exclude`` / ``top_k``."""
+        return self.add_writer(  # type: ignore[return-value]
+            TensorBoardWriter(writer, log_dir, spec=self.log_spec)
+        )
 
     def log_wandb(self, run: Any = None, *, rows: str = "latest") -> WandbWriter:
         """Log flushed steps to Weights & Biases (needs ``wandb``) without moving its step.
@@ -994,7 +1029,9 @@ class GradMonitor:
         ``rows="latest"``: each flush merges its newest row into the run's current step;
         ``rows="all"``: one W&B step per recorded row (see :class:`WandbWriter`).
         """
-        return self.add_writer(WandbWriter(run, keys=self.keys, rows=rows))  # type: ignore[return-value]
+        return self.add_writer(  # type: ignore[return-value]
+            WandbWriter(run, keys=self.keys, rows=rows, spec=self.log_spec)
+        )
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Save the heatmap + total-norm figure of :meth:`history` as a PNG (matplotlib)."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from .history import History, nonfinite_json
 from .keys import Keys
+from .logspec import LogSpec
 
 
 class HistoryWriter(Protocol):
@@ -30,7 +31,8 @@ class JsonlWriter:
 
     Keys: ``step``, ``total_norm``, ``clip_coef``, ``nonfinite``, ``skipped``,
     ``spike_total``, and per-parameter dicts ``norm``, ``max_abs``, ``nan_count``,
-    ``inf_count``, ``spike`` keyed by parameter name (absent gradients left out).
+    ``inf_count``, ``spike`` keyed by parameter name (absent gradients left out). A full
+    record: ``GradMonitor(log=...)`` does not shape it.
     Non-finite floats are written as the strings ``"NaN"``/``"Infinity"`` (``float()``
     reads them back), so the file stays standard JSON.
     """
@@ -142,9 +144,17 @@ class TensorBoardWriter:
     ``add_scalar(tag, value, step)``); ``log_dir`` creates one (needs ``tensorboard``).
     Each recorded step is written at its own step number (TensorBoard accepts any order),
     and the writer is flushed after each monitor flush so the event file is up to date.
+
+    ``spec``: which values to write (:class:`~fastgradstats.monitor.logspec.LogSpec`; the
+    monitor passes its own): totals, blocks or layers, filtered. Default: every layer.
+    Histograms follow it: one per logged layer, or per logged block (its members' counts
+    added), none with ``log="totals"``.
     """
 
-    def __init__(self, writer: Any = None, log_dir: str | None = None) -> None:
+    def __init__(
+        self, writer: Any = None, log_dir: str | None = None, *, spec: LogSpec | None = None
+    ) -> None:
+        self.spec = _check_spec(spec)
         if writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -158,7 +168,7 @@ class TensorBoardWriter:
     def write(self, history: History) -> None:
         for t in range(len(history)):
             step = int(history.steps[t])
-            for key, value in history.row_dict(t).items():
+            for key, value in self.spec.row_dict(history, t).items():
                 self.writer.add_scalar(key, value, step)
         self._write_histograms(history)
         flush = getattr(self.writer, "flush", None)
@@ -173,12 +183,10 @@ class TensorBoardWriter:
         if not rows or not callable(getattr(self.writer, "add_histogram_raw", None)):
             return
         keys = history.key_names()
-        for _, k in rows:
+        for t, k in rows:
             step = int(hist.steps[k])
-            for j, name in enumerate(hist.names):
-                if not hist.present[k, j]:
-                    continue
-                kwargs = tensorboard_histogram_kwargs(hist.counts[k, j].tolist())
+            for name, counts in self.spec.histogram_counts(history, t, k):
+                kwargs = tensorboard_histogram_kwargs(counts.tolist())
                 if kwargs is not None:  # None: no finite value to show
                     self.writer.add_histogram_raw(keys.histogram(name), global_step=step, **kwargs)
 
@@ -211,7 +219,15 @@ class WandbWriter:
 
     modes = ("latest", "all")
 
-    def __init__(self, run: Any = None, *, keys: Keys | None = None, rows: str = "latest") -> None:
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        keys: Keys | None = None,
+        rows: str = "latest",
+        spec: LogSpec | None = None,
+    ) -> None:
+        self.spec = _check_spec(spec)
         if rows not in self.modes:
             raise ValueError(f"rows must be one of {self.modes}, got {rows!r}")
         if run is None:
@@ -248,32 +264,41 @@ class WandbWriter:
         if self.rows == "latest" and hist_rows:
             by_row = {last: hist_rows[-1][1]}  # the newest histogram rides on the newest row
         for t in range(len(history)) if self.rows == "all" else (last,):
-            row = history.row_dict(t)
+            row = self.spec.row_dict(history, t)
             row[keys.step_metric] = int(history.steps[t])
             if t in by_row:
-                row.update(self._histograms(history, by_row[t], keys))
+                pairs = self.spec.histogram_counts(history, t, by_row[t])
+                row.update(self._histograms(history, by_row[t], keys, pairs))
             if self.rows == "all":
                 self.run.log(row)
             else:
                 self.run.log(row, commit=False)
 
     @staticmethod
-    def _histograms(history: History, k: int, keys: Keys) -> dict[str, Any]:
+    def _histograms(
+        history: History, k: int, keys: Keys, pairs: list[tuple[str, np.ndarray]]
+    ) -> dict[str, Any]:
         import wandb
 
         from ..histogram import wandb_np_histogram
 
         hist = history.histograms
         out: dict[str, Any] = {}
-        for j, name in enumerate(hist.names):
-            if not hist.present[k, j]:
-                continue
-            pair = wandb_np_histogram(hist.counts[k, j].tolist())
+        for name, counts in pairs:
+            pair = wandb_np_histogram(counts.tolist())
             if pair is not None:
                 out[keys.histogram(name)] = wandb.Histogram(np_histogram=pair)
         if out:
             out[keys.histogram_step] = int(hist.steps[k])
         return out
+
+
+def _check_spec(spec: Any) -> LogSpec:
+    if spec is None:
+        return LogSpec()  # every layer, as History.row_dict
+    if not isinstance(spec, LogSpec):
+        raise TypeError(f"spec must be a LogSpec or None, got {type(spec).__name__}")
+    return spec
 
 
 __all__ = ["CsvWriter", "HistoryWriter", "JsonlWriter", "TensorBoardWriter", "WandbWriter"]
