@@ -40,6 +40,10 @@ from benchmarks.workloads import (
     resnet50_shapes,
 )
 
+# The harness (timing, JSON, tables, sweeps) does not depend on the backend; the backend
+# that the benchmarked calls take is checked by the `backend`-parametrized test below.
+pytestmark = pytest.mark.backend_independent
+
 META_FIELDS = (
     "device_type",
     "device_name",
