@@ -262,7 +262,7 @@ def _run_one(
     diagnosis: Diagnosis = monitor.report()
     plot_name = f"{run.key}.png"
     if can_plot:
-        from .plot import plot_history
+        from .monitor.plots import plot_history
 
         history = monitor.history()
         plot_history(

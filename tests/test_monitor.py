@@ -403,7 +403,7 @@ def test_tensorboard_writer_with_a_stub():
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from fastgradstats.plot import plot_heatmap, plot_history, plot_total_norm
+    from fastgradstats.monitor.plots import plot_heatmap, plot_history, plot_total_norm
 
     model = tiny_model()
     monitor = GradMonitor(model, max_norm=2.0, spike_warmup=5)

@@ -84,7 +84,7 @@ def test_lazy_parameters_get_a_clear_error():
 
 def test_heatmap_leaves_out_parameters_that_never_had_a_gradient():
     pytest.importorskip("matplotlib")
-    from fastgradstats.plot import plot_heatmap
+    from fastgradstats.monitor.plots import plot_heatmap
 
     model = tiny_model(seed=4)
     model[0].requires_grad_(False)  # frozen: tracked, never a gradient

@@ -1,4 +1,4 @@
-"""The monitor package layout: public names stay importable, no import circle, light imports."""
+"""The monitor package layout: public names importable, light imports, one place for plots."""
 
 from __future__ import annotations
 
@@ -21,29 +21,27 @@ def _run(code: str) -> str:
 def test_public_names_stay_importable():
     import fastgradstats
     import fastgradstats.monitor as monitor
-    from fastgradstats.plot import plot_heatmap, plot_history, plot_total_norm
 
     assert fastgradstats.GradMonitor is monitor.GradMonitor
     for name in monitor.__all__:
         assert getattr(monitor, name) is not None
     assert monitor._Events is monitor.Events  # the old private name, used by diagnose()
-    assert plot_history is monitor.plots.plot_history
-    assert plot_heatmap is monitor.plots.plot_heatmap
-    assert plot_total_norm is monitor.plots.plot_total_norm
+    for name in ("plot_heatmap", "plot_history", "plot_total_norm"):
+        assert callable(getattr(monitor.plots, name))
 
 
-def test_monitor_never_imports_the_plot_shim_or_optional_packages():
+def test_monitor_never_imports_optional_packages():
     out = _run(
         "import sys, fastgradstats, fastgradstats.monitor\n"
         "import fastgradstats.monitor.plots\n"
-        "bad = [m for m in ('fastgradstats.plot', 'matplotlib', 'wandb', 'tensorboard',"
+        "bad = [m for m in ('matplotlib', 'wandb', 'tensorboard',"
         " 'lightning', 'transformers') if m in sys.modules]\n"
         "print(bad)\n"
     )
     assert out.strip() == "[]"
 
 
-def test_plot_shim_imports_first():
-    # The shim used to be half of a circle (plot -> monitor -> plot); importing it first in a
-    # fresh interpreter must work.
-    _run("import fastgradstats.plot as p; assert callable(p.plot_history)")
+def test_the_old_plot_shim_is_gone():
+    # one place for the plots: fastgradstats.monitor.plots (issue 17)
+    with pytest.raises(ModuleNotFoundError):
+        __import__("fastgradstats.plot")
