@@ -92,7 +92,7 @@ def test_fifty_steps_match_torch_clip_then_step(opt_cls, kwargs, dtype, clipping
         got = fgs.clip_grad_norm_(ours, max_norm, optimizer=opt_ours, backend=backend)
         # The hand-off leaves the gradients alone until step(); the optimizer divides them.
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, before))
-        handed += hasattr(opt_ours, "grad_scale")
+        handed += handoff.pending_scale(opt_ours) is not None
         opt_ours.step()
         assert not hasattr(opt_ours, "grad_scale") and not hasattr(opt_ours, "found_inf")
         assert not handoff.pending(opt_ours)
@@ -109,7 +109,8 @@ def test_coefficient_is_float32_reciprocal_on_the_grads_device():
         p.grad = torch.full((5,), 3.0)
     opt = torch.optim.Adam(params, fused=True)
     total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    scale = opt.grad_scale
+    scale = handoff.pending_scale(opt)
+    assert not hasattr(opt, "grad_scale")  # put on the optimizer only during step()
     assert scale.dtype == torch.float32 and scale.dim() == 0 and scale.device == params[0].device
     coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
     assert torch.equal(scale, torch.reciprocal(coef))
@@ -168,7 +169,7 @@ def test_grads_none_in_the_optimizer_do_not_block_the_hand_off():
     params[2].grad = None
     opt = torch.optim.Adam(params, fused=True)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    assert hasattr(opt, "grad_scale")
+    assert handoff.pending_scale(opt) is not None
     opt.step()
     assert not hasattr(opt, "grad_scale")
 
@@ -177,11 +178,11 @@ def test_clipped_twice_before_a_step_raises_and_changes_nothing():
     params = _fp32_params()
     opt = torch.optim.AdamW(params, fused=True)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    scale = opt.grad_scale
+    scale = handoff.pending_scale(opt)
     grads = [p.grad.clone() for p in params]
     with pytest.raises(RuntimeError, match=r"twice before optimizer\.step"):
         fgs.clip_grad_norm_(params, 0.5, optimizer=opt)
-    assert opt.grad_scale is scale
+    assert handoff.pending_scale(opt) is scale
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     opt.step()  # the first clip is still applied, then cleaned up
     assert not hasattr(opt, "grad_scale")
@@ -201,7 +202,7 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
     for p, q in zip(params, ref):
         p.grad = torch.full((4,), 0.25)
         q.grad = torch.full((4,), 0.25)
-    with pytest.warns(RuntimeWarning, match="never used"):
+    with pytest.warns(RuntimeWarning, match="dropped, never applied"):
         opt.step()
     opt_ref.step()
     assert not hasattr(opt, "grad_scale")
@@ -213,7 +214,8 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    assert torch.equal(opt.grad_scale, torch.reciprocal(torch.clamp(1 / (total + 1e-6), max=1)))
+    want = torch.reciprocal(torch.clamp(1 / (total + 1e-6), max=1))
+    assert torch.equal(handoff.pending_scale(opt), want)
     opt.step()
     assert not hasattr(opt, "grad_scale")
 
@@ -225,8 +227,11 @@ def test_composes_with_a_grad_scale_already_set_and_restores_it():
     opt.grad_scale = mine
     total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
     coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
-    assert torch.allclose(opt.grad_scale, 8.0 / coef, rtol=1e-7)
-    opt.step()
+    seen = []
+    handle = opt.register_step_pre_hook(lambda o, a, k: seen.append(o.grad_scale))
+    opt.step()  # our pre-hook runs first: the user's hook sees the composed scale
+    handle.remove()
+    assert torch.allclose(seen[0], 8.0 / coef, rtol=1e-7)
     assert opt.grad_scale is mine  # put back as it was: its owner removes it
 
 
@@ -248,7 +253,7 @@ def _scaler_run(use_fgs: bool, unscale_first: bool, steps: int = 8):
             scaler.unscale_(opt)
         if use_fgs:
             fgs.clip_grad_norm_(model.parameters(), 0.5, optimizer=opt)
-            handed += hasattr(opt, "grad_scale")
+            handed += handoff.pending_scale(opt) is not None
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         scaler.step(opt)
