@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -169,8 +169,11 @@ def _usable(optimizer: Any, pending: _Pending) -> tuple[Tensor | None, Tensor | 
     if pending.current():
         return pending.scale, pending.found_inf
     replaced = pending.replaced()
-    dropped = [what for what, value in (("clip coefficient", pending.scale),
-               ("found_inf", pending.found_inf if replaced else None)) if value is not None]  # fmt: skip
+    dropped = []
+    if pending.scale is not None:
+        dropped.append("clip coefficient")
+    if replaced and pending.found_inf is not None:
+        dropped.append("found_inf")
     if dropped:
         how = "replaced" if replaced else "modified in place"
         warnings.warn(
