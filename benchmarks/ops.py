@@ -390,6 +390,7 @@ def check_clip_step(grads: list[Tensor], backend: str | None = None) -> dict[str
     used = False
     for name, case in cases.items():
         if name == HANDOFF:  # the impl, unrolled to see the coefficient wait for the step
+            handoff.watch(case.optimizer)  # a fresh optimizer: else its first clip scales
             fgs.clip_grad_norm_(case.params, case.max_norm, backend=backend,
                                 optimizer=case.optimizer)  # fmt: skip
             used = handoff.pending_scale(case.optimizer) is not None

@@ -26,8 +26,9 @@ Otherwise the caller scales the gradients as usual.
 Rules, all on purpose:
 
 * **One owner, attributes only during ``step()``.** The coefficient and ``found_inf`` are
-  held here (per optimizer) until its ``step()``. A step pre-hook puts them on the
-  optimizer, composed with whatever is there at that moment (a ``grad_scale`` /
+  held here (per optimizer) until its ``step()``. A step pre-hook (or, for
+  ``step(closure)``, the closure once it returns: Lightning clips inside it) puts them on
+  the optimizer, composed with whatever is there at that moment (a ``grad_scale`` /
   ``found_inf`` set by ``torch.amp.GradScaler.step``, enabled or not, or by the user):
   scales multiply, ``found_inf`` takes the maximum. The post-hook puts back exactly what
   was there before (deletes the attributes when nothing was), so GradScaler still finds
@@ -187,7 +188,8 @@ def _usable(optimizer: Any, pending: _Pending) -> tuple[Tensor | None, Tensor | 
     return None, (None if replaced else pending.found_inf)
 
 
-def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+def _install(optimizer: Any) -> None:
+    """Put what is pending on ``optimizer``, composed with what is there now."""
     _uninstall(optimizer)  # leftovers of a step that raised
     pending = _PENDING.pop(optimizer, None)  # consumed by this step, whatever happens
     if pending is None:
@@ -210,17 +212,55 @@ def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
         _INSTALLED[optimizer] = installed
 
 
+def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> Any:
+    # args holds the optimizer itself first, then step()'s own arguments.
+    closure = kwargs.get("closure") if "closure" in kwargs else (args[1:2] or [None])[0]
+    if closure is None:
+        _install(optimizer)
+        return None
+    _uninstall(optimizer)
+
+    # step(closure): the backward and the clip (Lightning's on_before_optimizer_step, say)
+    # run inside step(), after this hook; what they hand over is installed when the closure
+    # returns, before the optimizer reads the gradients.
+    def closure_then_install() -> Any:
+        result = closure()
+        _install(optimizer)
+        return result
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_install}
+    return (args[0], closure_then_install, *args[2:]), kwargs
+
+
 def _post_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     _uninstall(optimizer)
 
 
-def _ensure_hooks(optimizer: Any) -> None:
+def watch(optimizer: Any) -> None:
+    """Register the step hooks the hand-off needs on ``optimizer`` (once; no-op for
+    optimizers that take no ``grad_scale``).
+
+    The first hand-off to an optimizer not watched yet scales in place instead (it may run
+    inside ``step(closure)``, whose pre-hook has passed), and watches it for the next
+    steps. :class:`~fastgradstats.GradMonitor` watches its ``optimizer=`` at construction.
+    """
     # Permanent hooks, once per optimizer: a hook cannot remove itself (torch iterates the
     # hook dict while calling them); they cost a dict lookup per step when idle.
+    if optimizer is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return
     if optimizer not in _HOOKED:
         pre = optimizer.register_step_pre_hook(_pre_step)
         post = optimizer.register_step_post_hook(_post_step)
         _HOOKED[optimizer] = (pre, post)
+
+
+def _first_use(optimizer: Any) -> bool:
+    """True (and the optimizer is watched from now on) when it had no hooks yet."""
+    if optimizer in _HOOKED:
+        return False
+    watch(optimizer)
+    return True
 
 
 def _pending_for(optimizer: Any, params: list[Tensor]) -> _Pending:
@@ -231,7 +271,6 @@ def _pending_for(optimizer: Any, params: list[Tensor]) -> _Pending:
     if pending is None or not pending.current():
         pending = _Pending.of(params)
         _PENDING[optimizer] = pending
-        _ensure_hooks(optimizer)
     return pending
 
 
@@ -252,7 +291,8 @@ def hand_off_(optimizer: Any, params: list[Tensor], coef: Tensor) -> bool:
     Returns:
         ``True`` when the coefficient is taken care of (handed over, or, for CPU tensors,
         found to be >= 1): the caller must not scale. ``False``: the caller scales (no
-        fused optimizer, or under ``torch.compile``).
+        fused optimizer, under ``torch.compile``, or the optimizer's first hand-off when
+        it was not :func:`watch`-ed before).
 
     Raises:
         RuntimeError: a coefficient was already handed over for these same gradients and
@@ -260,6 +300,8 @@ def hand_off_(optimizer: Any, params: list[Tensor], coef: Tensor) -> bool:
     """
     if coef.dtype == torch.float64 or _compiling() or not can_hand_off(optimizer, params):
         return False
+    if _first_use(optimizer):
+        return False  # maybe inside step(closure), past the pre-hook: scale in place
     pending = _PENDING.get(optimizer)
     if pending is not None and pending.scale is not None and pending.current():
         raise RuntimeError(
@@ -282,13 +324,14 @@ def set_found_inf_(optimizer: Any, found_inf: Tensor) -> bool:
     For fused optimizers (``_step_supports_amp_scaling``): held until the next ``step()``
     like :func:`hand_off_`, composed then with a ``found_inf`` already on the optimizer
     (maximum), and removed after it. Two calls for the same gradients take the maximum.
-    Returns ``False`` (nothing done) for other optimizers and under ``torch.compile``.
+    Returns ``False`` (nothing done) for other optimizers, under ``torch.compile``, and
+    on the first call for an optimizer not :func:`watch`-ed before.
     Never syncs.
     """
     if optimizer is None or _compiling():
         return False
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return False
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or _first_use(optimizer):
+        return False  # (first use: maybe inside step(closure); the caller zeroes instead)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     pending = _pending_for(optimizer, params)
     flag = found_inf.to(torch.float32)
@@ -315,4 +358,12 @@ def cancel_(optimizer: Any) -> None:
     _uninstall(optimizer)
 
 
-__all__ = ["can_hand_off", "cancel_", "hand_off_", "pending", "pending_scale", "set_found_inf_"]
+__all__ = [
+    "can_hand_off",
+    "cancel_",
+    "hand_off_",
+    "pending",
+    "pending_scale",
+    "set_found_inf_",
+    "watch",
+]

@@ -39,7 +39,9 @@ def _make(opt_cls, kwargs, dtype, seed=0):
     init = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
     ref = [torch.nn.Parameter(t.clone()) for t in init]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
-    return ref, opt_cls(ref, fused=True, **kwargs), ours, opt_cls(ours, fused=True, **kwargs)
+    opt_ours = opt_cls(ours, fused=True, **kwargs)
+    handoff.watch(opt_ours)  # else the first hand-off scales in place (see handoff.watch)
+    return ref, opt_cls(ref, fused=True, **kwargs), ours, opt_ours
 
 
 def _new_grads(ref, ours, gen, step, dtype):
@@ -108,6 +110,7 @@ def test_coefficient_is_float32_reciprocal_on_the_grads_device():
     for p in params:
         p.grad = torch.full((5,), 3.0)
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
     scale = handoff.pending_scale(opt)
     assert not hasattr(opt, "grad_scale")  # put on the optimizer only during step()
@@ -138,17 +141,21 @@ def test_falls_back_to_scaling(case):
         opt = torch.optim.AdamW(params, foreach=True)
     elif case == "subset":  # the optimizer would divide a gradient we did not clip
         opt = torch.optim.Adam(params, fused=True)
+        handoff.watch(opt)
         clipped = params[:2]
     elif case == "superset":  # a clipped gradient the optimizer would not divide
         opt = torch.optim.Adam(params[:2], fused=True)
+        handoff.watch(opt)
     elif case == "float64":
         params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2)]
         for p in params:
             p.grad = torch.full((4,), 2.0, dtype=torch.float64)
         clipped = params
         opt = torch.optim.Adam(params, fused=True)
+        handoff.watch(opt)
     elif case == "one_group_unfused":
         opt = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], fused=True)
+        handoff.watch(opt)
         opt.param_groups[1]["fused"] = False
     else:
         opt = None
@@ -168,6 +175,7 @@ def test_grads_none_in_the_optimizer_do_not_block_the_hand_off():
     params = _fp32_params(3)
     params[2].grad = None
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
     assert handoff.pending_scale(opt) is not None
     opt.step()
@@ -177,6 +185,7 @@ def test_grads_none_in_the_optimizer_do_not_block_the_hand_off():
 def test_clipped_twice_before_a_step_raises_and_changes_nothing():
     params = _fp32_params()
     opt = torch.optim.AdamW(params, fused=True)
+    handoff.watch(opt)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
     scale = handoff.pending_scale(opt)
     grads = [p.grad.clone() for p in params]
@@ -196,6 +205,7 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
     params = _fp32_params()
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = torch.optim.Adam(params, fused=True, lr=0.1)
+    handoff.watch(opt)
     opt_ref = torch.optim.Adam(ref, fused=True, lr=0.1)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)  # ...and then no step()
     opt.zero_grad()
@@ -223,6 +233,7 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
 def test_composes_with_a_grad_scale_already_set_and_restores_it():
     params = _fp32_params()
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     mine = torch.tensor(8.0)
     opt.grad_scale = mine
     total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
@@ -239,6 +250,7 @@ def _scaler_run(use_fgs: bool, unscale_first: bool, steps: int = 8):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    handoff.watch(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
     gen = torch.Generator().manual_seed(1)
     scales, handed = [], 0
@@ -301,6 +313,7 @@ def test_nan_step_under_skip_leaves_params_and_state(backend):
 def test_set_found_inf_composes_with_maximum():
     params = _fp32_params()
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     assert not handoff.set_found_inf_(torch.optim.Adam(_fp32_params()), torch.tensor(True))
     opt.found_inf = torch.tensor(1.0)
     handoff.set_found_inf_(opt, torch.tensor(False))
@@ -314,6 +327,7 @@ def test_set_found_inf_composes_with_maximum():
 def test_hand_off_path_never_reads_the_device(forbid_host_reads, monkeypatch):
     params = _fp32_params()
     opt = torch.optim.AdamW(params, fused=True)
+    handoff.watch(opt)
     # The one deliberate read is the CPU-only "nothing to clip" shortcut (free on the host,
     # never taken for CUDA tensors): without it the path must not read anything.
     with pytest.raises(AssertionError, match="__bool__"):

@@ -33,7 +33,9 @@ def _pair(seed: int = 0, opt_cls=torch.optim.AdamW, **kw):
     ref = [torch.nn.Parameter(t.clone()) for t in init]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     kw.setdefault("lr", 1e-2)
-    return ref, opt_cls(ref, fused=True, **kw), ours, opt_cls(ours, fused=True, **kw)
+    opt = opt_cls(ours, fused=True, **kw)
+    handoff.watch(opt)  # else the first hand-off scales in place (tested below)
+    return ref, opt_cls(ref, fused=True, **kw), ours, opt
 
 
 def _grads(ref, ours, gen, scale=10.0):
@@ -279,3 +281,34 @@ def test_compiled_clip_with_optimizer_scales_in_place(backend, compile_backend):
             _assert_same(ref, ours)
     finally:
         torch._dynamo.reset()
+
+
+# -- step(closure): the clip runs inside step(), after the pre-hook (Lightning) ------------
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["watched", "first_use"])
+def test_clip_inside_step_closure_matches_torch(backend, watched):
+    ref, opt_ref, ours, _ = _pair()
+    opt = torch.optim.AdamW(ours, fused=True, lr=1e-2)
+    if watched:
+        handoff.watch(opt)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        target = [torch.randn(n, generator=gen) * 10 for n in SIZES]
+
+        def closure_ref(target=target):
+            opt_ref.zero_grad()
+            _backward_into(ref, target)
+            torch.nn.utils.clip_grad_norm_(ref, 0.5)
+
+        def closure(target=target, step=step):
+            opt.zero_grad()
+            _backward_into(ours, target)
+            fgs.clip_grad_norm_(ours, 0.5, optimizer=opt, backend=backend)
+            # handed over from the second step on (first use, unwatched: scaled in place)
+            assert (handoff.pending_scale(opt) is not None) == (watched or step > 0)
+
+        opt_ref.step(closure_ref)
+        opt.step(closure)
+        assert_clean(opt)
+        _assert_same(ref, ours)

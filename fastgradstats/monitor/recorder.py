@@ -295,6 +295,7 @@ class GradMonitor:
         self.every = positive_int(every, "every")
         self.skip_nonfinite = bool(skip_nonfinite)
         self.optimizer = optimizer
+        handoff.watch(optimizer)  # hooks before the first step: it may clip in step(closure)
         self.spike_threshold = positive_float(spike_threshold, "spike_threshold")
         self.spike_min_ratio = positive_float(spike_min_ratio, "spike_min_ratio")
         if not 0.0 < float(spike_beta) < 1.0:
