@@ -335,7 +335,7 @@ def assert_clean(opt):
     assert not handoff.pending(opt)
 
 
-def test_monitor_and_lightning_both_clip_in_turn_with_a_fused_optimizer(backend):
+def test_monitor_and_lightning_both_clip_in_turn_with_a_fused_optimizer(backend_slow_triton):
     """The monitor clips at 0.2, then Lightning at 0.5: in turn that is the 0.2 clip alone
     (a fused optimizer must not multiply the two, nor drop the monitor's)."""
     reference = Regressor(fused=True)
@@ -378,7 +378,7 @@ def _torch_amp_reference(max_norm, steps):
     return module, totals
 
 
-def test_16_mixed_with_a_fused_optimizer_records_and_clips_unscaled_grads(backend):
+def test_16_mixed_with_a_fused_optimizer_records_and_clips_unscaled_grads(backend_slow_triton):
     reference, want_totals = _torch_amp_reference(0.5, steps=6)
     callback = GradMonitorCallback()
     trainer, module, _ = fit(
@@ -409,7 +409,7 @@ class _TorchZClip(pl.Callback):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adam"])
-def test_adaptive_clipper_as_max_norm(backend, fused):
+def test_adaptive_clipper_as_max_norm(backend_slow_triton, fused):
     import fastgradstats as fgs
 
     def zclip():
