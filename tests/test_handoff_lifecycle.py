@@ -266,7 +266,7 @@ def test_compiled_clip_with_optimizer_scales_in_place(backend, compile_backend):
     def clip(params):
         return fgs.clip_grad_norm_(params, 0.5, optimizer=opt)
 
-    compiled = torch.compile(clip, backend=compile_backend)
+    compiled = torch.compile(clip, backend=compile_backend, fullgraph=True)
     try:
         for _ in range(3):
             _grads(ref, ours, gen)
