@@ -312,3 +312,54 @@ def test_clip_inside_step_closure_matches_torch(backend, watched):
         opt.step(closure)
         assert_clean(opt)
         _assert_same(ref, ours)
+
+
+# -- any sequence -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_sequences_of_clip_step_zero_grad_backward(backend, seed):
+    """Random clip / step / zero_grad / backward sequences against a model of the rules:
+    a coefficient applies at the next step() iff its gradients are unchanged since; no
+    attribute of ours is on the optimizer between calls."""
+    import random
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    ref, opt_ref, ours, opt = _pair(seed)
+    _grads(ref, ours, gen)
+    coef = None  # the reference's pending coefficient, valid for the current gradients
+    ops = ["clip", "step", "backward", "zero_grad_keep", "zero_grad_none", "clip", "step"]
+    for _ in range(30):
+        op = rng.choice(ops)
+        if op == "clip":
+            if coef is not None:
+                with pytest.raises(RuntimeError, match="twice"):
+                    fgs.clip_grad_norm_(ours, 0.5, optimizer=opt, backend=backend)
+            else:
+                total = torch.nn.utils.get_total_norm([p.grad for p in ref])
+                coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+                fgs.clip_grad_norm_(ours, 0.5, optimizer=opt, backend=backend)
+        elif op == "step":
+            if coef is not None:
+                torch._foreach_mul_([p.grad for p in ref], coef)
+            coef = None
+            opt_ref.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # dropped stale coefficients
+                opt.step()
+        else:
+            if op == "zero_grad_keep":
+                opt_ref.zero_grad(set_to_none=False)
+                opt.zero_grad(set_to_none=False)
+            elif op == "zero_grad_none":
+                opt_ref.zero_grad()
+                opt.zero_grad()
+            target = [torch.randn(n, generator=gen) * 10 for n in SIZES]
+            _backward_into(ref, target)
+            _backward_into(ours, target)
+            coef = None  # new gradient values: a pending coefficient is stale
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf"), op
+        _assert_same(ref, ours, tol=1e-5)
+    opt.step()
+    assert_clean(opt)
