@@ -76,16 +76,6 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(
-    params=[pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS]
-)
-def backend_slow_triton(request, monkeypatch):
-    """``backend``, with the Triton case marked ``slow``: for whole training runs, which
-    take seconds per run under the CPU interpreter."""
-    monkeypatch.setenv(dispatch.ENV_BACKEND, request.param)
-    return request.param
-
-
 @pytest.fixture
 def device() -> str:
     """The device tests put tensors on: CUDA when present, else the CPU."""

@@ -78,7 +78,8 @@ def test_grad_scaler_enabled_or_not_matches_torch_and_cleans_up(backend, enabled
         _assert_same(ref, ours)
 
 
-def test_disabled_scaler_nan_step_skips_once_then_updates_resume(backend_slow_triton):
+@pytest.mark.slow_on_triton
+def test_disabled_scaler_nan_step_skips_once_then_updates_resume(backend):
     ref, opt_ref, ours, opt = _pair()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = dict(zip("abc", ours))

@@ -498,7 +498,8 @@ def _run_reference(tmp_path, first, then):
     return trainer, ref_cb
 
 
-def test_attach_another_norm_type_and_max_grad_norm_clip_in_turn(tmp_path, backend_slow_triton):
+@pytest.mark.slow_on_triton
+def test_attach_another_norm_type_and_max_grad_norm_clip_in_turn(tmp_path, backend):
     """The monitor clips the 1-norm at 0.3 (then the 2-norm is <= 0.3), then the Trainer
     the 2-norm at 0.5: in turn the second clip does nothing. A fused optimizer must not
     multiply the two (nor drop the monitor's)."""
@@ -522,8 +523,9 @@ def test_attach_another_norm_type_and_max_grad_norm_clip_in_turn(tmp_path, backe
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow_on_triton
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
-def test_attach_with_an_adaptive_clipper_then_max_grad_norm(tmp_path, backend_slow_triton, fused):
+def test_attach_with_an_adaptive_clipper_then_max_grad_norm(tmp_path, backend, fused):
     import fastgradstats as fgs
 
     clipper_ref = fgs.AutoClip(percentile=10.0)

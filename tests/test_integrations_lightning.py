@@ -335,7 +335,8 @@ def assert_clean(opt):
     assert not handoff.pending(opt)
 
 
-def test_monitor_and_lightning_both_clip_in_turn_with_a_fused_optimizer(backend_slow_triton):
+@pytest.mark.slow_on_triton
+def test_monitor_and_lightning_both_clip_in_turn_with_a_fused_optimizer(backend):
     """The monitor clips at 0.2, then Lightning at 0.5: in turn that is the 0.2 clip alone
     (a fused optimizer must not multiply the two, nor drop the monitor's)."""
     reference = Regressor(fused=True)
@@ -378,7 +379,8 @@ def _torch_amp_reference(max_norm, steps):
     return module, totals
 
 
-def test_16_mixed_with_a_fused_optimizer_records_and_clips_unscaled_grads(backend_slow_triton):
+@pytest.mark.slow_on_triton
+def test_16_mixed_with_a_fused_optimizer_records_and_clips_unscaled_grads(backend):
     reference, want_totals = _torch_amp_reference(0.5, steps=6)
     callback = GradMonitorCallback()
     trainer, module, _ = fit(
@@ -408,8 +410,9 @@ class _TorchZClip(pl.Callback):
         torch._foreach_mul_(grads, coef)
 
 
+@pytest.mark.slow_on_triton
 @pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adam"])
-def test_adaptive_clipper_as_max_norm(backend_slow_triton, fused):
+def test_adaptive_clipper_as_max_norm(backend, fused):
     import fastgradstats as fgs
 
     def zclip():
