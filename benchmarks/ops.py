@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 import fastgradstats as fgs
+from fastgradstats import handoff
 
 from .workloads import clone_grads, grad_holders
 
@@ -388,10 +389,11 @@ def check_clip_step(grads: list[Tensor], backend: str | None = None) -> dict[str
                                                             TORCH_CLIP_STEP)}  # fmt: skip
     used = False
     for name, case in cases.items():
-        if name == HANDOFF:  # the impl, unrolled to see grad_scale between clip and step
+        if name == HANDOFF:  # the impl, unrolled to see the coefficient wait for the step
+            handoff.watch(case.optimizer)  # a fresh optimizer: else its first clip scales
             fgs.clip_grad_norm_(case.params, case.max_norm, backend=backend,
                                 optimizer=case.optimizer)  # fmt: skip
-            used = hasattr(case.optimizer, "grad_scale")
+            used = handoff.pending_scale(case.optimizer) is not None
             case.optimizer.step()
         else:
             clip_step_impls(case)[name]()

@@ -25,27 +25,38 @@ Otherwise the caller scales the gradients as usual.
 
 Rules, all on purpose:
 
-* **Composition.** A ``grad_scale`` / ``found_inf`` already on the optimizer (a GradScaler,
-  or the user's) is composed with, never overwritten: scales multiply, ``found_inf`` takes
-  the maximum. GradScaler itself multiplies its scale into a ``grad_scale`` it finds.
-* **Clean-up.** Two permanent step hooks are registered once per optimizer (a hook cannot
-  remove itself: torch iterates the hook dict while calling them). After ``step()`` the
-  post-hook puts back what was there before the hand-off (deletes the attributes when
-  nothing was); inside ``GradScaler.step`` it leaves them, since the scaler deletes both
-  right after the step and would fail on a missing attribute.
-* **Clipped twice before one step** raises ``RuntimeError``: the gradients still hold their
-  unclipped values, so a second norm would not be torch's. A hand-off whose gradients were
-  replaced before any ``step()`` (``zero_grad()`` + a new backward) is stale: it is dropped
-  (with a warning at ``step()``, silently at the next hand-off).
+* **One owner, attributes only during ``step()``.** The coefficient and ``found_inf`` are
+  held here (per optimizer) until its ``step()``. A step pre-hook (or, for
+  ``step(closure)``, the closure once it returns: Lightning clips inside it) puts them on
+  the optimizer, composed with whatever is there at that moment (a ``grad_scale`` /
+  ``found_inf`` set by ``torch.amp.GradScaler.step``, enabled or not, or by the user):
+  scales multiply, ``found_inf`` takes the maximum. The post-hook puts back exactly what
+  was there before (deletes the attributes when nothing was), so GradScaler still finds
+  and deletes its own. No call stack is inspected, and between the clip and ``step()``
+  (where an exception may be raised) nothing of ours is on the optimizer. A step that
+  raised inside the optimizer leaves ours there until the next hand-off or ``step()``,
+  which removes it first.
+* **Consumed by one step.** The pre-hook takes the pending record: a later ``step()`` gets
+  nothing from it.
+* **Stale gradients.** The gradients are fingerprinted at the hand-off (object identity,
+  ``_version`` counter, storage pointer). If they were replaced (``zero_grad()`` and a new
+  backward, with ``set_to_none`` either way) or modified in place (another clip) before
+  ``step()``, the coefficient no longer matches them and is never applied: dropped with a
+  ``RuntimeWarning`` at ``step()``, silently at the next hand-off. ``found_inf`` is kept
+  when the gradients were only modified in place (a clip keeps NaN/Inf where they are;
+  dropping it could let a NaN update through) and dropped when they were replaced.
+* **Clipped twice before one step** (same, unmodified gradients) raises ``RuntimeError``:
+  the gradients still hold their unclipped values, so a second norm would not be torch's.
+* **Under ``torch.compile``** (while tracing) nothing is handed over: the caller scales
+  in place (hooks and attributes set while tracing are not replayed by the graph).
 * Until ``step()`` the ``.grad`` tensors hold the *unclipped* gradients.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,24 +67,56 @@ from . import distributed
 _MISSING = object()  # "the attribute was absent", distinct from an attribute set to None
 
 
+def _fingerprint(grad: Tensor) -> tuple[int, int]:
+    # _version counts in-place writes (zero_(), backward's accumulation, a clip's mul_);
+    # the storage pointer catches a .data swap, which keeps the object and its counter.
+    return grad._version, grad.data_ptr()
+
+
 @dataclass
 class _Pending:
     """What one optimizer carries from a hand-off until its next ``step()``."""
 
-    grad_scale: Any = _MISSING  # our tensor in optimizer.grad_scale, or _MISSING
-    prior_grad_scale: Any = _MISSING
-    found_inf: Any = _MISSING  # our tensor in optimizer.found_inf, or _MISSING
-    prior_found_inf: Any = _MISSING
-    params: list[Tensor] = field(default_factory=list)
-    grad_refs: list[weakref.ref] = field(default_factory=list)  # weak: never keep grads alive
+    params: list[Tensor]
+    grad_refs: list[weakref.ref]  # weak: never keep gradients alive
+    prints: list[tuple[int, int]]
+    scale: Tensor | None = None  # 1 / coef, for optimizer.grad_scale
+    found_inf: Tensor | None = None  # float32 0-d, for optimizer.found_inf
 
-    def grads_current(self) -> bool:
-        """True while every parameter still holds the gradient object seen at hand-off."""
-        return all(p.grad is ref() for p, ref in zip(self.params, self.grad_refs))
+    @classmethod
+    def of(cls, params: list[Tensor]) -> _Pending:
+        grads = [p.grad for p in params]
+        return cls(list(params), [weakref.ref(g) for g in grads], [_fingerprint(g) for g in grads])
+
+    def replaced(self) -> bool:
+        """True when a parameter holds another gradient object than at hand-off."""
+        return any(p.grad is not ref() for p, ref in zip(self.params, self.grad_refs))
+
+    def current(self) -> bool:
+        """True while every gradient is the object seen at hand-off, unmodified since."""
+        return not self.replaced() and all(
+            _fingerprint(p.grad) == fp for p, fp in zip(self.params, self.prints)
+        )
+
+
+@dataclass
+class _Installed:
+    """The attributes the pre-hook put on the optimizer, and what was there before."""
+
+    grad_scale: Any = _MISSING
+    prior_grad_scale: Any = _MISSING
+    found_inf: Any = _MISSING
+    prior_found_inf: Any = _MISSING
 
 
 _PENDING: weakref.WeakKeyDictionary[Any, _Pending] = weakref.WeakKeyDictionary()
+_INSTALLED: weakref.WeakKeyDictionary[Any, _Installed] = weakref.WeakKeyDictionary()
 _HOOKED: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces: hooks and attributes set then are not replayed."""
+    return torch.compiler.is_compiling()
 
 
 def can_hand_off(optimizer: Any, params: list[Tensor]) -> bool:
@@ -104,21 +147,6 @@ def can_hand_off(optimizer: Any, params: list[Tensor]) -> bool:
     return not any(p.grad.dtype == torch.float64 or distributed.is_dtensor(p) for p in params)
 
 
-def _in_grad_scaler_step() -> bool:
-    """True when called (via optimizer.step) from inside ``GradScaler.step``, which deletes
-    ``grad_scale`` and ``found_inf`` itself once the step returns."""
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "step" and isinstance(
-            frame.f_locals.get("self"), torch.amp.GradScaler
-        ):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _restore(optimizer: Any, name: str, ours: Any, prior: Any) -> None:
     if ours is _MISSING or getattr(optimizer, name, _MISSING) is not ours:
         return  # not set by us, or replaced since (its new owner cleans it up)
@@ -128,61 +156,121 @@ def _restore(optimizer: Any, name: str, ours: Any, prior: Any) -> None:
         setattr(optimizer, name, prior)
 
 
-def _release(optimizer: Any) -> None:
-    """Undo a pending hand-off on ``optimizer``: put back what was there before."""
-    pending = _PENDING.pop(optimizer, None)
+def _uninstall(optimizer: Any) -> None:
+    """Put back what the pre-hook found on ``optimizer`` (after the step, or after a step
+    that raised before its post-hook ran)."""
+    installed = _INSTALLED.pop(optimizer, None)
+    if installed is not None:
+        _restore(optimizer, "grad_scale", installed.grad_scale, installed.prior_grad_scale)
+        _restore(optimizer, "found_inf", installed.found_inf, installed.prior_found_inf)
+
+
+def _usable(optimizer: Any, pending: _Pending) -> tuple[Tensor | None, Tensor | None]:
+    """What of ``pending`` still applies to the gradients ``step()`` is about to read."""
+    if pending.current():
+        return pending.scale, pending.found_inf
+    replaced = pending.replaced()
+    dropped = []
+    if pending.scale is not None:
+        dropped.append("clip coefficient")
+    if replaced and pending.found_inf is not None:
+        dropped.append("found_inf")
+    if dropped:
+        how = "replaced" if replaced else "modified in place"
+        warnings.warn(
+            f"fastgradstats: the {' and '.join(dropped)} handed to this optimizer "
+            f"({type(optimizer).__name__}) no longer match its gradients, which were {how} "
+            "since (zero_grad() and a new backward, or another clip, before step()): "
+            "dropped, never applied. Clip right before step(), once",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return None, (None if replaced else pending.found_inf)
+
+
+def _install(optimizer: Any) -> None:
+    """Put what is pending on ``optimizer``, composed with what is there now."""
+    _uninstall(optimizer)  # leftovers of a step that raised
+    pending = _PENDING.pop(optimizer, None)  # consumed by this step, whatever happens
     if pending is None:
         return
-    _restore(optimizer, "grad_scale", pending.grad_scale, pending.prior_grad_scale)
-    _restore(optimizer, "found_inf", pending.found_inf, pending.prior_found_inf)
+    scale, found = _usable(optimizer, pending)
+    installed = _Installed()
+    if scale is not None:
+        prior = getattr(optimizer, "grad_scale", _MISSING)
+        if prior is not _MISSING and prior is not None:  # GradScaler's (or the user's)
+            scale = prior.to(scale.device, torch.float32) * scale
+        installed.grad_scale, installed.prior_grad_scale = scale, prior
+        optimizer.grad_scale = scale
+    if found is not None:
+        prior = getattr(optimizer, "found_inf", _MISSING)
+        if prior is not _MISSING and prior is not None:
+            found = torch.maximum(prior.to(found.device, torch.float32), found)
+        installed.found_inf, installed.prior_found_inf = found, prior
+        optimizer.found_inf = found
+    if scale is not None or found is not None:
+        _INSTALLED[optimizer] = installed
 
 
-def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    pending = _PENDING.get(optimizer)
-    if pending is None or pending.grads_current():
-        return
-    if pending.grad_scale is not _MISSING and optimizer.grad_scale is not pending.grad_scale:
-        raise RuntimeError(
-            "fastgradstats: the gradients were replaced after their clip coefficient was "
-            "handed to the optimizer, and something has since composed its own grad_scale "
-            "with it; cannot take the stale coefficient back. Call optimizer.step() after "
-            "each clip_grad_norm_(..., optimizer=...)"
-        )
-    _release(optimizer)
-    warnings.warn(
-        "fastgradstats: a clip coefficient handed to this optimizer was never used and its "
-        "gradients have been replaced since (zero_grad() without step()?); it was dropped",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> Any:
+    # args holds the optimizer itself first, then step()'s own arguments.
+    closure = kwargs.get("closure") if "closure" in kwargs else (args[1:2] or [None])[0]
+    if closure is None:
+        _install(optimizer)
+        return None
+    _uninstall(optimizer)
+
+    # step(closure): the backward and the clip (Lightning's on_before_optimizer_step, say)
+    # run inside step(), after this hook; what they hand over is installed when the closure
+    # returns, before the optimizer reads the gradients.
+    def closure_then_install() -> Any:
+        result = closure()
+        _install(optimizer)
+        return result
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_install}
+    return (args[0], closure_then_install, *args[2:]), kwargs
 
 
 def _post_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    if optimizer not in _PENDING:
-        return
-    if _in_grad_scaler_step():
-        _PENDING.pop(optimizer, None)  # the scaler deletes both attributes after the step
-        return
-    _release(optimizer)
+    _uninstall(optimizer)
 
 
-def _ensure_hooks(optimizer: Any) -> None:
+def watch(optimizer: Any) -> None:
+    """Register the step hooks the hand-off needs on ``optimizer`` (once; no-op for
+    optimizers that take no ``grad_scale``).
+
+    The first hand-off to an optimizer not watched yet scales in place instead (it may run
+    inside ``step(closure)``, whose pre-hook has passed), and watches it for the next
+    steps. :class:`~fastgradstats.GradMonitor` watches its ``optimizer=`` at construction.
+    """
+    # Permanent hooks, once per optimizer: a hook cannot remove itself (torch iterates the
+    # hook dict while calling them); they cost a dict lookup per step when idle.
+    if optimizer is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return
     if optimizer not in _HOOKED:
         pre = optimizer.register_step_pre_hook(_pre_step)
         post = optimizer.register_step_post_hook(_post_step)
         _HOOKED[optimizer] = (pre, post)
 
 
+def _first_use(optimizer: Any) -> bool:
+    """True (and the optimizer is watched from now on) when it had no hooks yet."""
+    if optimizer in _HOOKED:
+        return False
+    watch(optimizer)
+    return True
+
+
 def _pending_for(optimizer: Any, params: list[Tensor]) -> _Pending:
-    """The optimizer's pending record, created (with the gradients to watch) when absent."""
+    """The optimizer's pending record for the current gradients: a record made for other
+    (replaced or modified) gradients is dropped, as their step never came."""
+    _uninstall(optimizer)
     pending = _PENDING.get(optimizer)
-    if pending is not None and not pending.grads_current():
-        _release(optimizer)  # stale: its gradients are gone, torch would have lost the clip
-        pending = None
-    if pending is None:
-        pending = _Pending(params=list(params), grad_refs=[weakref.ref(p.grad) for p in params])
+    if pending is None or not pending.current():
+        pending = _Pending.of(params)
         _PENDING[optimizer] = pending
-        _ensure_hooks(optimizer)
     return pending
 
 
@@ -193,7 +281,7 @@ def _nothing_to_clip_on_host(coef: Tensor) -> bool:
 
 
 def hand_off_(optimizer: Any, params: list[Tensor], coef: Tensor) -> bool:
-    """Give ``1 / coef`` to ``optimizer`` as ``grad_scale`` when it can apply it.
+    """Give ``1 / coef`` to ``optimizer`` as ``grad_scale`` for its next ``step()``.
 
     Args:
         optimizer: the optimizer that will step on ``params``' gradients, or ``None``.
@@ -202,65 +290,80 @@ def hand_off_(optimizer: Any, params: list[Tensor], coef: Tensor) -> bool:
 
     Returns:
         ``True`` when the coefficient is taken care of (handed over, or, for CPU tensors,
-        found to be >= 1): the caller must not scale. ``False``: the caller scales.
+        found to be >= 1): the caller must not scale. ``False``: the caller scales (no
+        fused optimizer, under ``torch.compile``, or the optimizer's first hand-off when
+        it was not :func:`watch`-ed before).
 
     Raises:
         RuntimeError: a coefficient was already handed over for these same gradients and
             no ``step()`` consumed it (clipped twice before one step).
     """
-    if coef.dtype == torch.float64 or not can_hand_off(optimizer, params):
+    if coef.dtype == torch.float64 or _compiling() or not can_hand_off(optimizer, params):
         return False
+    if _first_use(optimizer):
+        return False  # maybe inside step(closure), past the pre-hook: scale in place
     pending = _PENDING.get(optimizer)
-    if pending is not None and pending.grad_scale is not _MISSING and pending.grads_current():
+    if pending is not None and pending.scale is not None and pending.current():
         raise RuntimeError(
             "clip_grad_norm_(..., optimizer=...) was called twice before optimizer.step(): "
-            "the first clip coefficient still waits in optimizer.grad_scale and the "
-            "gradients hold their unclipped values. Call optimizer.step() between clips, "
-            "or clip once"
+            "the first clip coefficient still waits for the optimizer and the gradients "
+            "hold their unclipped values. Call optimizer.step() between clips, or clip once"
         )
     if _nothing_to_clip_on_host(coef):
+        if pending is not None and not pending.current():
+            _PENDING.pop(optimizer, None)  # stale: its step never came
         return True
     pending = _pending_for(optimizer, params)
-    scale = torch.reciprocal(coef.to(torch.float32))
-    prior = getattr(optimizer, "grad_scale", _MISSING)
-    if prior is not _MISSING and prior is not None:
-        scale = prior.to(scale.device, torch.float32) * scale
-    pending.prior_grad_scale = prior
-    pending.grad_scale = scale
-    optimizer.grad_scale = scale
+    pending.scale = torch.reciprocal(coef.to(torch.float32))
     return True
 
 
 def set_found_inf_(optimizer: Any, found_inf: Tensor) -> bool:
     """Make ``optimizer.step()`` skip its update where ``found_inf`` (0-d, device) is true.
 
-    For fused optimizers (``_step_supports_amp_scaling``): composes with a ``found_inf``
-    already there (maximum), and is cleaned up after ``step()`` like :func:`hand_off_`.
-    Returns ``False`` (nothing done) for other optimizers. Never syncs.
+    For fused optimizers (``_step_supports_amp_scaling``): held until the next ``step()``
+    like :func:`hand_off_`, composed then with a ``found_inf`` already on the optimizer
+    (maximum), and removed after it. Two calls for the same gradients take the maximum.
+    Returns ``False`` (nothing done) for other optimizers, under ``torch.compile``, and
+    on the first call for an optimizer not :func:`watch`-ed before.
+    Never syncs.
     """
-    if optimizer is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+    if optimizer is None or _compiling():
         return False
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or _first_use(optimizer):
+        return False  # (first use: maybe inside step(closure); the caller zeroes instead)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     pending = _pending_for(optimizer, params)
     flag = found_inf.to(torch.float32)
-    prior = getattr(optimizer, "found_inf", _MISSING)
-    if prior is not _MISSING and prior is not None:
-        flag = torch.maximum(prior.to(flag.device, torch.float32), flag)
-    if pending.found_inf is _MISSING:
-        pending.prior_found_inf = prior
+    if pending.found_inf is not None:
+        flag = torch.maximum(pending.found_inf.to(flag.device), flag)
     pending.found_inf = flag
-    optimizer.found_inf = flag
     return True
 
 
 def pending(optimizer: Any) -> bool:
     """True while a coefficient or ``found_inf`` handed to ``optimizer`` awaits ``step()``."""
-    return optimizer in _PENDING
+    return optimizer in _PENDING or optimizer in _INSTALLED
+
+
+def pending_scale(optimizer: Any) -> Tensor | None:
+    """The ``grad_scale`` (``1 / coef``) waiting for ``optimizer``'s next ``step()``, if any."""
+    record = _PENDING.get(optimizer)
+    return None if record is None else record.scale
 
 
 def cancel_(optimizer: Any) -> None:
     """Take back whatever was handed to ``optimizer`` and not yet used by ``step()``."""
-    _release(optimizer)
+    _PENDING.pop(optimizer, None)
+    _uninstall(optimizer)
 
 
-__all__ = ["can_hand_off", "cancel_", "hand_off_", "pending", "set_found_inf_"]
+__all__ = [
+    "can_hand_off",
+    "cancel_",
+    "hand_off_",
+    "pending",
+    "pending_scale",
+    "set_found_inf_",
+    "watch",
+]

@@ -39,7 +39,9 @@ def _make(opt_cls, kwargs, dtype, seed=0):
     init = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
     ref = [torch.nn.Parameter(t.clone()) for t in init]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
-    return ref, opt_cls(ref, fused=True, **kwargs), ours, opt_cls(ours, fused=True, **kwargs)
+    opt_ours = opt_cls(ours, fused=True, **kwargs)
+    handoff.watch(opt_ours)  # else the first hand-off scales in place (see handoff.watch)
+    return ref, opt_cls(ref, fused=True, **kwargs), ours, opt_ours
 
 
 def _new_grads(ref, ours, gen, step, dtype):
@@ -92,7 +94,7 @@ def test_fifty_steps_match_torch_clip_then_step(opt_cls, kwargs, dtype, clipping
         got = fgs.clip_grad_norm_(ours, max_norm, optimizer=opt_ours, backend=backend)
         # The hand-off leaves the gradients alone until step(); the optimizer divides them.
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, before))
-        handed += hasattr(opt_ours, "grad_scale")
+        handed += handoff.pending_scale(opt_ours) is not None
         opt_ours.step()
         assert not hasattr(opt_ours, "grad_scale") and not hasattr(opt_ours, "found_inf")
         assert not handoff.pending(opt_ours)
@@ -108,8 +110,10 @@ def test_coefficient_is_float32_reciprocal_on_the_grads_device():
     for p in params:
         p.grad = torch.full((5,), 3.0)
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    scale = opt.grad_scale
+    scale = handoff.pending_scale(opt)
+    assert not hasattr(opt, "grad_scale")  # put on the optimizer only during step()
     assert scale.dtype == torch.float32 and scale.dim() == 0 and scale.device == params[0].device
     coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
     assert torch.equal(scale, torch.reciprocal(coef))
@@ -137,17 +141,21 @@ def test_falls_back_to_scaling(case):
         opt = torch.optim.AdamW(params, foreach=True)
     elif case == "subset":  # the optimizer would divide a gradient we did not clip
         opt = torch.optim.Adam(params, fused=True)
+        handoff.watch(opt)
         clipped = params[:2]
     elif case == "superset":  # a clipped gradient the optimizer would not divide
         opt = torch.optim.Adam(params[:2], fused=True)
+        handoff.watch(opt)
     elif case == "float64":
         params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2)]
         for p in params:
             p.grad = torch.full((4,), 2.0, dtype=torch.float64)
         clipped = params
         opt = torch.optim.Adam(params, fused=True)
+        handoff.watch(opt)
     elif case == "one_group_unfused":
         opt = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], fused=True)
+        handoff.watch(opt)
         opt.param_groups[1]["fused"] = False
     else:
         opt = None
@@ -167,8 +175,9 @@ def test_grads_none_in_the_optimizer_do_not_block_the_hand_off():
     params = _fp32_params(3)
     params[2].grad = None
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    assert hasattr(opt, "grad_scale")
+    assert handoff.pending_scale(opt) is not None
     opt.step()
     assert not hasattr(opt, "grad_scale")
 
@@ -176,12 +185,13 @@ def test_grads_none_in_the_optimizer_do_not_block_the_hand_off():
 def test_clipped_twice_before_a_step_raises_and_changes_nothing():
     params = _fp32_params()
     opt = torch.optim.AdamW(params, fused=True)
+    handoff.watch(opt)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    scale = opt.grad_scale
+    scale = handoff.pending_scale(opt)
     grads = [p.grad.clone() for p in params]
     with pytest.raises(RuntimeError, match=r"twice before optimizer\.step"):
         fgs.clip_grad_norm_(params, 0.5, optimizer=opt)
-    assert opt.grad_scale is scale
+    assert handoff.pending_scale(opt) is scale
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     opt.step()  # the first clip is still applied, then cleaned up
     assert not hasattr(opt, "grad_scale")
@@ -195,13 +205,14 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
     params = _fp32_params()
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = torch.optim.Adam(params, fused=True, lr=0.1)
+    handoff.watch(opt)
     opt_ref = torch.optim.Adam(ref, fused=True, lr=0.1)
     fgs.clip_grad_norm_(params, 1.0, optimizer=opt)  # ...and then no step()
     opt.zero_grad()
     for p, q in zip(params, ref):
         p.grad = torch.full((4,), 0.25)
         q.grad = torch.full((4,), 0.25)
-    with pytest.warns(RuntimeWarning, match="never used"):
+    with pytest.warns(RuntimeWarning, match="dropped, never applied"):
         opt.step()
     opt_ref.step()
     assert not hasattr(opt, "grad_scale")
@@ -213,7 +224,8 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
-    assert torch.equal(opt.grad_scale, torch.reciprocal(torch.clamp(1 / (total + 1e-6), max=1)))
+    want = torch.reciprocal(torch.clamp(1 / (total + 1e-6), max=1))
+    assert torch.equal(handoff.pending_scale(opt), want)
     opt.step()
     assert not hasattr(opt, "grad_scale")
 
@@ -221,12 +233,16 @@ def test_stale_hand_off_is_dropped_when_grads_are_replaced():
 def test_composes_with_a_grad_scale_already_set_and_restores_it():
     params = _fp32_params()
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     mine = torch.tensor(8.0)
     opt.grad_scale = mine
     total = fgs.clip_grad_norm_(params, 1.0, optimizer=opt)
     coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
-    assert torch.allclose(opt.grad_scale, 8.0 / coef, rtol=1e-7)
-    opt.step()
+    seen = []
+    handle = opt.register_step_pre_hook(lambda o, a, k: seen.append(o.grad_scale))
+    opt.step()  # our pre-hook runs first: the user's hook sees the composed scale
+    handle.remove()
+    assert torch.allclose(seen[0], 8.0 / coef, rtol=1e-7)
     assert opt.grad_scale is mine  # put back as it was: its owner removes it
 
 
@@ -234,6 +250,7 @@ def _scaler_run(use_fgs: bool, unscale_first: bool, steps: int = 8):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    handoff.watch(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
     gen = torch.Generator().manual_seed(1)
     scales, handed = [], 0
@@ -248,7 +265,7 @@ def _scaler_run(use_fgs: bool, unscale_first: bool, steps: int = 8):
             scaler.unscale_(opt)
         if use_fgs:
             fgs.clip_grad_norm_(model.parameters(), 0.5, optimizer=opt)
-            handed += hasattr(opt, "grad_scale")
+            handed += handoff.pending_scale(opt) is not None
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         scaler.step(opt)
@@ -296,6 +313,7 @@ def test_nan_step_under_skip_leaves_params_and_state(backend):
 def test_set_found_inf_composes_with_maximum():
     params = _fp32_params()
     opt = torch.optim.Adam(params, fused=True)
+    handoff.watch(opt)
     assert not handoff.set_found_inf_(torch.optim.Adam(_fp32_params()), torch.tensor(True))
     opt.found_inf = torch.tensor(1.0)
     handoff.set_found_inf_(opt, torch.tensor(False))
@@ -309,6 +327,7 @@ def test_set_found_inf_composes_with_maximum():
 def test_hand_off_path_never_reads_the_device(forbid_host_reads, monkeypatch):
     params = _fp32_params()
     opt = torch.optim.AdamW(params, fused=True)
+    handoff.watch(opt)
     # The one deliberate read is the CPU-only "nothing to clip" shortcut (free on the host,
     # never taken for CUDA tensors): without it the path must not read anything.
     with pytest.raises(AssertionError, match="__bool__"):

@@ -457,3 +457,100 @@ def test_bad_log_options_fail_at_construction():
         GradMonitorCallback(group_by=0)
     with pytest.raises(TypeError, match="include must be"):
         GradMonitorCallback(include=3)
+
+
+# -- issue 19: a second clip after the monitor's (in turn), adaptive clippers ---------------
+
+
+def assert_clean(opt):
+    """Nothing of the hand-off left on the optimizer after training."""
+    from fastgradstats import handoff
+
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert not handoff.pending(opt)
+
+
+class TorchClips(TrainerCallback):
+    """Reference (with max_grad_norm=0): a first clip by ``first(grads) -> coef``, then the
+    Trainer's 2-norm clip at ``then``, with plain torch ops, in turn."""
+
+    def __init__(self, first, then):
+        self.first, self.then, self.norms = first, then, []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        torch._foreach_mul_(grads, self.first(grads))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.then)
+
+
+def _fused(model):
+    return torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+
+
+def _run_reference(tmp_path, first, then):
+    model = Regressor()
+    ref_cb = TorchClips(first, then)
+    trainer = make_trainer(
+        tmp_path / "ref", model=model, optimizers=(_fused(model), None), callbacks=[ref_cb]
+    )
+    train(trainer)
+    return trainer, ref_cb
+
+
+@pytest.mark.slow_on_triton
+def test_attach_another_norm_type_and_max_grad_norm_clip_in_turn(tmp_path, backend):
+    """The monitor clips the 1-norm at 0.3 (then the 2-norm is <= 0.3), then the Trainer
+    the 2-norm at 0.5: in turn the second clip does nothing. A fused optimizer must not
+    multiply the two (nor drop the monitor's)."""
+
+    def one_norm_clip(grads):
+        total = torch.nn.utils.get_total_norm(grads, norm_type=1.0)
+        return torch.clamp(0.3 / (total + 1e-6), max=1.0)
+
+    reference, ref_cb = _run_reference(tmp_path, one_norm_clip, 0.5)
+    assert min(ref_cb.norms) > 0.5  # the Trainer's clip alone would have clipped
+    model = Regressor()
+    optimizer = _fused(model)
+    trainer = make_trainer(tmp_path, model=model, optimizers=(optimizer, None), max_grad_norm=0.5)
+    attach(trainer, max_norm=0.3, norm_type=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(trainer)
+    assert not [w for w in caught if "never applied" in str(w.message)]
+    assert_clean(optimizer)
+    for mine, theirs in zip(model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow_on_triton
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
+def test_attach_with_an_adaptive_clipper_then_max_grad_norm(tmp_path, backend, fused):
+    import fastgradstats as fgs
+
+    clipper_ref = fgs.AutoClip(percentile=10.0)
+
+    def autoclip(grads):
+        coef, _ = clipper_ref.compute_coef(torch.nn.utils.get_total_norm(grads).float())
+        return coef
+
+    reference, _ = _run_reference(tmp_path, autoclip, 1.0)
+    model = Regressor()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=fused)
+    trainer = make_trainer(tmp_path, model=model, optimizers=(optimizer, None), max_grad_norm=1.0)
+    callback = attach(trainer, max_norm=fgs.AutoClip(percentile=10.0))
+    with pytest.warns(UserWarning, match="clipper first, then max_grad_norm"):
+        trainer.train()
+    monitor = callback.monitor
+    assert monitor.clipper is callback.max_norm and monitor.max_norm is None
+    assert min(monitor.history().clip_coef) < 1.0  # the clipper did clip
+    assert_clean(optimizer)
+    for mine, theirs in zip(model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_max_norm_is_refused_at_construction_naming_the_callback(tmp_path):
+    with pytest.raises(TypeError, match=r"GradMonitorCallback\(max_norm=\.\.\.\).*object"):
+        GradMonitorCallback(max_norm=object())
+    with pytest.raises(TypeError, match=r"GradMonitorCallback\(max_norm=\.\.\.\)"):
+        attach(make_trainer(tmp_path), max_norm=[1.0])

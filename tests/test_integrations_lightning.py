@@ -322,3 +322,115 @@ def test_bad_log_options_fail_at_construction():
         GradMonitorCallback(log="everything")
     with pytest.raises(ValueError, match="top_k must be"):
         GradMonitorCallback(top_k=0)
+
+
+# -- issue 19: hand-off with a framework that clips too, 16-mixed, adaptive clippers --------
+
+
+def assert_clean(opt):
+    """Nothing of the hand-off left on the optimizer after training."""
+    from fastgradstats import handoff
+
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert not handoff.pending(opt)
+
+
+@pytest.mark.slow_on_triton
+def test_monitor_and_lightning_both_clip_in_turn_with_a_fused_optimizer(backend):
+    """The monitor clips at 0.2, then Lightning at 0.5: in turn that is the 0.2 clip alone
+    (a fused optimizer must not multiply the two, nor drop the monitor's)."""
+    reference = Regressor(fused=True)
+    fit([], module=reference, gradient_clip_val=0.2, max_steps=6)
+    callback = GradMonitorCallback(max_norm=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, module, _ = fit(
+            [callback], module=Regressor(fused=True), gradient_clip_val=0.5, max_steps=6
+        )
+    assert not [w for w in caught if "never applied" in str(w.message)]
+    assert callback.monitor.history().total_norm.min() > 0.5  # both clips were active
+    assert_clean(trainer.optimizers[0])
+    for mine, theirs in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _fp16_plugin():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # On the CPU Lightning turns precision="16-mixed" into bf16; the plugin keeps fp16 AMP.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024))
+
+
+def _torch_amp_reference(max_norm, steps):
+    """Plain torch: autocast fp16, GradScaler, unscale_, torch's clip, fused Adam."""
+    module = Regressor(fused=True)
+    opt = module.configure_optimizers()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024)
+    totals = []
+    for _, (x, y) in zip(range(steps), loader()):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(module.net(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        totals.append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)))
+        scaler.step(opt)
+        scaler.update()
+    return module, totals
+
+
+@pytest.mark.slow_on_triton
+def test_16_mixed_with_a_fused_optimizer_records_and_clips_unscaled_grads(backend):
+    reference, want_totals = _torch_amp_reference(0.5, steps=6)
+    callback = GradMonitorCallback()
+    trainer, module, _ = fit(
+        [callback],
+        module=Regressor(fused=True),
+        gradient_clip_val=0.5,
+        max_steps=6,
+        plugins=[_fp16_plugin()],
+    )
+    got = callback.monitor.history().total_norm.tolist()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want_totals), rtol=1e-5, atol=0)
+    assert_clean(trainer.optimizers[0])
+    for mine, theirs in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+class _TorchZClip(pl.Callback):
+    """Reference: the same ZClip rule applied with plain torch ops in the same hook."""
+
+    def __init__(self, clipper):
+        self.clipper = clipper
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads).float()
+        coef, _ = self.clipper.compute_coef(total)
+        torch._foreach_mul_(grads, coef)
+
+
+@pytest.mark.slow_on_triton
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adam"])
+def test_adaptive_clipper_as_max_norm(backend, fused):
+    import fastgradstats as fgs
+
+    def zclip():
+        return fgs.ZClip(warmup_steps=2, z_thresh=0.5)
+
+    reference = Regressor(fused=fused)
+    fit([_TorchZClip(zclip())], module=reference, max_steps=6)
+    callback = GradMonitorCallback(max_norm=zclip())
+    trainer, module, _ = fit([callback], module=Regressor(fused=fused), max_steps=6)
+    assert callback.monitor.clipper is callback.max_norm
+    assert min(callback.monitor.history().clip_coef) < 1.0  # the clipper did clip
+    assert_clean(trainer.optimizers[0])
+    for mine, theirs in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_max_norm_is_refused_at_construction_naming_the_callback():
+    with pytest.raises(TypeError, match=r"GradMonitorCallback\(max_norm=\.\.\.\).*object"):
+        GradMonitorCallback(max_norm=object())
+    with pytest.raises(ValueError, match=r"GradMonitorCallback\(max_norm=\.\.\.\)"):
+        GradMonitorCallback(max_norm="auto")

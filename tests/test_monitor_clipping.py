@@ -11,7 +11,7 @@ import torch
 from monitor_helpers import tiny_model
 
 import fastgradstats as fgs
-from fastgradstats import GradMonitor
+from fastgradstats import GradMonitor, handoff
 
 STEPS = 24
 SPIKES = (9, 17)  # steps whose gradients are 40x larger
@@ -49,7 +49,7 @@ def test_monitor_hands_the_coefficient_to_a_fused_optimizer(backend, opt_name):
         _set(model, grads)
         _set(twin, grads)
         monitor.step()
-        handed += hasattr(opt, "grad_scale")
+        handed += handoff.pending_scale(opt) is not None  # put on opt only inside step()
         torch.nn.utils.clip_grad_norm_(twin.parameters(), 2.0)
         opt.step()
         twin_opt.step()
@@ -69,7 +69,7 @@ def test_hand_off_false_scales_in_the_monitor(backend):
     gen = torch.Generator().manual_seed(4)
     _set(model, _grads(SPIKES[0], model, gen))
     monitor.step()
-    assert not hasattr(opt, "grad_scale")
+    assert handoff.pending_scale(opt) is None and not hasattr(opt, "grad_scale")
     total = fgs.get_total_norm([p.grad for p in model.parameters()])
     assert float(total) == pytest.approx(0.5, rel=1e-5)
 

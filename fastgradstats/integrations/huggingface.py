@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 from ..clip import clip_grad_norm_, get_total_norm
 from ..monitor import GradMonitor
 from ..monitor.logspec import check_log_options, total_keys
-from . import inner_optimizer
+from . import check_max_norm_arg, inner_optimizer, is_clipper
 
 __all__ = ["MIN_TRANSFORMERS", "GradMonitorCallback", "attach"]
 
@@ -110,7 +110,11 @@ class GradMonitorCallback(TrainerCallback):
             clips at it (with :func:`attach` and ``max_grad_norm > 0`` too, at the smaller
             of the two, once; without ``attach`` the Trainer clips first and it warns).
             With a ``norm_type`` other than 2 the Trainer's clipping and ``grad_norm`` log
-            stay 2-norms, computed after the monitor's pass.
+            stay 2-norms, computed after the monitor's pass. An adaptive clipper
+            (:class:`fastgradstats.ZClip`, :class:`fastgradstats.AutoClip`): the monitor
+            clips by it; with :func:`attach` and ``max_grad_norm > 0`` the Trainer's clip
+            follows, in turn. Whenever a second clip follows the monitor's, the monitor
+            scales in place (no hand-off to a fused optimizer), so the two apply in turn.
         console: what the Trainer's console line (progress bar or printer) shows of the
             monitor's values: ``"totals"`` (default: the total-norm flags and tallies, no
             per-layer keys) or ``"all"``. The loggers (``report_to``) and
@@ -126,6 +130,9 @@ class GradMonitorCallback(TrainerCallback):
     ``every=1``, norms measured before the Trainer clips), the monitor's total key
     (``grad_norm_total``) is left out: ``grad_norm`` is logged once.
     After training, :attr:`monitor` holds the monitor.
+
+    Raises:
+        TypeError / ValueError: a ``max_norm`` of another kind (named in the message).
     """
 
     def __init__(
@@ -136,8 +143,7 @@ class GradMonitorCallback(TrainerCallback):
         **monitor_kwargs: Any,
     ):
         check_transformers_version()
-        if isinstance(max_norm, str) and max_norm != _FROM_TRAINER:
-            raise ValueError(f'max_norm must be a number, None or "trainer", got {max_norm!r}')
+        check_max_norm_arg("GradMonitorCallback", max_norm, _FROM_TRAINER)
         if console not in CONSOLE_MODES:
             raise ValueError(f"console must be one of {CONSOLE_MODES}, got {console!r}")
         check_log_options(monitor_kwargs)  # a bad log= fails here, not at the first step
@@ -152,6 +158,7 @@ class GradMonitorCallback(TrainerCallback):
         self._trainer_ref: Any = None  # weakref, set by attach()
         self._measured_at = -1  # global_step of the last monitor.step()
         self._merged_steps = 0  # monitor.num_steps at the last merge into logs
+        self._clip_after = False  # attach(): the Trainer's clip follows the monitor's pass
 
     @property
     def attached(self) -> bool:
@@ -160,15 +167,29 @@ class GradMonitorCallback(TrainerCallback):
 
     # -- setup ---------------------------------------------------------------------------
 
-    def _resolve_max_norm(self, args: Any) -> float | None:
+    def _resolve_max_norm(self, args: Any) -> Any:
         trainer_norm = float(args.max_grad_norm or 0.0)
         trainer_clips = trainer_norm > 0
+        self._clip_after = False
+        if is_clipper(self.max_norm):
+            # An adaptive rule: the monitor clips by it; attach() applies the Trainer's
+            # max_grad_norm after it, in turn (min() means nothing between the two).
+            self._clip_after = self.attached and trainer_clips
+            if trainer_clips:
+                warnings.warn(
+                    f"GradMonitorCallback(max_norm={type(self.max_norm).__name__}) and "
+                    f"TrainingArguments(max_grad_norm={trainer_norm}) both clip"
+                    + (": the clipper first, then max_grad_norm" if self.attached else ""),
+                    stacklevel=3,
+                )
+            return self.max_norm
         own = None if self.max_norm in (None, _FROM_TRAINER) else float(self.max_norm)
         if self.attached:
             both = own is not None and trainer_clips and own != trainer_norm
             if not self._l2:
                 # The Trainer's clipping is by the 2-norm: the monitor cannot do it in its
                 # pass with another norm_type; attach() clips separately after measuring.
+                self._clip_after = trainer_clips and own is not None
                 if both:
                     warnings.warn(
                         f"GradMonitorCallback(max_norm={own}) and TrainingArguments("
@@ -225,11 +246,14 @@ class GradMonitorCallback(TrainerCallback):
         interval = getattr(state, "logging_steps", None)
         if isinstance(interval, (int, float)) and interval >= 1:
             kwargs.setdefault("history", max(1000, int(interval) + 1))
+        max_norm = self._resolve_max_norm(args)
+        if self._clip_after:
+            # The Trainer clips again after the monitor: a coefficient handed to a fused
+            # optimizer would meet gradients clipped in place since (dropped, or the two
+            # multiplied); scaled in place, the clips apply in turn.
+            kwargs["hand_off"] = False
         self.monitor = GradMonitor(
-            model,
-            max_norm=self._resolve_max_norm(args),
-            optimizer=inner_optimizer(optimizer),
-            **kwargs,
+            model, max_norm=max_norm, optimizer=inner_optimizer(optimizer), **kwargs
         )
         self._measured_at = -1
         self._merged_steps = 0
@@ -376,6 +400,11 @@ def _route_norms(trainer: Any, callback: GradMonitorCallback) -> None:
         callback = usable(model)
         if callback is not None:
             total = callback.measure(trainer.state, trainer.optimizer)
+            if total is not None and callback._l2 and callback.monitor.clipper is not None:
+                # The Trainer's clip after the clipper's, in turn; its log is the norm
+                # before any clipping, as on the plain path below.
+                clip_grad_norm_(callback.monitor.params, trainer.args.max_grad_norm)
+                return total
             if total is not None and callback._l2:
                 # monitor.max_norm includes max_grad_norm (see _resolve_max_norm): one pass
                 return total

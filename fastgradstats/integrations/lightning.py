@@ -16,8 +16,16 @@ What it does, and why:
   ``gradient_clip_algorithm="norm"``, Lightning's default) and clips in the same pass as
   the stats, switching Lightning's own norm clipping off for the run (restored after), so
   every gradient is read once. The recorded norms are the norms before clipping. Value
-  clipping stays Lightning's. An explicit ``max_norm=`` while Lightning clips by norm
-  too warns: both would clip.
+  clipping stays Lightning's. An explicit ``max_norm=`` (a number, or an adaptive clipper
+  such as :class:`fastgradstats.ZClip`) while Lightning clips by norm too warns: both
+  clip, the monitor first.
+* Whenever Lightning (or the module's ``configure_gradient_clipping``) may still clip
+  after the monitor, the monitor scales the gradients in place instead of handing its
+  coefficient to a fused optimizer, so the two clips apply in turn.
+* ``16-mixed`` with an optimizer that unscales inside ``step()`` (fused Adam/AdamW/SGD):
+  Lightning skips ``GradScaler.unscale_`` for it, so the callback unscales before the
+  monitor reads the gradients (the norms recorded and clipped are the true ones; the
+  scaler then does not unscale again).
 * Logging follows Lightning's schedule: the values go through ``LightningModule.log_dict``
   on the batches whose metrics Lightning writes (``(step + 1) % log_every_n_steps == 0``,
   the last step when training stops early, every step under ``fast_dev_run``), so every
@@ -36,7 +44,7 @@ except ImportError:  # the standalone package has the same API
 
 from ..monitor import GradMonitor
 from ..monitor.logspec import check_log_options
-from . import inner_optimizer
+from . import check_max_norm_arg, inner_optimizer, is_clipper
 
 __all__ = ["GradMonitorCallback"]
 
@@ -61,6 +69,29 @@ def _is_two(norm_type: Any) -> bool:
 def _overrides_clipping(pl_module: Any) -> bool:
     own = type(pl_module).configure_gradient_clipping
     return own is not pl.LightningModule.configure_gradient_clipping
+
+
+def _unscale_if_lightning_did_not(trainer: Any, optimizer: Any) -> None:
+    """Unscale loss-scaled gradients that Lightning leaves scaled at this hook.
+
+    Lightning's ``MixedPrecision`` skips ``scaler.unscale_`` for optimizers that unscale in
+    ``step()`` (``_step_supports_amp_scaling``: the fused ones), so their gradients reach
+    ``on_before_optimizer_step`` multiplied by the loss scale. ``unscale_`` here records
+    the optimizer as unscaled: ``scaler.step`` then passes no scale to it (only
+    ``found_inf``), and skips the step on overflow as before.
+    """
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or optimizer is None or not callable(getattr(scaler, "unscale_", None)):
+        return
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return  # Lightning unscaled it already
+    if not getattr(scaler, "is_enabled", lambda: True)():
+        return
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as exc:
+        if "already been called" not in str(exc):  # unscaled by the user's own hook
+            raise
 
 
 def lightning_writes_this_step(trainer: Any) -> bool:
@@ -92,8 +123,9 @@ class GradMonitorCallback(pl.Callback):
         max_norm: ``"trainer"`` (default): clip at Lightning's ``gradient_clip_val`` when it
             clips by norm, in the monitor's pass (Lightning's norm clipping is switched off
             for the run; with a ``norm_type`` other than 2 Lightning keeps its 2-norm
-            clipping); ``None``: the monitor never clips; a number: the monitor clips at it
-            (warns if Lightning clips by norm too).
+            clipping); ``None``: the monitor never clips; a number, or an adaptive clipper
+            (:class:`fastgradstats.ZClip`, :class:`fastgradstats.AutoClip`): the monitor
+            clips by it (warns if Lightning clips by norm too; Lightning then clips after).
         log: send :meth:`GradMonitor.to_dict` to the loggers on Lightning's schedule
             (``True``), or nothing (``False``). What it holds is the monitor's ``log=``
             (``"layers"`` by default; ``"blocks"``, ``"totals"``), ``group_by``,
@@ -103,6 +135,9 @@ class GradMonitorCallback(pl.Callback):
         **monitor_kwargs: passed to :class:`~fastgradstats.GradMonitor` (``norm_type``,
             ``history``, ``every``, ``skip_nonfinite``, ``prefix``, ``key_style``, ``log``,
             ``group_by``, ``include``, ``exclude``, ``top_k``, ...).
+
+    Raises:
+        TypeError / ValueError: a ``max_norm`` of another kind (named in the message).
 
     After ``fit``, :attr:`monitor` holds the monitor (``report()``, ``history()``, ``plot()``).
     """
@@ -119,8 +154,7 @@ class GradMonitorCallback(pl.Callback):
         if isinstance(log, str):  # log="totals" / "blocks" / "layers": the monitor's choice
             monitor_kwargs["log"] = log
             log = True
-        if isinstance(max_norm, str) and max_norm != _FROM_TRAINER:
-            raise ValueError(f'max_norm must be a number, None or "trainer", got {max_norm!r}')
+        check_max_norm_arg("GradMonitorCallback", max_norm, _FROM_TRAINER)
         if "optimizer" in monitor_kwargs or "model" in monitor_kwargs:
             raise TypeError("GradMonitorCallback takes the model and optimizer from the Trainer")
         self.max_norm = max_norm
@@ -134,7 +168,7 @@ class GradMonitorCallback(pl.Callback):
 
     # -- setup ---------------------------------------------------------------------------
 
-    def _resolve_max_norm(self, trainer: Any, pl_module: Any) -> float | None:
+    def _resolve_max_norm(self, trainer: Any, pl_module: Any) -> Any:
         trainer_clips = _clips_by_norm(trainer)
         if self.max_norm == _FROM_TRAINER:
             if not trainer_clips:
@@ -166,7 +200,9 @@ class GradMonitorCallback(pl.Callback):
                 "Trainer's value, or set gradient_clip_val=None",
                 stacklevel=2,
             )
-        return None if self.max_norm is None else float(self.max_norm)
+        if self.max_norm is None or is_clipper(self.max_norm):
+            return self.max_norm
+        return float(self.max_norm)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         max_norm = self._resolve_max_norm(trainer, pl_module)
@@ -174,6 +210,11 @@ class GradMonitorCallback(pl.Callback):
         kwargs = dict(self.monitor_kwargs)
         # The monitor flushes at each write; its ring must hold the steps in between.
         kwargs.setdefault("history", max(1000, (trainer.log_every_n_steps or 0) + 1))
+        if max_norm is not None and (trainer.gradient_clip_val or _overrides_clipping(pl_module)):
+            # Lightning may clip after the monitor: a coefficient handed to a fused optimizer
+            # would meet gradients clipped again in place (dropped, or the two multiplied);
+            # scaled in place, the two clips apply in turn.
+            kwargs["hand_off"] = False
         self.monitor = GradMonitor(
             pl_module,
             max_norm=max_norm,
@@ -192,7 +233,9 @@ class GradMonitorCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.monitor is None:
             return
-        self.monitor.step(inner_optimizer(optimizer))  # no host sync
+        inner = inner_optimizer(optimizer)
+        _unscale_if_lightning_did_not(trainer, inner)
+        self.monitor.step(inner)  # no host sync
         self._stepped = True
 
     def on_train_batch_end(

@@ -181,8 +181,8 @@ class GradMonitor:
             ``optimizer=`` and it receives ``optimizer.found_inf`` so the fused kernel skips
             the update and its step counter; otherwise every gradient is set to 0 on that
             step (masked on the device), which stops plain SGD but not momentum or Adam
-            moments already accumulated. ``optimizer.found_inf`` is removed again after
-            that optimizer's next step (a one-shot step post-hook), as GradScaler does.
+            moments already accumulated. ``optimizer.found_inf`` is set only during that
+            optimizer's next step (step hooks; see :mod:`fastgradstats.handoff`).
             Decided from the NaN/Inf counts and the float32 total (see the module notes);
             on steps that are not recorded this computes the same stats as a recorded
             step (on the Triton backend that is the same single pass as the norm alone).
@@ -295,6 +295,7 @@ class GradMonitor:
         self.every = positive_int(every, "every")
         self.skip_nonfinite = bool(skip_nonfinite)
         self.optimizer = optimizer
+        handoff.watch(optimizer)  # hooks before the first step: it may clip in step(closure)
         self.spike_threshold = positive_float(spike_threshold, "spike_threshold")
         self.spike_min_ratio = positive_float(spike_min_ratio, "spike_min_ratio")
         if not 0.0 < float(spike_beta) < 1.0:
