@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from .torch_backend import GroupStats
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_NORMS = (1.0, 2.0, math.inf)
+_DTYPE = operator.attrgetter("dtype")
 
 
 def supports(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
@@ -290,8 +292,7 @@ class Plan:
     table: tables.TensorTable
     ptrs: tuple[int, ...]
     numels: tuple[int, ...]
-    first_dtype: torch.dtype
-    last_dtype: torch.dtype
+    dtypes: tuple[torch.dtype, ...]
     result_dtype: torch.dtype  # promoted gradient dtype: the dtype of the returned total
     device: torch.device
     workspaces: dict[Any, Workspace] = field(default_factory=dict)
@@ -307,13 +308,11 @@ class Plan:
         return self._names
 
     def matches(self, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]) -> bool:
-        """Same addresses (the key holds only their hash), and the cheap check: same
-        sizes, same first and last dtypes."""
+        """Same addresses (the key holds only their hash), same sizes and every dtype the
+        same: a gradient that became bf16 at the same address and size must not be read
+        (and scaled) as fp32. dtypes are singletons, so the tuple compare is by identity."""
         return (
-            ptrs == self.ptrs
-            and numels == self.numels
-            and grads[0].dtype == self.first_dtype
-            and grads[-1].dtype == self.last_dtype
+            ptrs == self.ptrs and numels == self.numels and tuple(map(_DTYPE, grads)) == self.dtypes
         )
 
     def workspace(self) -> Workspace:
@@ -372,7 +371,7 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
             device, kernels.block_size(), [g.data_ptr() for g in grads], numels, dtypes
         )
     ptrs = tuple(g.data_ptr() for g in grads)
-    return Plan(table, ptrs, tuple(numels), dtypes[0], dtypes[-1], result, device,
+    return Plan(table, ptrs, tuple(numels), tuple(dtypes), result, device,
                 numel_list=numels)  # fmt: skip
 
 
@@ -380,13 +379,13 @@ def plan_for(
     key: tuple, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]
 ) -> Plan | None:
     """The cached plan for ``key`` (the hash of ``ptrs`` and the settings) after checking
-    ``ptrs`` and the cheap check, else a new one; ``None`` when the gradients cannot be
+    ``ptrs``, sizes and dtypes, else a new one; ``None`` when the gradients cannot be
     fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
     the key is hashed once per call.
 
-    The cheap check is the sizes and the first and last dtypes. Gradients of parameters
-    cannot change size or dtype behind the same address unnoticed (``p.grad`` must match
-    ``p``); what it does not see is a gradient replaced by a *non-dense view* with the same
+    The check is every size and every dtype (a caching allocator reusing a block, or a
+    flat gradient buffer, can put a gradient of another dtype behind the same address and
+    size); what it does not see is a gradient replaced by a *non-dense view* with the same
     address and size (say ``p.grad = buf[:, ::2]``): call ``clear_plans()`` after such
     surgery.
     """

