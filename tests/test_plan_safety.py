@@ -73,3 +73,69 @@ def test_a_middle_gradient_that_became_bf16_at_the_same_address_is_read_as_bf16(
     for g, r in zip(mixed, reference):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
     torch.testing.assert_close(buf[a + b // 2 : a + b], beyond, rtol=0, atol=0)
+
+
+# --- item 15: a parameter passed twice is scaled twice, one launch after the other -------
+
+
+def _scale_launches_touching_memory_twice(monkeypatch) -> list[str]:
+    """Wrap the one launch point: for every scale launch, check (on the host copy of its
+    table) that no two of its programs cover the same bytes, then launch for real."""
+    bad: list[str] = []
+    real = kernels.launch
+
+    def checked(kernel, grid, *args, **kw):
+        if kernel.__name__ == "scale_kernel":
+            data, _, n, lo = args[:4]
+            data = data.cpu().tolist()
+            size = kw["DTYPE"].primitive_bitwidth // 8
+            spans = []
+            for b in range(lo, lo + grid[0]):
+                t = data[5 * n + b]
+                start = (b - data[2 * n + t]) * kw["BLOCK"]
+                count = min(data[n + t] - start, kw["BLOCK"])
+                spans.append((data[t] + start * size, data[t] + (start + count) * size))
+            spans.sort()
+            if any(nxt[0] < prev[1] for prev, nxt in zip(spans, spans[1:])):
+                bad.append(f"blocks {lo}..{lo + grid[0] - 1}")
+        real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(kernels, "launch", checked)
+    return bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_parameter_passed_twice_is_scaled_twice_in_turn_as_torch_does(
+    backend, dtype, monkeypatch
+):
+    bad = _scale_launches_touching_memory_twice(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.randn(n, generator=gen).mul(3).to(DEVICE, dtype) for n in (150, 20, 7)]
+    ours = _params_on([v.clone() for v in values])
+    theirs = _params_on([v.clone() for v in values])
+    # the first parameter three times, the second twice
+    ours_list = [ours[0], ours[1], ours[0], ours[2], ours[1], ours[0]]
+    theirs_list = [theirs[0], theirs[1], theirs[0], theirs[2], theirs[1], theirs[0]]
+    for _ in range(2):  # the second call takes the cached plan
+        total = fgs.clip_grad_norm_(ours_list, 1.0)
+        ref_total = torch.nn.utils.clip_grad_norm_(theirs_list, 1.0)
+        torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert not bad, bad
+
+
+def test_overlapping_gradient_views_are_scaled_as_torch_scales_them(backend, monkeypatch):
+    bad = _scale_launches_touching_memory_twice(monkeypatch)
+    gen = torch.Generator().manual_seed(2)
+    flat = torch.randn(300, generator=gen).mul(2).to(DEVICE)
+    twin = flat.clone()
+
+    def views(buf):  # [0, 200) and [130, 300) share 70 elements; [40, 60) sits in both
+        return [buf[:200], buf[130:], buf[40:60]]
+
+    total = fgs.clip_grad_norm_(_params_on(views(flat)), 0.5)
+    ref_total = torch.nn.utils.clip_grad_norm_(_params_on(views(twin)), 0.5)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
+    torch.testing.assert_close(flat, twin, rtol=0, atol=0)
+    assert not bad, bad

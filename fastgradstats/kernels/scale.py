@@ -124,17 +124,24 @@ def elementwise_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
 
 
 def scale_(table: TensorTable, coef: Tensor) -> None:
-    """Multiply every gradient of ``table`` by the 0-d device tensor ``coef``, in place."""
-    for seg in table.segments:
-        settings.launch(
-            scale_kernel,
-            (seg.num_blocks,),
-            table.data,
-            coef,
-            table.n_tensors,
-            seg.lo,
-            **elementwise_config(seg.dtype, table.block, seg.aligned),
-        )
+    """Multiply every gradient of ``table`` by the 0-d device tensor ``coef``, in place.
+
+    Tensors that share memory are scaled one round after the other (as many times as
+    they were passed, as torch's ``_foreach_mul_`` does), never by two programs of one
+    launch at once. Clamp and zero need no rounds: they store the same values whichever
+    program gets there first.
+    """
+    for part in table.write_rounds or (table,):
+        for seg in part.segments:
+            settings.launch(
+                scale_kernel,
+                (seg.num_blocks,),
+                part.data,
+                coef,
+                part.n_tensors,
+                seg.lo,
+                **elementwise_config(seg.dtype, table.block, seg.aligned),
+            )
 
 
 def zero_where_(table: TensorTable, flag: Tensor) -> None:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..overlap import overlap_rounds
+
 CACHE_SIZE = 32  # distinct layouts kept (a model's grads, a subset for stats, ...)
 ALIGN_BYTES = 16  # alignment that lets the compiler emit 16-byte vector loads
 KIND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -73,6 +75,10 @@ class TensorTable:
     segments: tuple[Segment, ...]
     data: Tensor  # int64 [ROWS * n_tensors + num_blocks] on ``device``
     host: Tensor  # the host copy; kept alive until the (non-blocking) H2D copy is done
+    # Tensors sharing memory (a parameter passed twice): the in-place scale launches one
+    # table per round of disjoint tensors, in turn (see ``fastgradstats.overlap``); empty
+    # when no two tensors overlap: the table itself is written in one go.
+    write_rounds: tuple[TensorTable, ...] = ()
 
     @property
     def aligned(self) -> bool:
@@ -122,6 +128,14 @@ def build(
         if len(block_tensor) > lo:
             segments.append(Segment(dtype, aligned, lo, len(block_tensor)))
     kinds = [KIND_CODES.get(d, 0) for d in dtypes]
+    rounds = overlap_rounds(ptrs, [numels[t] * dtypes[t].itemsize for t in range(n)])
+    write_rounds = ()
+    if rounds is not None:
+        write_rounds = tuple(
+            build(device, block, [ptrs[t] for t in members], [numels[t] for t in members],
+                  [dtypes[t] for t in members])
+            for members in rounds
+        )  # fmt: skip
     host = torch.tensor(ptrs + numels + block_start + block_end + kinds + block_tensor,
                         dtype=torch.int64)  # fmt: skip
     if device.type == "cuda":
@@ -129,7 +143,8 @@ def build(
         data = host.to(device, non_blocking=True)
     else:
         data = host.to(device)
-    return TensorTable(device, block, n, len(block_tensor), tuple(segments), data, host)
+    return TensorTable(device, block, n, len(block_tensor), tuple(segments), data, host,
+                       write_rounds)  # fmt: skip
 
 
 def table_for(tensors: list[Tensor], block: int, cache: bool = True) -> TensorTable:
