@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -96,7 +98,7 @@ def _scale_launches_touching_memory_twice(monkeypatch) -> list[str]:
                 count = min(data[n + t] - start, kw["BLOCK"])
                 spans.append((data[t] + start * size, data[t] + (start + count) * size))
             spans.sort()
-            if any(nxt[0] < prev[1] for prev, nxt in zip(spans, spans[1:])):
+            if any(nxt[0] < prev[1] for prev, nxt in itertools.pairwise(spans)):
                 bad.append(f"blocks {lo}..{lo + grid[0] - 1}")
         real(kernel, grid, *args, **kw)
 
@@ -139,3 +141,53 @@ def test_overlapping_gradient_views_are_scaled_as_torch_scales_them(backend, mon
     torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
     torch.testing.assert_close(flat, twin, rtol=0, atol=0)
     assert not bad, bad
+
+
+# --- item 16: kernel offsets are computed in 64 bits ------------------------------------
+
+_TTIR_CHECK = r"""
+import json, re, sys
+from fastgradstats import kernels
+kernels.BLOCK = 16  # the smallest block_size() allows: the most blocks per element
+from benchmarks import codegen
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+narrow_mul = re.compile(r"arith\.muli [^:]*: i32\b")
+narrow_arg = re.compile(r"arith\.addi [^:]*%(n_tensors|num_blocks|block_lo)\b[^:]*: i32\b")
+found = {}
+for spec in codegen.kernel_specs():
+    if spec["dtype"] not in ("float32", "bfloat16"):
+        continue
+    config = dict(spec["config"])
+    num_warps = config.pop("num_warps", 4)
+    signature = dict(spec["signature"], **{k: "constexpr" for k in config})
+    compiled = triton.compile(ASTSource(spec["fn"], signature, config),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    lines = [l.strip()[:120] for l in compiled.asm["ttir"].splitlines()
+             if narrow_mul.search(l) or narrow_arg.search(l)]
+    found[f"{spec['kernel']}/{spec['variant']}/{spec['dtype']}"] = lines
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow
+def test_kernel_index_products_are_64_bit_for_the_smallest_block():
+    """Compiled offline for sm_90 with BLOCK = 16 (no GPU needed): the TTIR of every kernel
+    holds no 32-bit multiplication (``5 * n_tensors``, ``3 * num_blocks`` ... are int64)
+    and no 32-bit sum with a count argument."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(fgs.__file__).resolve().parents[1]  # the package under test
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _TTIR_CHECK], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(found) >= 20, found.keys()
+    assert {k: v for k, v in found.items() if v} == {}

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import kernels as settings
 from . import tile_size, triton_dtype
-from .stats import block_location, round_to
+from .stats import block_location, round_to, wide
 from .tables import TensorTable
 
 
@@ -39,7 +39,7 @@ def scale_kernel(
     factor = coef.to(tl.float32)
     # "not (coef >= 1)": a NaN coefficient must still be applied.
     if (coef < 1.0) | (coef != coef):
-        b = block_lo + tl.program_id(0).to(tl.int64)
+        b = wide(block_lo) + tl.program_id(0).to(tl.int64)
         base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
         lanes = tl.arange(0, TILE)
         full = count // TILE
@@ -67,7 +67,7 @@ def zero_kernel(
     ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
 ):
     if tl.load(flag_ptr) != 0:
-        b = block_lo + tl.program_id(0).to(tl.int64)
+        b = wide(block_lo) + tl.program_id(0).to(tl.int64)
         base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
         lanes = tl.arange(0, TILE)
         zeros = tl.zeros([TILE], dtype=DTYPE)
@@ -100,7 +100,7 @@ def clamp_kernel(
     TILE: tl.constexpr,  # elements per loop step
     ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
 ):
-    b = block_lo + tl.program_id(0).to(tl.int64)
+    b = wide(block_lo) + tl.program_id(0).to(tl.int64)
     base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
     lanes = tl.arange(0, TILE)
     full = count // TILE
