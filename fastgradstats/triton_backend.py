@@ -299,6 +299,7 @@ class Plan:
     numel_list: list[int] = field(default_factory=list)
     _names: list[str] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    pinned: bool = False  # used under CUDA-graph capture: kept for the process's life
 
     @property
     def position_names(self) -> list[str]:
@@ -315,29 +316,43 @@ class Plan:
             ptrs == self.ptrs and numels == self.numels and tuple(map(_DTYPE, grads)) == self.dtypes
         )
 
-    def workspace(self) -> Workspace:
-        """This stream's workspace (CUDA launches on one stream are ordered, so reuse is
-        safe; another stream gets its own). Made on the first call on a stream, e.g. the
-        warm-up before a CUDA graph capture."""
-        if self.device.type == "cuda":
-            key: Any = torch.cuda.current_stream(self.device).cuda_stream
-        else:
-            key = None  # CPU (the interpreter): launches run in the caller; see ``lock``
+    def prepare(self) -> Any:
+        """Before this call's launches: pin the plan when a CUDA graph is being captured
+        (the graph keeps raw pointers to its table and workspace), and order the table's
+        H2D copy before the current stream's launches (``TensorTable.order_on``). Returns
+        the current stream's handle (``None`` off CUDA): the key of its workspace."""
+        if not self.pinned and tables.capturing(self.device):
+            _pin(self)
+        stream = tables.current_stream(self.device)
+        if stream is None:
+            return None  # CPU (the interpreter): launches run in the caller; see ``lock``
+        self.table.order_on(stream)
+        return stream.cuda_stream
+
+    def workspace(self, key: Any = None) -> Workspace:
+        """The workspace of stream ``key`` (from :meth:`prepare`): CUDA launches on one
+        stream are ordered, so reuse is safe; another stream gets its own. Made on the
+        first call on a stream, e.g. the warm-up before a CUDA graph capture."""
         ws = self.workspaces.get(key)
         if ws is None:
             with _plans_lock:
-                ws = self.workspaces.setdefault(key, _workspace(self.table))
+                ws = self.workspaces.get(key)
+                if ws is None:
+                    ws = self.workspaces[key] = _workspace(self.table)
         return ws
 
     @property
-    def lock(self) -> contextlib.AbstractContextManager:
-        """Held around the launches on the CPU, where the interpreter runs them in the
-        calling thread: two threads must not share the workspace at the same time."""
-        return self._lock if self.device.type != "cuda" else contextlib.nullcontext()
+    def lock(self) -> threading.Lock:
+        """Held across one call's stats and finalize launches, on every device: two
+        threads on one stream share its workspace, and their launches must not interleave
+        (stats A, stats B, finalize A would reduce B's partials). On CUDA it orders the
+        enqueueing; the stream then runs each call's launches back to back."""
+        return self._lock
 
 
 PLAN_CACHE_SIZE = 16
 _plans: OrderedDict[tuple, Plan | None] = OrderedDict()
+_pinned_plans: list[Plan] = []  # used under CUDA-graph capture; never evicted nor cleared
 _negative_ptrs: dict[tuple, tuple[int, ...]] = {}  # addresses behind the None entries
 _MISSING: Any = object()
 _plans_lock = threading.Lock()
@@ -399,6 +414,11 @@ def plan_for(
                 plan_stats["hits"] += 1
                 return plan
     plan = build_plan(grads)
+    if plan is not None and tables.capturing(plan.device):
+        # Built under capture: its table is filled by the graph's copy, at replay only.
+        # The graph owns it (pinned); eager calls must not find it in the cache.
+        _pin(plan)
+        return plan
     with _plans_lock:
         plan_stats["builds"] += 1
         _plans[key] = plan
@@ -411,8 +431,18 @@ def plan_for(
     return plan
 
 
+def _pin(plan: Plan) -> None:
+    """Keep ``plan`` (its table, its workspaces) for the life of the process: a CUDA graph
+    captured with it replays its raw pointers; a 16-entry LRU must not free them."""
+    with _plans_lock:
+        if not plan.pinned:
+            _pinned_plans.append(plan)
+            plan.pinned = True
+
+
 def clear_plans() -> None:
-    """Forget every cached plan (and reset ``plan_stats``)."""
+    """Forget every cached plan (and reset ``plan_stats``). Plans used under CUDA-graph
+    capture stay alive (their graphs may still be replayed), out of the cache."""
     with _plans_lock:
         _plans.clear()
         _negative_ptrs.clear()
@@ -441,7 +471,7 @@ def run_fused(
     the clip coefficient, all computed on the device. ``histogram``: the stats launches
     also bin every element into zero-filled int64 ``[n, NUM_BINS]`` counts (same read)."""
     device, n = plan.device, plan.table.n_tensors
-    ws = plan.workspace()
+    ws = plan.workspace(plan.prepare())
     total = torch.empty((), dtype=plan.result_dtype, device=device)
     scalars = torch.empty(2, device=device)  # exact total, clip coefficient: handed back
     if stats:
@@ -481,6 +511,7 @@ def run_fused(
 
 def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
     """Scale every gradient of ``plan`` by the device coefficient (no write when >= 1)."""
+    plan.prepare()
     with _on_device(plan.device):
         scale_kernels.scale_(plan.table, coef)
     _bump_versions(grads)
@@ -488,6 +519,7 @@ def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
 
 def zero_fused(plan: Plan, flag: Tensor, grads: list[Tensor]) -> None:
     """Zero every gradient of ``plan`` where the 0-d bool device ``flag`` is set."""
+    plan.prepare()
     with _on_device(plan.device):
         scale_kernels.zero_where_(plan.table, flag.to(plan.device, torch.bool).reshape(()))
     _bump_versions(grads)

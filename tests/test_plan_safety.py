@@ -191,3 +191,195 @@ def test_kernel_index_products_are_64_bit_for_the_smallest_block():
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(found) >= 20, found.keys()
     assert {k: v for k, v in found.items() if v} == {}
+
+
+# --- items 12-14: who owns the plan's table and workspace --------------------------------
+
+
+def _grads(sizes, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen).to(DEVICE, dtype) for n in sizes]
+
+
+def _the_plan() -> triton_backend.Plan:
+    [plan] = [p for p in triton_backend._plans.values() if p is not None]
+    return plan
+
+
+def test_a_plan_used_under_capture_outlives_eviction_and_clear_plans(monkeypatch):
+    """Item 12: a CUDA graph keeps raw pointers to the table and workspace of the plan it
+    captured; neither the LRU nor ``clear_plans()`` may free them (capture mocked)."""
+    import gc
+    import weakref
+
+    grads = _grads((50, 200, 7))
+    fgs.get_total_norm(grads, backend="triton")  # the eager warm-up builds the plan
+    plan = _the_plan()
+    monkeypatch.setattr(tables, "capturing", lambda device: True, raising=False)
+    fgs.clip_grad_norm_(_params_on(grads), 1.0, backend="triton")  # "captured"
+    monkeypatch.setattr(tables, "capturing", lambda device: False, raising=False)
+    alive = [weakref.ref(plan), weakref.ref(plan.table.data)]
+    alive += [weakref.ref(ws.partials) for ws in plan.workspaces.values()]
+    del plan
+    for i in range(triton_backend.PLAN_CACHE_SIZE + 2):  # evicts it from the LRU
+        fgs.get_total_norm(_grads((3, 5 + i), seed=i), backend="triton")
+    triton_backend.clear_plans()
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
+    # and it still computes: the pinned plan is the one a replay would use
+    total = fgs.get_total_norm(grads, backend="triton")
+    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.cat(grads)))
+
+
+def test_a_plan_built_under_capture_is_pinned_and_not_cached(monkeypatch):
+    """Built during capture, the table is filled by the graph's copy at replay only: eager
+    calls must not find it in the cache (they build their own)."""
+    grads = _grads((50, 200, 7))
+    monkeypatch.setattr(tables, "capturing", lambda device: True, raising=False)
+    fgs.get_total_norm(grads, backend="triton")
+    monkeypatch.setattr(tables, "capturing", lambda device: False, raising=False)
+    assert [p for p in triton_backend._plans.values() if p is not None] == []
+    assert len(triton_backend._pinned_plans) >= 1
+    total = fgs.get_total_norm(grads, backend="triton")
+    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.cat(grads)))
+
+
+def test_a_table_used_under_capture_on_the_generic_path_is_pinned(monkeypatch):
+    import gc
+    import weakref
+
+    grads = _grads((50, 200, 7))
+    monkeypatch.setattr(tables, "capturing", lambda device: True, raising=False)
+    triton_backend.group_norms(grads, 2.0)
+    monkeypatch.setattr(tables, "capturing", lambda device: False, raising=False)
+    refs = [weakref.ref(t.data) for t in tables._cache.values()] or [
+        weakref.ref(t.data) for t in getattr(tables, "_pinned", [])
+    ]
+    assert refs
+    tables.clear_cache()
+    gc.collect()
+    assert all(ref() is not None for ref in refs)
+
+
+class _FakeEvent:
+    def __init__(self, stream):
+        self.stream = stream
+
+
+class _FakeStream:
+    """Stands in for a torch.cuda.Stream: records what the library asks of it."""
+
+    def __init__(self, handle: int, log: list):
+        self.cuda_stream = handle
+        self.log = log
+
+    def record_event(self):
+        return _FakeEvent(self)
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.cuda_stream, event.stream.cuda_stream))
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """Two mocked CUDA streams (1 and 2); ``state["stream"]`` is the current one."""
+    log: list = []
+    streams = {1: _FakeStream(1, log), 2: _FakeStream(2, log)}
+    state = {"stream": streams[1], "log": log}
+    monkeypatch.setattr(tables, "current_stream", lambda device: state["stream"],
+                        raising=False)  # fmt: skip
+    monkeypatch.setattr(tables, "_use_on", lambda t, s: log.append(("keep", s.cuda_stream)),
+                        raising=False)  # fmt: skip
+    state["streams"] = streams
+    return state
+
+
+def test_another_stream_waits_for_the_table_copy_once_and_keeps_it_alive(fake_streams):
+    """Item 13: the table is copied on the stream that built it; the first call on another
+    stream waits for that copy (an event) and marks the memory as used by it."""
+    grads = _grads((50, 200, 7))
+    params = _params_on(grads)
+    fgs.clip_grad_norm_(params, 1e9, backend="triton")  # built on stream 1
+    assert fake_streams["log"] == []  # the building stream is ordered by itself
+    fake_streams["stream"] = fake_streams["streams"][2]
+    fgs.clip_grad_norm_(params, 1e9, backend="triton")
+    fgs.clip_grad_norm_(params, 1e9, backend="triton")
+    assert fake_streams["log"] == [("wait", 2, 1), ("keep", 2)]  # once per stream
+    assert set(_the_plan().workspaces) == {1, 2}  # one workspace per stream
+
+
+def test_another_stream_waits_for_the_write_rounds_and_generic_tables(fake_streams):
+    grads = _grads((50, 200, 7))
+    params = _params_on(grads)
+    twice = [params[0], params[1], params[0]]  # write rounds: tables of their own
+    fgs.clip_grad_norm_(twice, 0.5, backend="triton")
+    triton_backend.group_norms(grads, 2.0)  # the generic path's cached table
+    fake_streams["stream"] = fake_streams["streams"][2]
+    fake_streams["log"].clear()
+    fgs.clip_grad_norm_(twice, 0.5, backend="triton")
+    triton_backend.group_norms(grads, 2.0)
+    waits = [e for e in fake_streams["log"] if e[0] == "wait"]
+    # the plan's table, its 2 write rounds, the generic table: each waited for once
+    assert waits == [("wait", 2, 1)] * 4
+    assert fake_streams["log"].count(("keep", 2)) == 4
+
+
+def test_the_plan_lock_is_a_real_lock_on_cuda():
+    """Item 14: two threads on one stream share its workspace; the plan's lock, held
+    across a call's launches, must exclude the other thread on CUDA too."""
+    import dataclasses
+    import threading
+
+    plan = triton_backend.build_plan(_grads((50, 200, 7)))
+    cuda_plan = dataclasses.replace(plan, device=torch.device("cuda"))
+    lock = cuda_plan.lock
+    with lock:
+        got = []
+        other = threading.Thread(target=lambda: got.append(lock.acquire(blocking=False)))
+        other.start()
+        other.join()
+    assert got == [False]
+
+
+def test_two_threads_launches_do_not_interleave(monkeypatch):
+    """Stats A, stats B, finalize A would reduce B's partials: each call's stats and
+    finalize launches must be enqueued back to back."""
+    import threading
+    import time
+
+    from fastgradstats.kernels import stats as stats_kernels
+
+    grads = _grads((50, 200, 7))
+    plan = triton_backend.build_plan(grads)
+    order: list = []
+    real_stats, real_finalize = stats_kernels.launch_stats, stats_kernels.launch_finalize
+
+    def slow_stats(*args, **kw):
+        order.append(("stats", threading.get_ident()))
+        time.sleep(0.01)  # let the other thread run: it must not launch in between
+        real_stats(*args, **kw)
+
+    def finalize(*args, **kw):
+        order.append(("finalize", threading.get_ident()))
+        real_finalize(*args, **kw)
+
+    monkeypatch.setattr(stats_kernels, "launch_stats", slow_stats)
+    monkeypatch.setattr(stats_kernels, "launch_finalize", finalize)
+    results = {}
+
+    def call(norm_type):  # p=2 and p=inf share the plan: their partials differ
+        for _ in range(3):
+            out = triton_backend.run_fused(plan, norm_type, stats=False, max_norm=None)
+            results.setdefault(norm_type, []).append(out.total)
+
+    pool = [threading.Thread(target=call, args=(p,)) for p in (2.0, float("inf"))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for first, second in zip(order[::2], order[1::2]):
+        assert first[0] == "stats" and second == ("finalize", first[1]), order
+    flat = torch.cat(grads)
+    for p, totals in results.items():
+        for total in totals:
+            torch.testing.assert_close(total, torch.linalg.vector_norm(flat, p))
