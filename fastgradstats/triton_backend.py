@@ -53,6 +53,10 @@ from .torch_backend import GroupStats
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_NORMS = (1.0, 2.0, math.inf)
 _DTYPE = operator.attrgetter("dtype")
+try:  # the C++ tensor check torch.compile's guards use (dtype, device, shape, strides)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover (older or stripped torch builds)
+    _TensorGuards = None
 
 
 def supports(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
@@ -300,6 +304,7 @@ class Plan:
     _names: list[str] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     pinned: bool = False  # used under CUDA-graph capture: kept for the process's life
+    guard: Any = None  # TensorGuards of the gradients (see ``matches``), or None
 
     @property
     def position_names(self) -> list[str]:
@@ -308,12 +313,22 @@ class Plan:
             self._names = [str(i) for i in range(self.table.n_tensors)]
         return self._names
 
-    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]) -> bool:
-        """Same addresses (the key holds only their hash), same sizes and every dtype the
-        same: a gradient that became bf16 at the same address and size must not be read
-        (and scaled) as fp32. dtypes are singletons, so the tuple compare is by identity."""
+    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor]) -> bool:
+        """Same addresses (the key holds only their hash), and every gradient's dtype and
+        size unchanged behind them: a gradient that became bf16 at the same address and
+        size must not be read (and scaled) as fp32.
+
+        One C++ pass (``guard``: torch.compile's tensor check of type, dtype, device,
+        shape and strides) costs about what the former ``numel()`` pass alone cost; a
+        Python walk of sizes and dtypes is the fallback where torch lacks it.
+        """
+        if ptrs != self.ptrs:
+            return False
+        if self.guard is not None:
+            return self.guard.check(*grads)
         return (
-            ptrs == self.ptrs and numels == self.numels and tuple(map(_DTYPE, grads)) == self.dtypes
+            tuple(map(Tensor.numel, grads)) == self.numels
+            and tuple(map(_DTYPE, grads)) == self.dtypes
         )
 
     def prepare(self) -> Any:
@@ -371,6 +386,20 @@ def _fusable(grads: list[Tensor]) -> bool:
     return True
 
 
+def _guard_for(grads: list[Tensor]) -> Any:
+    """torch.compile's C++ tensor check for ``grads`` (it keeps no reference to them), or
+    ``None`` where this torch has no such check: ``Plan.matches`` then walks in Python."""
+    if _TensorGuards is None:
+        return None
+    try:
+        guard = _TensorGuards(*grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        # It refuses a tensor passed twice (aliasing), whatever its layout: such lists
+        # (and any other it would refuse at once) take the Python walk.
+        return guard if guard.check(*grads) else None
+    except Exception:  # another signature in another torch: the Python walk is as right
+        return None
+
+
 def build_plan(grads: list[Tensor]) -> Plan | None:
     """A plan for ``grads``, or ``None`` when they cannot take the fused path."""
     if not grads or not _fusable(grads):
@@ -387,26 +416,28 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
         )
     ptrs = tuple(g.data_ptr() for g in grads)
     return Plan(table, ptrs, tuple(numels), tuple(dtypes), result, device,
-                numel_list=numels)  # fmt: skip
+                numel_list=numels, guard=_guard_for(grads))  # fmt: skip
 
 
-def plan_for(
-    key: tuple, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]
-) -> Plan | None:
+def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
     """The cached plan for ``key`` (the hash of ``ptrs`` and the settings) after checking
     ``ptrs``, sizes and dtypes, else a new one; ``None`` when the gradients cannot be
     fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
     the key is hashed once per call.
 
-    The check is every size and every dtype (a caching allocator reusing a block, or a
-    flat gradient buffer, can put a gradient of another dtype behind the same address and
-    size); what it does not see is a gradient replaced by a *non-dense view* with the same
-    address and size (say ``p.grad = buf[:, ::2]``): call ``clear_plans()`` after such
-    surgery.
+    The check is every gradient's dtype, shape and strides (a caching allocator reusing a
+    block, or a flat gradient buffer, can put a gradient of another dtype behind the same
+    address and size), see ``Plan.matches``. Only its Python fallback (a torch without
+    ``TensorGuards``) compares sizes and dtypes alone and misses a gradient replaced by a
+    *non-dense view* of the same address and size (say ``p.grad = buf[:, ::2]``): call
+    ``clear_plans()`` after such surgery there.
+
+    Called under CUDA-graph capture, a plan it builds is pinned and not cached (its table
+    is filled by the graph's copy, at replay only).
     """
     with _plans_lock:
         plan = _plans.get(key, _MISSING)
-        if plan is not _MISSING and (plan is None or plan.matches(ptrs, grads, numels)):
+        if plan is not _MISSING and (plan is None or plan.matches(ptrs, grads)):
             if plan is None and _negative_ptrs.get(key) != ptrs:
                 plan = _MISSING  # a hash collision with a list that could not be fused
             else:

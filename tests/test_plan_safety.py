@@ -77,6 +77,27 @@ def test_a_middle_gradient_that_became_bf16_at_the_same_address_is_read_as_bf16(
     torch.testing.assert_close(buf[a + b // 2 : a + b], beyond, rtol=0, atol=0)
 
 
+def test_a_gradient_replaced_by_a_gapped_view_at_the_same_address_is_not_read_densely():
+    """The plan's check covers strides too: ``buf[:, ::2]`` has the address, shape and
+    dtype of the dense gradient it replaces, but not its memory."""
+    buf = torch.randn(8, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dense = buf.view(-1)[:32].view(8, 4)
+    gapped = buf[:, ::2]
+    assert dense.data_ptr() == gapped.data_ptr() and dense.shape == gapped.shape
+    fgs.get_total_norm([dense], backend="triton")
+    total = fgs.get_total_norm([gapped], backend="triton")
+    torch.testing.assert_close(total, torch.linalg.vector_norm(gapped), rtol=1e-6, atol=0)
+
+
+def test_steady_calls_reuse_the_plan_with_and_without_duplicates():
+    grads = _grads((50, 200, 7))
+    for lists in ([grads], [[grads[0], grads[1], grads[0]]]):
+        triton_backend.clear_plans()
+        for _ in range(3):
+            fgs.get_total_norm(lists[0], backend="triton")
+        assert triton_backend.plan_stats == {"hits": 2, "builds": 1}
+
+
 # --- item 15: a parameter passed twice is scaled twice, one launch after the other -------
 
 
