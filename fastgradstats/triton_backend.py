@@ -437,13 +437,18 @@ def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | N
     """
     with _plans_lock:
         plan = _plans.get(key, _MISSING)
-        if plan is not _MISSING and (plan is None or plan.matches(ptrs, grads)):
-            if plan is None and _negative_ptrs.get(key) != ptrs:
-                plan = _MISSING  # a hash collision with a list that could not be fused
-            else:
+        negative = _negative_ptrs.get(key) if plan is None else None
+    # Checked outside the lock: a walk of 10,000 gradients must not serialize threads
+    # (``None`` entries: a hash collision with a list that could not be fused).
+    hit = plan is not _MISSING and (
+        plan.matches(ptrs, grads) if plan is not None else negative == ptrs
+    )
+    if hit:
+        with _plans_lock:
+            if key in _plans:  # another thread may have evicted it meanwhile
                 _plans.move_to_end(key)
-                plan_stats["hits"] += 1
-                return plan
+            plan_stats["hits"] += 1
+        return plan
     plan = build_plan(grads)
     if plan is not None and tables.capturing(plan.device):
         # Built under capture: its table is filled by the graph's copy, at replay only.
