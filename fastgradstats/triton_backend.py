@@ -314,21 +314,24 @@ class Plan:
         return self._names
 
     def matches(self, ptrs: tuple[int, ...], grads: list[Tensor]) -> bool:
-        """Same addresses (the key holds only their hash), and every gradient's dtype and
-        size unchanged behind them: a gradient that became bf16 at the same address and
-        size must not be read (and scaled) as fp32.
+        """Same addresses (the key holds only their hash), and every gradient's dtype,
+        size and density unchanged behind them: a gradient that became bf16 at the same
+        address and size must not be read (and scaled) as fp32.
 
-        One C++ pass (``guard``: torch.compile's tensor check of type, dtype, device,
-        shape and strides) costs about what the former ``numel()`` pass alone cost; a
-        Python walk of sizes and dtypes is the fallback where torch lacks it.
+        First one C++ pass (``guard``: torch.compile's tensor check of type, dtype,
+        device, shape and strides), which costs about what the former ``numel()`` pass
+        alone cost. When it is missing or refuses (a dispatch mode or grad-mode state
+        other than at build, a new stride order), a Python walk decides: sizes, dtypes,
+        and :func:`tables.is_dense` (what the kernels need of a layout).
         """
         if ptrs != self.ptrs:
             return False
-        if self.guard is not None:
-            return self.guard.check(*grads)
+        if self.guard is not None and self.guard.check(*grads):
+            return True
         return (
             tuple(map(Tensor.numel, grads)) == self.numels
             and tuple(map(_DTYPE, grads)) == self.dtypes
+            and all(map(tables.is_dense, grads))
         )
 
     def prepare(self) -> Any:
@@ -425,12 +428,10 @@ def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | N
     fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
     the key is hashed once per call.
 
-    The check is every gradient's dtype, shape and strides (a caching allocator reusing a
+    The check is every gradient's dtype, size and density (a caching allocator reusing a
     block, or a flat gradient buffer, can put a gradient of another dtype behind the same
-    address and size), see ``Plan.matches``. Only its Python fallback (a torch without
-    ``TensorGuards``) compares sizes and dtypes alone and misses a gradient replaced by a
-    *non-dense view* of the same address and size (say ``p.grad = buf[:, ::2]``): call
-    ``clear_plans()`` after such surgery there.
+    address and size; ``p.grad = buf[:, ::2]`` has the address and size of a dense
+    gradient), see ``Plan.matches``.
 
     Called under CUDA-graph capture, a plan it builds is pinned and not cached (its table
     is filled by the graph's copy, at replay only).
