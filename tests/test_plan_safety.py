@@ -404,3 +404,13 @@ def test_two_threads_launches_do_not_interleave(monkeypatch):
     for p, totals in results.items():
         for total in totals:
             torch.testing.assert_close(total, torch.linalg.vector_norm(flat, p))
+
+
+def test_overlap_rounds_split_shared_memory_into_disjoint_rounds():
+    from fastgradstats.overlap import overlap_rounds
+
+    assert overlap_rounds([0, 100, 200], [100, 100, 100]) is None  # touching, disjoint
+    assert overlap_rounds([0, 0, 100], [8, 8, 8]) == [[0, 2], [1]]
+    assert overlap_rounds([0, 0, 0], [8, 8, 8]) == [[0], [1], [2]]  # passed 3 times
+    assert overlap_rounds([0, 50, 0, 300], [100, 100, 0, 4]) == [[0, 2, 3], [1]]
+    assert overlap_rounds([], []) is None
