@@ -39,6 +39,7 @@ def test_without_cuda_it_says_so_and_records_skipped_steps(tmp_path):
     assert all(s["status"] == "skipped: needs CUDA" for s in result["steps"].values())
 
 
+@pytest.mark.slow
 def test_the_plan_safety_checks_that_need_no_cuda_run_here():
     """Issue 19 items 14-15 of ``plan-safety`` run on this device (interpreted on a CPU);
     the graph and stream checks need CUDA and are exercised only by gpu-check itself."""

@@ -233,6 +233,7 @@ def test_a_plan_used_under_capture_outlives_eviction_and_clear_plans(monkeypatch
     import gc
     import weakref
 
+    monkeypatch.setattr(triton_backend, "PLAN_CACHE_SIZE", 2)  # few layouts evict it
     grads = _grads((50, 200, 7))
     fgs.get_total_norm(grads, backend="triton")  # the eager warm-up builds the plan
     plan = _the_plan()
