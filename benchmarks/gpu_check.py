@@ -14,7 +14,14 @@ results JSON, ``benchmarks/results/gpu-check-<device>-<date>.json``:
 5. ``host``: ``python -m benchmarks host`` on CUDA tensors (launches stubbed);
 6. ``histogram``: ``python -m benchmarks.histogram --device cuda`` for bf16 and fp32: the
    fused histogram pass against the plain stats pass (target <= 1.2x) and the torch code;
-7. ``benchmark``: the full benchmark suite, ``python -m benchmarks --device cuda``.
+7. ``benchmark``: the full benchmark suite, ``python -m benchmarks --device cuda``;
+8. ``plan-safety``: issue 19's GPU-only hazards of the plan cache, in a child process (a
+   regression may crash the CUDA context): a graph replayed after its plan was evicted
+   and ``clear_plans()`` ran, and freed blocks were handed out again (item 12); a table
+   built behind a long kernel on one stream used at once on another, and evicted while
+   that stream's kernels are pending (item 13); two threads on one stream alternating
+   p=2 and p=inf on one plan (item 14); a parameter passed twice, both backends, against
+   torch's in-order result (item 15).
 
 What CUDA-graph capture requires (checked by step 3): one eager call first (it builds
 the plan: the table's H2D copy and the workspace of the capturing stream are made then);
@@ -50,8 +57,9 @@ LIMITS_S = {
     "no-sync": 45,
     "host": 60,
     "histogram": 50,
-    "benchmark": 120,
-}  # fmt: skip (sums to < 10 min of limits, one device call; typical ~5 min)
+    "benchmark": 100,
+    "plan-safety": 25,
+}  # fmt: skip (sums to <= 10 min of limits, one device call; typical ~5 min)
 
 
 def _run(cmd: list[str], limit: int, env: dict | None = None) -> dict[str, Any]:
@@ -205,6 +213,187 @@ def step_benchmark() -> dict[str, Any]:
                 LIMITS_S["benchmark"] - 5)  # fmt: skip
 
 
+def _check_graph_after_eviction(device: str) -> dict[str, Any]:
+    """Item 12: a captured clip replays correctly after its plan left the LRU, after
+    ``clear_plans()``, and after freed blocks were handed out again."""
+    import gc
+
+    import torch
+
+    import fastgradstats as fgs
+    from fastgradstats import triton_backend
+    from fastgradstats.kernels import tables
+
+    sizes = (1000, 4096, 33)
+    params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+    twins = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the capturing stream
+        for _ in range(2):
+            fgs.clip_grad_norm_(params, 1.0, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        static_total = fgs.clip_grad_norm_(params, 1.0, backend="triton")
+    for i in range(triton_backend.PLAN_CACHE_SIZE + 4):  # other layouts evict the plan
+        fgs.get_total_norm([torch.randn(5 + i, device=device) for _ in range(3)],
+                           backend="triton")  # fmt: skip
+    triton_backend.clear_plans()
+    tables.clear_cache()
+    gc.collect()
+    junk = [torch.full((64,), -1, dtype=torch.int64, device=device) for _ in range(2000)]
+    worst = 0.0
+    for seed in range(3):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        grads = [torch.randn(n, device=device, generator=gen) * 10 for n in sizes]
+        for p, q, g in zip(params, twins, grads):
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        graph.replay()
+        ref_total = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        torch.cuda.synchronize()
+        worst = max(worst, abs(float(static_total) - float(ref_total)) / float(ref_total))
+        for p, q in zip(params, twins):
+            worst = max(worst, float((p.grad - q.grad).abs().max() / q.grad.abs().max()))
+    del junk
+    return {"ok": worst < 1e-5, "worst_rel_diff": worst}
+
+
+def _check_cross_stream(device: str) -> dict[str, Any]:
+    """Item 13: a plan built on stream A (its copy queued behind a long kernel) is used at
+    once on stream B; then evicted while B's kernels are pending, A reusing freed memory."""
+    import gc
+
+    import torch
+
+    import fastgradstats as fgs
+    from fastgradstats import triton_backend
+
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    gen = torch.Generator(device=device).manual_seed(0)
+    out: dict[str, Any] = {}
+    for case in ("copy-then-other-stream", "evicted-while-pending"):
+        triton_backend.clear_plans()
+        grads = [torch.randn(n, device=device, generator=gen) for n in (3000, 77, 1 << 16)]
+        ref = torch.linalg.vector_norm(torch.cat(grads))
+        torch.cuda.synchronize()
+        if case == "copy-then-other-stream":
+            with torch.cuda.stream(a):
+                torch.cuda._sleep(100_000_000)  # the table's H2D copy waits behind this
+                fgs.get_total_norm(grads, backend="triton")
+            with torch.cuda.stream(b):
+                total = fgs.get_total_norm(grads, backend="triton")
+        else:
+            with torch.cuda.stream(a):
+                fgs.get_total_norm(grads, backend="triton")
+            torch.cuda.synchronize()
+            with torch.cuda.stream(b):
+                torch.cuda._sleep(100_000_000)  # B's launches below stay pending
+                total = fgs.get_total_norm(grads, backend="triton")
+            triton_backend.clear_plans()  # frees the table (allocated on A)
+            gc.collect()
+            with torch.cuda.stream(a):  # A may reuse it only once B is done with it
+                junk = [torch.full((64,), -1, dtype=torch.int64, device=device)
+                        for _ in range(2000)]  # fmt: skip
+            del junk
+        torch.cuda.synchronize()
+        out[case] = abs(float(total) - float(ref)) / float(ref)
+    out["ok"] = all(v < 1e-5 for v in out.values())
+    return out
+
+
+def _check_threads(device: str, calls: int = 200) -> dict[str, Any]:
+    """Item 14: two threads on one stream alternate p=2 and p=inf on the same plan (they
+    share its workspace); every result must be its own."""
+    import threading
+
+    import torch
+
+    import fastgradstats as fgs
+
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n, generator=gen).to(device) for n in (5000, 31, 700)]
+    flat = torch.cat(grads)
+    refs = {p: torch.linalg.vector_norm(flat, p) for p in (2.0, float("inf"))}
+    fgs.get_total_norm(grads, backend="triton")  # one plan for both threads
+    results: dict[float, list] = {p: [] for p in refs}
+    errors: list[str] = []
+
+    def work(p: float) -> None:
+        try:
+            for _ in range(calls):
+                results[p].append(fgs.get_total_norm(grads, p, backend="triton"))
+        except Exception as exc:  # recorded: the check fails, the others still run
+            errors.append(repr(exc))
+
+    pool = [threading.Thread(target=work, args=(p,)) for p in refs]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wrong = sum(
+        int(not torch.allclose(r.cpu(), refs[p].cpu(), rtol=1e-5, atol=0))
+        for p, rs in results.items() for r in rs
+    )  # fmt: skip
+    return {"ok": not errors and wrong == 0, "calls": 2 * calls, "wrong": wrong,
+            "errors": errors[:3]}  # fmt: skip
+
+
+def _check_duplicates(device: str) -> dict[str, Any]:
+    """Item 15: a parameter passed twice is scaled twice, in order, on both backends: bit
+    for bit ``g * c * c`` (each product rounded), with ``c`` from the returned total."""
+    import torch
+
+    import fastgradstats as fgs
+
+    out: dict[str, Any] = {}
+    for backend in ("triton", "torch"):
+        gen = torch.Generator().manual_seed(2)
+        values = [torch.randn(n, generator=gen).mul(3).to(device) for n in (40_000, 900)]
+        params = [torch.nn.Parameter(torch.zeros_like(v)) for v in values]
+        for p, v in zip(params, values):
+            p.grad = v.clone()
+        total = fgs.clip_grad_norm_([params[0], params[1], params[0]], 1.0, backend=backend)
+        coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+        expected = [values[0] * coef * coef, values[1] * coef]
+        out[backend] = all(bool(torch.equal(p.grad, e)) for p, e in zip(params, expected))
+    out["ok"] = all(out.values())
+    return out
+
+
+def plan_safety_checks(device: str = "cuda") -> dict[str, Any]:
+    """The ``plan-safety`` checks on ``device``; those that need CUDA graphs or streams
+    are skipped elsewhere (the CPU test of this file runs the rest, interpreted)."""
+    import torch
+
+    checks = {"threads": _check_threads, "duplicates": _check_duplicates}
+    if torch.device(device).type == "cuda":
+        checks = {"graph-after-eviction": _check_graph_after_eviction,
+                  "cross-stream": _check_cross_stream, **checks}  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, check in checks.items():
+        try:
+            out[name] = check(device)
+        except Exception:
+            out[name] = {"ok": False, "error": traceback.format_exc()[-2000:]}
+    out["ok"] = all(v["ok"] for v in out.values())
+    return out
+
+
+def step_plan_safety() -> dict[str, Any]:
+    code = ("import json\nfrom benchmarks.gpu_check import plan_safety_checks\n"
+            "print(json.dumps(plan_safety_checks('cuda')))")  # fmt: skip
+    run = _run([sys.executable, "-c", code], LIMITS_S["plan-safety"] - 3)
+    try:
+        result = json.loads(run["tail"].strip().splitlines()[-1])
+    except (ValueError, IndexError, KeyError):
+        return run  # crashed or timed out: its tail says how
+    return result
+
+
 STEPS: dict[str, Callable[[], dict[str, Any]]] = {
     "pytest": step_pytest,
     "big-tensor": step_big_tensor,
@@ -213,6 +402,7 @@ STEPS: dict[str, Callable[[], dict[str, Any]]] = {
     "host": step_host,
     "histogram": step_histogram,
     "benchmark": step_benchmark,
+    "plan-safety": step_plan_safety,
 }
 
 

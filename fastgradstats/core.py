@@ -365,7 +365,8 @@ def fused(
     same single read), filling ``Fused.histogram`` and ``Fused.zero_count``.
 
     The steady state walks the gradients once: ``.grad``, then ``data_ptr()`` (the plan
-    key) and ``numel()`` (the check that the layout behind those addresses is unchanged).
+    key), then one C++ check that every gradient's dtype, shape and strides are unchanged
+    behind those addresses (``Plan.matches``).
     """
     if not items or norm_type not in _FUSED_NORMS:
         return None
@@ -398,7 +399,6 @@ def fused(
             ptrs = tuple(map(Tensor.data_ptr, grads))
         if not grads:
             return None
-        numels = tuple(map(Tensor.numel, grads))
         if requested == "auto" and grads[0].device.type != "cuda":
             return None  # auto: Triton on CUDA only
     except (AttributeError, TypeError, RuntimeError):
@@ -407,7 +407,7 @@ def fused(
     if impl is None:
         return None  # the generic path says why (or falls back to torch for auto)
     kernels = impl.kernels
-    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads, numels)
+    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads)
     if plan is None:
         return None
     if stats and names is None and use_grad and len(grads) < len(tensors):
@@ -432,14 +432,13 @@ def zero_where_fused(params: list[Tensor], flag: Tensor, backend: str | None) ->
         if not grads or (requested == "auto" and grads[0].device.type != "cuda"):
             return False
         ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for DTensor
-        numels = tuple(map(Tensor.numel, grads))
     except (AttributeError, TypeError, RuntimeError):
         return False
     impl = triton_module()
     if impl is None:
         return False
     kernels = impl.kernels
-    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads, numels)
+    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads)
     if plan is None:
         return False
     impl.zero_fused(plan, flag, grads)

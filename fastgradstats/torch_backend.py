@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .overlap import overlap_rounds
+
 INF = math.inf
 
 
@@ -227,6 +229,15 @@ def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> No
         coef = torch.where(coef >= 1.0, torch.ones_like(coef), coef)  # NaN >= 1 is False
     elif coef.device.type == "cpu" and bool(coef >= 1.0):
         return
+    elif grads and grads[0].is_cuda:
+        # One CUDA foreach launch over a tensor passed twice has two blocks scaling the
+        # same memory at once; one launch per round of disjoint tensors scales it twice,
+        # in turn (the CPU foreach already runs the list in order).
+        rounds = overlap_rounds([g.data_ptr() for g in grads], [g.nbytes for g in grads])
+        if rounds is not None:
+            for members in rounds:
+                scale_([grads[t] for t in members], coef, foreach)
+            return
     if _use_foreach(grads, foreach):
         torch._foreach_mul_(grads, coef)
     else:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ from .torch_backend import GroupStats
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_NORMS = (1.0, 2.0, math.inf)
+_DTYPE = operator.attrgetter("dtype")
+try:  # the C++ tensor check torch.compile's guards use (dtype, device, shape, strides)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover (older or stripped torch builds)
+    _TensorGuards = None
 
 
 def supports(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
@@ -290,14 +296,15 @@ class Plan:
     table: tables.TensorTable
     ptrs: tuple[int, ...]
     numels: tuple[int, ...]
-    first_dtype: torch.dtype
-    last_dtype: torch.dtype
+    dtypes: tuple[torch.dtype, ...]
     result_dtype: torch.dtype  # promoted gradient dtype: the dtype of the returned total
     device: torch.device
     workspaces: dict[Any, Workspace] = field(default_factory=dict)
     numel_list: list[int] = field(default_factory=list)
     _names: list[str] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    pinned: bool = False  # used under CUDA-graph capture: kept for the process's life
+    guard: Any = None  # TensorGuards of the gradients (see ``matches``), or None
 
     @property
     def position_names(self) -> list[str]:
@@ -306,39 +313,64 @@ class Plan:
             self._names = [str(i) for i in range(self.table.n_tensors)]
         return self._names
 
-    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]) -> bool:
-        """Same addresses (the key holds only their hash), and the cheap check: same
-        sizes, same first and last dtypes."""
+    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor]) -> bool:
+        """Same addresses (the key holds only their hash), and every gradient's dtype,
+        size and density unchanged behind them: a gradient that became bf16 at the same
+        address and size must not be read (and scaled) as fp32.
+
+        First one C++ pass (``guard``: torch.compile's tensor check of type, dtype,
+        device, shape and strides), which costs about what the former ``numel()`` pass
+        alone cost. When it is missing or refuses (a dispatch mode or grad-mode state
+        other than at build, a new stride order), a Python walk decides: sizes, dtypes,
+        and :func:`tables.is_dense` (what the kernels need of a layout).
+        """
+        if ptrs != self.ptrs:
+            return False
+        if self.guard is not None and self.guard.check(*grads):
+            return True
         return (
-            ptrs == self.ptrs
-            and numels == self.numels
-            and grads[0].dtype == self.first_dtype
-            and grads[-1].dtype == self.last_dtype
+            tuple(map(Tensor.numel, grads)) == self.numels
+            and tuple(map(_DTYPE, grads)) == self.dtypes
+            and all(map(tables.is_dense, grads))
         )
 
-    def workspace(self) -> Workspace:
-        """This stream's workspace (CUDA launches on one stream are ordered, so reuse is
-        safe; another stream gets its own). Made on the first call on a stream, e.g. the
-        warm-up before a CUDA graph capture."""
-        if self.device.type == "cuda":
-            key: Any = torch.cuda.current_stream(self.device).cuda_stream
-        else:
-            key = None  # CPU (the interpreter): launches run in the caller; see ``lock``
+    def prepare(self) -> Any:
+        """Before this call's launches: pin the plan when a CUDA graph is being captured
+        (the graph keeps raw pointers to its table and workspace), and order the table's
+        H2D copy before the current stream's launches (``TensorTable.order_on``). Returns
+        the current stream's handle (``None`` off CUDA): the key of its workspace."""
+        if not self.pinned and tables.capturing(self.device):
+            _pin(self)
+        stream = tables.current_stream(self.device)
+        if stream is None:
+            return None  # CPU (the interpreter): launches run in the caller; see ``lock``
+        self.table.order_on(stream)
+        return stream.cuda_stream
+
+    def workspace(self, key: Any = None) -> Workspace:
+        """The workspace of stream ``key`` (from :meth:`prepare`): CUDA launches on one
+        stream are ordered, so reuse is safe; another stream gets its own. Made on the
+        first call on a stream, e.g. the warm-up before a CUDA graph capture."""
         ws = self.workspaces.get(key)
         if ws is None:
             with _plans_lock:
-                ws = self.workspaces.setdefault(key, _workspace(self.table))
+                ws = self.workspaces.get(key)
+                if ws is None:
+                    ws = self.workspaces[key] = _workspace(self.table)
         return ws
 
     @property
-    def lock(self) -> contextlib.AbstractContextManager:
-        """Held around the launches on the CPU, where the interpreter runs them in the
-        calling thread: two threads must not share the workspace at the same time."""
-        return self._lock if self.device.type != "cuda" else contextlib.nullcontext()
+    def lock(self) -> threading.Lock:
+        """Held across one call's stats and finalize launches, on every device: two
+        threads on one stream share its workspace, and their launches must not interleave
+        (stats A, stats B, finalize A would reduce B's partials). On CUDA it orders the
+        enqueueing; the stream then runs each call's launches back to back."""
+        return self._lock
 
 
 PLAN_CACHE_SIZE = 16
 _plans: OrderedDict[tuple, Plan | None] = OrderedDict()
+_pinned_plans: list[Plan] = []  # used under CUDA-graph capture; never evicted nor cleared
 _negative_ptrs: dict[tuple, tuple[int, ...]] = {}  # addresses behind the None entries
 _MISSING: Any = object()
 _plans_lock = threading.Lock()
@@ -357,6 +389,20 @@ def _fusable(grads: list[Tensor]) -> bool:
     return True
 
 
+def _guard_for(grads: list[Tensor]) -> Any:
+    """torch.compile's C++ tensor check for ``grads`` (it keeps no reference to them), or
+    ``None`` where this torch has no such check: ``Plan.matches`` then walks in Python."""
+    if _TensorGuards is None:
+        return None
+    try:
+        guard = _TensorGuards(*grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        # It refuses a tensor passed twice (aliasing), whatever its layout: such lists
+        # (and any other it would refuse at once) take the Python walk.
+        return guard if guard.check(*grads) else None
+    except Exception:  # another signature in another torch: the Python walk is as right
+        return None
+
+
 def build_plan(grads: list[Tensor]) -> Plan | None:
     """A plan for ``grads``, or ``None`` when they cannot take the fused path."""
     if not grads or not _fusable(grads):
@@ -372,34 +418,44 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
             device, kernels.block_size(), [g.data_ptr() for g in grads], numels, dtypes
         )
     ptrs = tuple(g.data_ptr() for g in grads)
-    return Plan(table, ptrs, tuple(numels), dtypes[0], dtypes[-1], result, device,
-                numel_list=numels)  # fmt: skip
+    return Plan(table, ptrs, tuple(numels), tuple(dtypes), result, device,
+                numel_list=numels, guard=_guard_for(grads))  # fmt: skip
 
 
-def plan_for(
-    key: tuple, ptrs: tuple[int, ...], grads: list[Tensor], numels: tuple[int, ...]
-) -> Plan | None:
+def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
     """The cached plan for ``key`` (the hash of ``ptrs`` and the settings) after checking
-    ``ptrs`` and the cheap check, else a new one; ``None`` when the gradients cannot be
+    ``ptrs``, sizes and dtypes, else a new one; ``None`` when the gradients cannot be
     fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
     the key is hashed once per call.
 
-    The cheap check is the sizes and the first and last dtypes. Gradients of parameters
-    cannot change size or dtype behind the same address unnoticed (``p.grad`` must match
-    ``p``); what it does not see is a gradient replaced by a *non-dense view* with the same
-    address and size (say ``p.grad = buf[:, ::2]``): call ``clear_plans()`` after such
-    surgery.
+    The check is every gradient's dtype, size and density (a caching allocator reusing a
+    block, or a flat gradient buffer, can put a gradient of another dtype behind the same
+    address and size; ``p.grad = buf[:, ::2]`` has the address and size of a dense
+    gradient), see ``Plan.matches``.
+
+    Called under CUDA-graph capture, a plan it builds is pinned and not cached (its table
+    is filled by the graph's copy, at replay only).
     """
     with _plans_lock:
         plan = _plans.get(key, _MISSING)
-        if plan is not _MISSING and (plan is None or plan.matches(ptrs, grads, numels)):
-            if plan is None and _negative_ptrs.get(key) != ptrs:
-                plan = _MISSING  # a hash collision with a list that could not be fused
-            else:
+        negative = _negative_ptrs.get(key) if plan is None else None
+    # Checked outside the lock: a walk of 10,000 gradients must not serialize threads
+    # (``None`` entries: a hash collision with a list that could not be fused).
+    hit = plan is not _MISSING and (
+        plan.matches(ptrs, grads) if plan is not None else negative == ptrs
+    )
+    if hit:
+        with _plans_lock:
+            if key in _plans:  # another thread may have evicted it meanwhile
                 _plans.move_to_end(key)
-                plan_stats["hits"] += 1
-                return plan
+            plan_stats["hits"] += 1
+        return plan
     plan = build_plan(grads)
+    if plan is not None and tables.capturing(plan.device):
+        # Built under capture: its table is filled by the graph's copy, at replay only.
+        # The graph owns it (pinned); eager calls must not find it in the cache.
+        _pin(plan)
+        return plan
     with _plans_lock:
         plan_stats["builds"] += 1
         _plans[key] = plan
@@ -412,8 +468,18 @@ def plan_for(
     return plan
 
 
+def _pin(plan: Plan) -> None:
+    """Keep ``plan`` (its table, its workspaces) for the life of the process: a CUDA graph
+    captured with it replays its raw pointers; a 16-entry LRU must not free them."""
+    with _plans_lock:
+        if not plan.pinned:
+            _pinned_plans.append(plan)
+            plan.pinned = True
+
+
 def clear_plans() -> None:
-    """Forget every cached plan (and reset ``plan_stats``)."""
+    """Forget every cached plan (and reset ``plan_stats``). Plans used under CUDA-graph
+    capture stay alive (their graphs may still be replayed), out of the cache."""
     with _plans_lock:
         _plans.clear()
         _negative_ptrs.clear()
@@ -442,7 +508,7 @@ def run_fused(
     the clip coefficient, all computed on the device. ``histogram``: the stats launches
     also bin every element into zero-filled int64 ``[n, NUM_BINS]`` counts (same read)."""
     device, n = plan.device, plan.table.n_tensors
-    ws = plan.workspace()
+    ws = plan.workspace(plan.prepare())
     total = torch.empty((), dtype=plan.result_dtype, device=device)
     scalars = torch.empty(2, device=device)  # exact total, clip coefficient: handed back
     if stats:
@@ -482,6 +548,7 @@ def run_fused(
 
 def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
     """Scale every gradient of ``plan`` by the device coefficient (no write when >= 1)."""
+    plan.prepare()
     with _on_device(plan.device):
         scale_kernels.scale_(plan.table, coef)
     _bump_versions(grads)
@@ -489,6 +556,7 @@ def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
 
 def zero_fused(plan: Plan, flag: Tensor, grads: list[Tensor]) -> None:
     """Zero every gradient of ``plan`` where the 0-d bool device ``flag`` is set."""
+    plan.prepare()
     with _on_device(plan.device):
         scale_kernels.zero_where_(plan.table, flag.to(plan.device, torch.bool).reshape(()))
     _bump_versions(grads)

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_step_has_a_limit_and_together_they_fit_one_device_call():
     assert set(gpu_check.STEPS) == set(gpu_check.LIMITS_S)
     assert list(gpu_check.STEPS) == [
-        "pytest", "big-tensor", "cuda-graph", "no-sync", "host", "histogram", "benchmark"
+        "pytest", "big-tensor", "cuda-graph", "no-sync", "host", "histogram", "benchmark",
+        "plan-safety",
     ]  # fmt: skip
     assert sum(gpu_check.LIMITS_S.values()) <= 600  # one call of the device tool
 
@@ -36,3 +37,20 @@ def test_without_cuda_it_says_so_and_records_skipped_steps(tmp_path):
     result = json.loads(path.read_text())
     assert result["ok"] is None
     assert all(s["status"] == "skipped: needs CUDA" for s in result["steps"].values())
+
+
+@pytest.mark.slow
+def test_the_plan_safety_checks_that_need_no_cuda_run_here():
+    """Issue 19 items 14-15 of ``plan-safety`` run on this device (interpreted on a CPU);
+    the graph and stream checks need CUDA and are exercised only by gpu-check itself."""
+    from fastgradstats import kernels
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kernels, "BLOCK", 1024)
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result = gpu_check._check_threads(device, calls=3)
+        assert result["ok"], result
+        assert gpu_check._check_duplicates(device)["ok"]
+    finally:
+        mp.undo()

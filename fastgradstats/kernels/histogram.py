@@ -32,7 +32,7 @@ from .. import kernels as settings
 from ..histogram import NUM_BINS
 from . import launch, tile_size, triton_dtype
 from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
-from .stats import block_location
+from .stats import block_location, wide
 from .tables import TensorTable
 
 
@@ -51,7 +51,8 @@ def histogram_kernel(
     NUM_BINS: tl.constexpr,  # 152
     HIST_BINS: tl.constexpr,  # power of two >= NUM_BINS (tl.histogram's size)
 ):
-    b = block_lo + tl.program_id(0).to(tl.int64)
+    n_tensors = wide(n_tensors)
+    b = wide(block_lo) + tl.program_id(0).to(tl.int64)
     # The same block location as stats_kernel (alignment hint on the typed pointer).
     base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
     t = tl.load(table_ptr + 5 * n_tensors + b)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import kernels as settings
 from . import tile_size, triton_dtype
-from .stats import block_location, round_to
+from .stats import block_location, round_to, wide
 from .tables import TensorTable
 
 
@@ -39,7 +39,7 @@ def scale_kernel(
     factor = coef.to(tl.float32)
     # "not (coef >= 1)": a NaN coefficient must still be applied.
     if (coef < 1.0) | (coef != coef):
-        b = block_lo + tl.program_id(0).to(tl.int64)
+        b = wide(block_lo) + tl.program_id(0).to(tl.int64)
         base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
         lanes = tl.arange(0, TILE)
         full = count // TILE
@@ -67,7 +67,7 @@ def zero_kernel(
     ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
 ):
     if tl.load(flag_ptr) != 0:
-        b = block_lo + tl.program_id(0).to(tl.int64)
+        b = wide(block_lo) + tl.program_id(0).to(tl.int64)
         base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
         lanes = tl.arange(0, TILE)
         zeros = tl.zeros([TILE], dtype=DTYPE)
@@ -100,7 +100,7 @@ def clamp_kernel(
     TILE: tl.constexpr,  # elements per loop step
     ALIGNED: tl.constexpr,  # every data_ptr of the segment is 16-byte aligned
 ):
-    b = block_lo + tl.program_id(0).to(tl.int64)
+    b = wide(block_lo) + tl.program_id(0).to(tl.int64)
     base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
     lanes = tl.arange(0, TILE)
     full = count // TILE
@@ -124,17 +124,24 @@ def elementwise_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
 
 
 def scale_(table: TensorTable, coef: Tensor) -> None:
-    """Multiply every gradient of ``table`` by the 0-d device tensor ``coef``, in place."""
-    for seg in table.segments:
-        settings.launch(
-            scale_kernel,
-            (seg.num_blocks,),
-            table.data,
-            coef,
-            table.n_tensors,
-            seg.lo,
-            **elementwise_config(seg.dtype, table.block, seg.aligned),
-        )
+    """Multiply every gradient of ``table`` by the 0-d device tensor ``coef``, in place.
+
+    Tensors that share memory are scaled one round after the other (as many times as
+    they were passed, as torch's ``_foreach_mul_`` does), never by two programs of one
+    launch at once. Clamp and zero need no rounds: they store the same values whichever
+    program gets there first.
+    """
+    for part in table.write_rounds or (table,):
+        for seg in part.segments:
+            settings.launch(
+                scale_kernel,
+                (seg.num_blocks,),
+                part.data,
+                coef,
+                part.n_tensors,
+                seg.lo,
+                **elementwise_config(seg.dtype, table.block, seg.aligned),
+            )
 
 
 def zero_where_(table: TensorTable, flag: Tensor) -> None:

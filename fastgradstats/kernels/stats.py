@@ -74,6 +74,16 @@ def round_trip(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def wide(x):
+    """``x`` as int64. Integer arguments arrive as int32 (Triton passes an int that fits
+    in 32 bits as i32), and ``5 * n_tensors`` or ``3 * num_blocks`` would then be computed
+    in 32 bits and wrap before any widening: with BLOCK = 16 (the least ``block_size()``
+    allows) ``3 * num_blocks`` passes 2**31 at 11.5e9 elements. Every kernel widens its
+    count arguments first."""
+    return tl.cast(x, tl.int64)
+
+
+@triton.jit
 def block_location(table_ptr, b, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                    ALIGNED: tl.constexpr):  # fmt: skip
     """Block ``b``: (typed pointer to its first element, elements in it (1..BLOCK)).
@@ -82,6 +92,7 @@ def block_location(table_ptr, b, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.const
     address the compiler loses it); the block start is a multiple of BLOCK elements, so
     with ALIGNED every TILE step starts on a 16-byte boundary.
     """
+    n_tensors = wide(n_tensors)
     t = tl.load(table_ptr + 5 * n_tensors + b)
     base = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE))
     if ALIGNED:
@@ -122,7 +133,9 @@ def stats_kernel(
     NUM_BINS: tl.constexpr,  # histogram bins (fastgradstats.histogram.NUM_BINS)
     HIST_BINS: tl.constexpr,  # power of two >= NUM_BINS (tl.histogram's size)
 ):
-    b = block_lo + tl.program_id(0).to(tl.int64)
+    n_tensors = wide(n_tensors)
+    num_blocks = wide(num_blocks)
+    b = wide(block_lo) + tl.program_id(0).to(tl.int64)
     base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
     lanes = tl.arange(0, TILE)
     acc = tl.zeros([TILE], dtype=tl.float32)
@@ -212,6 +225,8 @@ def finalize_kernel(
     RESULT: tl.constexpr,  # dtype of the returned total (the promoted gradient dtype)
     CHUNK: tl.constexpr,  # partials (and, for the total, tensors) per loop step
 ):
+    n_tensors = wide(n_tensors)
+    num_blocks = wide(num_blocks)
     t = tl.program_id(0).to(tl.int64)
     lo = tl.load(table_ptr + 2 * n_tensors + t)
     hi = tl.load(table_ptr + 3 * n_tensors + t)
@@ -414,4 +429,5 @@ __all__ = [
     "round_trip",
     "stats_config",
     "stats_kernel",
+    "wide",
 ]

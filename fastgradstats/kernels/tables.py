@@ -22,6 +22,14 @@ It is built on the host from Python ints (no device value is read) and copied to
 in one small H2D copy (pinned, non-blocking on CUDA). Tables are cached by the exact layout
 ``(device, BLOCK, TILE, data_ptrs, numels, dtypes)``, so a cached table is never stale.
 
+Ownership on CUDA (issue 19): the copy is queued on the stream that builds the table, and
+an event is recorded after it. The first use on any other stream makes that stream wait
+for the event and tells the caching allocator that the stream uses the table's memory
+(``record_stream``), so neither a read before the copy lands nor a reuse of the memory
+after eviction, while that stream's kernels are pending, can happen. A table used while a
+CUDA graph is being captured is pinned for the life of the process: the graph keeps its
+raw address, and no cache eviction may free it.
+
 Kernels treat each tensor as a flat run of ``numel`` elements starting at ``data_ptr()``.
 That is true of every *non-overlapping and dense* tensor (contiguous, channels_last,
 transposed, ...), whatever the order of its strides: element order does not matter for
@@ -33,10 +41,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..overlap import overlap_rounds
 
 CACHE_SIZE = 32  # distinct layouts kept (a model's grads, a subset for stats, ...)
 ALIGN_BYTES = 16  # alignment that lets the compiler emit 16-byte vector loads
@@ -46,6 +57,25 @@ ROWS = 5  # ptrs, numels, block_start, block_end, kinds
 _cache: OrderedDict[tuple, TensorTable] = OrderedDict()
 _lock = threading.Lock()  # one thread per GPU is common: the cache is shared
 cache_stats = {"hits": 0, "builds": 0}
+_pinned: list[TensorTable] = []  # used under CUDA-graph capture: kept for the process's life
+
+
+def current_stream(device: torch.device) -> Any:
+    """The current CUDA stream of ``device``, or ``None`` off CUDA (launches run in order)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def capturing(device: torch.device) -> bool:
+    """True while the current stream of CUDA ``device`` is being captured into a graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _use_on(tensor: Tensor, stream: Any) -> None:
+    """The allocator must not hand ``tensor``'s memory out again before the work queued on
+    ``stream`` when it is freed has run (memory is otherwise only ordered on its own
+    stream)."""
+    if tensor.is_cuda:
+        tensor.record_stream(stream)
 
 
 @dataclass(frozen=True)
@@ -73,10 +103,43 @@ class TensorTable:
     segments: tuple[Segment, ...]
     data: Tensor  # int64 [ROWS * n_tensors + num_blocks] on ``device``
     host: Tensor  # the host copy; kept alive until the (non-blocking) H2D copy is done
+    # Tensors sharing memory (a parameter passed twice): the in-place scale launches one
+    # table per round of disjoint tensors, in turn (see ``fastgradstats.overlap``); empty
+    # when no two tensors overlap: the table itself is written in one go.
+    write_rounds: tuple[TensorTable, ...] = ()
+    ready: Any = field(default=None, compare=False)  # CUDA event after the H2D copy
+    streams: set = field(default_factory=set, compare=False)  # stream handles ordered after it
+    is_pinned: bool = field(default=False, compare=False)  # see ``pin``
 
     @property
     def aligned(self) -> bool:
         return all(s.aligned for s in self.segments)
+
+    def order_on(self, stream: Any) -> None:
+        """Before a launch on ``stream``: the first time, make it wait for the H2D copy and
+        keep the table's memory for it (see the module docstring). Nothing to do on the
+        building stream, off CUDA, or while capturing (a captured graph may not wait on an
+        event from outside; capture follows an eager warm-up on the capturing stream)."""
+        if self.ready is None or stream.cuda_stream in self.streams:
+            return
+        if capturing(self.device):
+            return
+        with _lock:
+            if stream.cuda_stream in self.streams:
+                return
+            stream.wait_event(self.ready)
+            _use_on(self.data, stream)
+            self.streams.add(stream.cuda_stream)
+        for part in self.write_rounds:
+            part.order_on(stream)
+
+    def pin(self) -> None:
+        """Keep this table (and its write rounds) for the life of the process."""
+        if not self.is_pinned:
+            with _lock:
+                if not self.is_pinned:
+                    _pinned.append(self)
+                    object.__setattr__(self, "is_pinned", True)  # frozen: set once, here
 
 
 def is_dense(t: Tensor) -> bool:
@@ -122,6 +185,14 @@ def build(
         if len(block_tensor) > lo:
             segments.append(Segment(dtype, aligned, lo, len(block_tensor)))
     kinds = [KIND_CODES.get(d, 0) for d in dtypes]
+    rounds = overlap_rounds(ptrs, [numels[t] * dtypes[t].itemsize for t in range(n)])
+    write_rounds = ()
+    if rounds is not None:
+        write_rounds = tuple(
+            build(device, block, [ptrs[t] for t in members], [numels[t] for t in members],
+                  [dtypes[t] for t in members])
+            for members in rounds
+        )  # fmt: skip
     host = torch.tensor(ptrs + numels + block_start + block_end + kinds + block_tensor,
                         dtype=torch.int64)  # fmt: skip
     if device.type == "cuda":
@@ -129,7 +200,13 @@ def build(
         data = host.to(device, non_blocking=True)
     else:
         data = host.to(device)
-    return TensorTable(device, block, n, len(block_tensor), tuple(segments), data, host)
+    stream = current_stream(device)
+    ready, streams = None, set()
+    if stream is not None and not capturing(device):
+        ready = stream.record_event()  # the copy (and the rounds' copies) are queued before it
+        streams.add(stream.cuda_stream)
+    return TensorTable(device, block, n, len(block_tensor), tuple(segments), data, host,
+                       write_rounds, ready, streams)  # fmt: skip
 
 
 def table_for(tensors: list[Tensor], block: int, cache: bool = True) -> TensorTable:
@@ -147,9 +224,28 @@ def table_for(tensors: list[Tensor], block: int, cache: bool = True) -> TensorTa
     if not cache:
         with _lock:
             cache_stats["builds"] += 1
-        return build(device, block, ptrs, numels, dtypes)
+        return ready_for_launch(build(device, block, ptrs, numels, dtypes))
     key = (device, block, tuple(ptrs), tuple(numels), tuple(dtypes))
-    return cached(key, lambda: build(device, block, ptrs, numels, dtypes))
+    if capturing(device):
+        # A table first built under capture is filled by the graph's copy, at replay only:
+        # the graph owns it (pinned), eager calls must not find it in the cache.
+        with _lock:
+            table = _cache.get(key)
+        if table is None:
+            table = build(device, block, ptrs, numels, dtypes)
+        return ready_for_launch(table)
+    return ready_for_launch(cached(key, lambda: build(device, block, ptrs, numels, dtypes)))
+
+
+def ready_for_launch(table: TensorTable) -> TensorTable:
+    """``table``, ordered on the current stream, or pinned when a graph is being captured."""
+    if capturing(table.device):
+        table.pin()
+    else:
+        stream = current_stream(table.device)
+        if stream is not None:
+            table.order_on(stream)
+    return table
 
 
 def cached(key: tuple, make) -> TensorTable:
@@ -185,7 +281,10 @@ __all__ = [
     "build",
     "cache_stats",
     "cached",
+    "capturing",
     "clear_cache",
+    "current_stream",
     "is_dense",
+    "ready_for_launch",
     "table_for",
 ]
