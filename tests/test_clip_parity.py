@@ -111,8 +111,9 @@ def test_total_norm_every_dtype_against_float64(backend, dtype, norm_type):
         assert ours <= theirs + unit * 1e-3 or ours <= unit / 2 + 1e-7
     else:
         # fp32/fp64: both sum in the gradient dtype, in other orders (on fresh random values
-        # either can be the closer one): a few ulps from the exact value
-        assert ours <= 16 * torch.finfo(dtype).eps, (ours, theirs)
+        # either can be the closer one): within the random-walk bound of summation error
+        count = sum(g.numel() for g in original)
+        assert ours <= 8 * count**0.5 * torch.finfo(dtype).eps, (ours, theirs)
     assert_same_tensors(clone_grads(params), original, "get_total_norm wrote grads")
 
 
