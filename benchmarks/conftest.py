@@ -14,6 +14,15 @@ from benchmarks.ops import OPS
 from benchmarks.workloads import WORKLOAD_NAMES
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Time in one process: the repository's addopts run the tests on pytest-xdist workers,
+    under which pytest-benchmark switches itself off."""
+    if getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+        config.option.dist = "no"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fastgradstats benchmarks")
     group.addoption("--bench-quick", action="store_true", help="tiny workload sizes")
