@@ -21,8 +21,8 @@ _BENCH_DESCRIPTION = (
 )
 
 # The options of `python -m benchmarks`, for `fastgradstats bench --help` where the benchmarks
-# are not importable (an installed package outside a checkout). tests/test_cli.py checks this
-# list against benchmarks/__main__.py so the two cannot drift apart.
+# are not importable (an installed package outside a checkout). tests/test_tools/test_cli.py
+# checks this list against benchmarks/__main__.py so the two cannot drift apart.
 BENCH_OPTIONS: list[tuple[str, str, str]] = [
     ("--quick", "", "tiny sizes and few repeats (seconds; for CI)"),
     ("--device", "{cpu,cuda}", "default: cuda when available, else cpu"),

@@ -1,4 +1,5 @@
-"""Worker side of tests/test_distributed.py: every scenario, run by each of 2 gloo ranks.
+"""Worker side of tests/test_distributed/test_distributed.py: every scenario, run by each
+of 2 gloo ranks.
 
 ``main(rank, world_size, seed, out_dir)`` runs all scenarios in one process group (spawning
 costs seconds, so it happens once per test module) and saves, per rank, a dict

@@ -1,4 +1,5 @@
-"""Worker side of tests/test_fsdp1_deepspeed.py: FSDP1 and DeepSpeed ZeRO 1/2 on 2 gloo ranks.
+"""Worker side of tests/test_distributed/test_fsdp1_deepspeed.py: FSDP1 and DeepSpeed ZeRO
+1/2 on 2 gloo ranks.
 
 ``fsdp1_main`` / ``deepspeed_main(rank, world_size, seed, out_dir)`` run one family of
 scenarios in one process group (spawned by ``_dist_workers.spawn``) and save, per rank,

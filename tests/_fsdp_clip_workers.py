@@ -1,4 +1,5 @@
-"""Worker side of tests/test_upstream_fsdp_clip.py: torch's FSDP2 clip test, per gloo rank.
+"""Worker side of tests/test_distributed/test_upstream_fsdp_clip.py: torch's FSDP2 clip
+test, per gloo rank.
 
 Rewrites pytorch's test/distributed/_composable/fsdp/test_fully_shard_clip_grad_norm_.py
 for the CPU: a tiny language model, sharded by ``fully_shard`` (1-D: 2 ranks) or by tensor

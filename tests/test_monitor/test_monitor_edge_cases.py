@@ -1,4 +1,4 @@
-"""GradMonitor fixes of issue 10: fp16 totals, warm-up per parameter, stale found_inf,
+"""GradMonitor edge cases: fp16 totals, warm-up per parameter, stale found_inf,
 bounded caches and threads, tracking the model across reloads, state_dict."""
 
 from __future__ import annotations

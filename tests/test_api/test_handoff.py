@@ -345,7 +345,7 @@ def test_clip_step_benchmark_row_quick():
     """The "clip + optimizer step" benchmark row: well formed, and its check passes."""
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import ops, suite
 
     settings = suite.Settings(device=torch.device("cpu"), quick=True, budget_s=0.01)

@@ -658,7 +658,7 @@ def test_histogram_benchmark_quick(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import histogram as bench
 
     result = bench.main(["--quick", "--rounds", "1", "--budget", "0", "--out", str(tmp_path)])
@@ -696,7 +696,7 @@ def test_histogram_benchmark_cuda_rows_are_the_fused_kernel(monkeypatch):
 
     if not dispatch.triton_interpreter_on():
         pytest.skip("needs TRITON_INTERPRET=1 (or a GPU: gpu-check runs the benchmark)")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import histogram as bench
 
     cuda = torch.device("cuda")
@@ -748,7 +748,7 @@ def test_kernel_codegen_sm90(dtype):
 
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     out = subprocess.run(
         [sys.executable, "-c", _CODEGEN, dtype],

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks import gpu_check
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_step_has_a_limit_and_together_they_fit_one_device_call():

@@ -24,7 +24,7 @@ from benchmarks import codegen
 # (pytest -m "slow or distributed"), the README's quick command does not.
 pytestmark = [pytest.mark.slow, pytest.mark.backend_independent]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # plain `pytest` from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # plain `pytest` from anywhere
 
 from benchmarks import suite
 from benchmarks.__main__ import main

@@ -13,20 +13,21 @@ import torch
 
 import fastgradstats
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # Blocks (by their first code line) not run here, with where the same calls are tested.
 EXEMPT = {
-    "import lightning.pytorch as pl": "placeholders; tests/test_integrations_lightning.py",
+    "import lightning.pytorch as pl": "placeholders; "
+    "tests/test_integrations/test_integrations_lightning.py",
     "from fastgradstats.integrations.huggingface import attach": "placeholders (`...`); "
-    "tests/test_integrations_hf.py",
+    "tests/test_integrations/test_integrations_hf.py",
     "import torch": "needs torchrun; the same calls run in tests/_dist_workers.py",
     "from fastgradstats.distributed import fsdp1_grads": "needs an FSDP1 process group; "
     "tests/_fsdp1_workers.py",
     "from fastgradstats.distributed import deepspeed_zero_grads": "needs a DeepSpeed engine; "
     "tests/_fsdp1_workers.py",
     "from fastgradstats.distributed import combine_pipeline_norm, combine_pipeline_stats": (
-        "needs a pipeline group; tests/test_distributed.py"
+        "needs a pipeline group; tests/test_distributed/test_distributed.py"
     ),
 }
 
