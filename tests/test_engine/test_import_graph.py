@@ -2,7 +2,8 @@
 -> reduce -> apply), so no module imports, at any depth, a module that imports it back.
 
 Every import counts, also those inside functions (a lazy import hides a circle, it does not
-remove it); only ``if TYPE_CHECKING:`` blocks are left out (they never run).
+remove it) and those under ``if TYPE_CHECKING:`` (a circle a type checker walks is a circle
+of the design, even if it never runs).
 """
 
 from __future__ import annotations
@@ -26,23 +27,12 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(path: Path, modules: set[str]) -> set[str]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in modules)
         elif isinstance(node, ast.ImportFrom):
