@@ -16,13 +16,12 @@ machine with no GPU and no interpreter never touches it.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
 from . import torch_backend
-from .env import ENV_BACKEND, triton_interpreter_on
+from .env import ENV_BACKEND, requested_backend_name, triton_interpreter_on
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -35,7 +34,7 @@ TRITON_INSTALL_HINT = (
 
 def requested_backend(backend: str | None = None) -> str:
     """The backend name in force: the keyword, else ``$FASTGRADSTATS_BACKEND``, else auto."""
-    name = backend if backend is not None else os.environ.get(ENV_BACKEND, "auto")
+    name = backend if backend is not None else requested_backend_name()
     if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
         source = "backend" if backend is not None else f"${ENV_BACKEND}"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")

@@ -11,9 +11,14 @@ import os
 ENV_BACKEND = "FASTGRADSTATS_BACKEND"  # "auto" (default), "torch" or "triton"
 
 
+def requested_backend_name() -> str:
+    """``$FASTGRADSTATS_BACKEND`` as set (``"auto"`` when unset); dispatch validates it."""
+    return os.environ.get(ENV_BACKEND, "auto")
+
+
 def triton_interpreter_on() -> bool:
     """True when Triton kernels are to be run by the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-__all__ = ["ENV_BACKEND", "triton_interpreter_on"]
+__all__ = ["ENV_BACKEND", "requested_backend_name", "triton_interpreter_on"]

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from wandb_helpers import wandb_run  # noqa: F401 (the W&B offline-run fixture)
 
 from fastgradstats import dispatch
 

@@ -28,7 +28,6 @@ it (``benchmarks host``) removes the device work and keeps the host work.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
 from typing import Any
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ..env import triton_interpreter_on
 
 BLOCK = 32768
 TILE: int | None = None
@@ -91,7 +92,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     """Launch ``kernel[grid](*args, **kwargs)`` and count it in ``launch_counts``."""
     with _count_lock:
         launch_counts[kernel.__name__] += 1
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not triton_interpreter_on():
         kernel[grid](*args, **kwargs)
         return
     # The interpreter runs the kernel in numpy, which warns on the overflow and NaN

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_same_tensors, clone_grads
-from test_histogram import cast_truth, numpy_reference, planted, report_values
+from histogram_helpers import cast_truth, numpy_reference, planted, report_values
 
 import fastgradstats as fgs
 from fastgradstats import histogram as H

@@ -243,7 +243,7 @@ def test_grad_stats_histogram_per_group_launches(monkeypatch):
 def test_fused_histogram_equals_the_torch_reference(monkeypatch, dtype):
     """The fused variant, for real: full tiles, ragged tails, several blocks, a misaligned
     segment, planted zeros/subnormals/huge/NaN/Inf; the stats are those without it."""
-    from test_histogram import planted
+    from histogram_helpers import planted
 
     from fastgradstats import histogram as H
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import require_extra
+from histogram_helpers import cast_truth, numpy_reference, planted
 from monitor_helpers import set_random_grads, tiny_model
-from test_histogram import cast_truth, numpy_reference, planted
-from test_monitor_writers import _finish, wandb_run  # noqa: F401 (a fixture)
+from wandb_helpers import finish_run
 
 from fastgradstats import GradMonitor
 from fastgradstats import histogram as H
@@ -208,7 +208,7 @@ def test_tensorboard_histograms_read_back_from_the_event_file(tmp_path):
     monitor._writers[0].writer.close()
 
 
-def test_wandb_histograms_in_the_offline_run_file(wandb_run):  # noqa: F811
+def test_wandb_histograms_in_the_offline_run_file(wandb_run):
     run = wandb_run
     model = tiny_model(sizes=(9, 13, 3))
     monitor = GradMonitor(model, histograms=True, histogram_every=2)
@@ -219,7 +219,7 @@ def test_wandb_histograms_in_the_offline_run_file(wandb_run):  # noqa: F811
         model[0].bias.grad.fill_(NAN)
         monitor.step()
     monitor.flush()
-    rows = _finish(run)
+    rows = finish_run(run)
     # a Histogram is stored as nested keys: grad_hist/<name>/{_type, values, bins}
     hist_rows = {r["grad/step"]: r for r in rows if "grad_hist/0.weight/values" in r}
     assert sorted(hist_rows) == [0, 2]
@@ -300,7 +300,7 @@ def test_step_with_histograms_makes_no_host_read(monkeypatch):
     assert monitor.histogram_history().steps.tolist() == [0, 2, 4]
 
 
-def test_wandb_latest_rows_carry_the_newest_histogram(wandb_run):  # noqa: F811
+def test_wandb_latest_rows_carry_the_newest_histogram(wandb_run):
     run = wandb_run
     model = tiny_model(sizes=(9, 13, 3))
     monitor = GradMonitor(model, histograms=True, histogram_every=2)
@@ -312,7 +312,7 @@ def test_wandb_latest_rows_carry_the_newest_histogram(wandb_run):  # noqa: F811
         run.log({"loss": float(step)}, step=step)
         if step in (3, 5):
             monitor.flush()
-    rows = _finish(run)
+    rows = finish_run(run)
     logged = {r["_step"]: r for r in rows if "grad_hist/0.weight/values" in r}
     # flush at 3 sends step 3's row with step 2's histogram; flush at 5: step 5 with step 4's
     assert sorted(logged) == [3, 5]
