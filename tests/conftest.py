@@ -114,3 +114,20 @@ def forbid_host_reads(monkeypatch):
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+
+
+@pytest.fixture
+def small_kernel_blocks(monkeypatch):
+    """Small Triton block sizes (many blocks and tiles from tiny tensors, quick under the
+    interpreter) and empty plan and table caches before and after the test."""
+    from fastgradstats import kernels, triton_backend
+    from fastgradstats.kernels import tables
+
+    monkeypatch.setattr(kernels, "BLOCK", 128)
+    monkeypatch.setattr(kernels, "TILE", 32)
+    monkeypatch.setattr(kernels, "FINALIZE_CHUNK", 4)
+    triton_backend.clear_plans()
+    tables.clear_cache()
+    yield
+    triton_backend.clear_plans()
+    tables.clear_cache()

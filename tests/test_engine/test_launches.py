@@ -26,21 +26,14 @@ if not (torch.cuda.is_available() or dispatch.triton_interpreter_on()):
 
 import fastgradstats as fgs
 from fastgradstats import kernels, triton_backend
-from fastgradstats.kernels import tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALLOWED_OPS = {"aten.empty.memory_format", "aten.select.int"}
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(kernels, "BLOCK", 128)
-    monkeypatch.setattr(kernels, "TILE", 32)
-    monkeypatch.setattr(kernels, "FINALIZE_CHUNK", 4)
-    triton_backend.clear_plans()
-    tables.clear_cache()
-    yield
-    triton_backend.clear_plans()
+def small_blocks(small_kernel_blocks):
+    """Every test here runs with the small blocks (tests/conftest.py)."""
 
 
 class OpRecorder(TorchDispatchMode):

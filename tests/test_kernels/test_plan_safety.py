@@ -30,15 +30,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(kernels, "BLOCK", 128)
-    monkeypatch.setattr(kernels, "TILE", 32)
-    monkeypatch.setattr(kernels, "FINALIZE_CHUNK", 4)
-    triton_backend.clear_plans()
-    tables.clear_cache()
-    yield
-    triton_backend.clear_plans()
-    tables.clear_cache()
+def small_blocks(small_kernel_blocks):
+    """Every test here runs with the small blocks (tests/conftest.py)."""
 
 
 def _params_on(views: list[torch.Tensor]) -> list[torch.nn.Parameter]:
