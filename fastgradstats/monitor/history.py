@@ -33,6 +33,8 @@ ARRAY_FIELDS = (
     "spike_total",
     "spike_layer",
 )
+# With GradMonitor(param_norms=True) only (``None`` otherwise).
+PARAM_FIELDS = ("param_norm", "update_norm")
 
 
 def nonfinite_json(value: float) -> float | str:
@@ -62,6 +64,10 @@ class History:
         spike_total: bool [T]; spike_layer: bool [T, n].
         keys: the logger key names :meth:`row_dict` uses (``None``: the default style for
             ``norm_type``, no prefix).
+        param_norm / update_norm: float64 [T, n] (``GradMonitor(param_norms=True)``, else
+            ``None``): ||w|| at ``step()`` and ||w - w_prev||, w_prev the weights at the
+            previous recorded step (NaN the first time a parameter is recorded); 0 where
+            ``present`` is False. See :meth:`update_ratio` and :meth:`param_norm_total`.
         histograms: the per-layer |g| histograms recorded at these steps
             (``GradMonitor(histograms=True)``; at most one every ``histogram_every``
             recorded steps), or ``None``.
@@ -86,6 +92,8 @@ class History:
     spike_layer: np.ndarray
     keys: Keys | None = None
     histograms: HistogramHistory | None = None
+    param_norm: np.ndarray | None = None
+    update_norm: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -118,6 +126,30 @@ class History:
                 out[keys.nonfinite_count(name)] = float(bad)
         return out
 
+    def update_ratio(self) -> np.ndarray | None:
+        """||w_t - w_prev|| / ||w_t|| per step and parameter, float64 [T, n] (``None``
+        without ``param_norms=True``); NaN where absent, on a parameter's first recorded
+        step and where ||w_t|| = 0."""
+        if self.param_norm is None or self.update_norm is None:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = self.update_norm / self.param_norm
+        return np.where(self.present & (self.param_norm != 0), ratio, np.nan)
+
+    def param_norm_total(self) -> np.ndarray | None:
+        """The norm of every present parameter's weights as one vector, float64 [T]
+        (``None`` without ``param_norms=True``)."""
+        if self.param_norm is None:
+            return None
+        from .logspec import combine_norms
+
+        return np.array(
+            [
+                combine_norms(self.param_norm[t][self.present[t]], self.norm_type)
+                for t in range(len(self))
+            ]
+        )
+
     def rms(self) -> np.ndarray:
         """Per-parameter norm divided by ``numel ** (1/p)``: comparable across layer sizes.
 
@@ -136,6 +168,9 @@ class History:
         """A copy holding only the recorded steps ``rows`` (an index array or slice), and
         the histograms of those steps."""
         arrays = {name: getattr(self, name)[rows].copy() for name in ARRAY_FIELDS}
+        for name in PARAM_FIELDS:
+            value = getattr(self, name)
+            arrays[name] = None if value is None else value[rows].copy()
         hist = self.histograms
         if hist is not None:
             hist = hist.select(np.isin(hist.steps, arrays["steps"]))
@@ -304,7 +339,14 @@ class DeviceRing:
         "skipped",
     )
 
-    def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        n: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        param_norms: bool = False,
+    ) -> None:
         h = capacity
         self.capacity, self.n = capacity, n
         # [h, 2, n] blocks, laid out as the fused pass hands its results back (p-norm and
@@ -318,12 +360,22 @@ class DeviceRing:
         self.coef = torch.ones(h, dtype=dtype, device=device)
         self.skipped = torch.zeros(h, dtype=torch.bool, device=device)
         self.host_steps = np.full(h, -1, dtype=np.int64)
+        # param_norms=True: [h, 2, n] of ||w|| and ||w - w_prev|| (the ratio is taken at
+        # flush, so blocks can combine the two norms before dividing)
+        self.params = torch.zeros(h, 2, n, dtype=dtype, device=device) if param_norms else None
+
+    def tensors(self) -> tuple[str, ...]:
+        """The names of this ring's device tensors (its state)."""
+        return self.TENSORS + (("params",) if self.params is not None else ())
 
     def gather(self, rows: list[int]) -> dict[str, np.ndarray]:
         """The arrays of ``rows`` (ring row indices, in order) on the host: one sync."""
         n, t = self.n, len(rows)
         if not t:
-            return empty_arrays(0, n)
+            out = empty_arrays(0, n)
+            if self.params is not None:
+                out.update(param_norm=np.zeros((0, n)), update_norm=np.zeros((0, n)))
+            return out
         index = torch.tensor(rows, dtype=torch.int64).to(self.norms.device)
         pieces = [
             self.norms[index],
@@ -335,11 +387,19 @@ class DeviceRing:
             self.coef[index, None],
             self.skipped[index, None],
         ]
+        widths = [0, n, n, n, n, n, 1, 1, 1]
+        if self.params is not None:
+            pieces += [self.params[index, 0], self.params[index, 1]]
+            widths += [n, n]
         # One float64 block, one device->host copy: the only sync of a flush.
         packed = torch.cat([p.to(torch.float64) for p in pieces], dim=1).cpu().numpy()
-        cols = np.cumsum([0, n, n, n, n, n, 1, 1, 1])
+        cols = np.cumsum(widths)
         part = [packed[:, cols[i] : cols[i + 1]] for i in range(len(cols) - 1)]
+        extra = {}
+        if self.params is not None:
+            extra = {"param_norm": part[8], "update_norm": part[9]}
         return {
+            **extra,
             "steps": self.host_steps[rows].copy(),
             "norms": part[0],
             "max_abs": part[1],
@@ -360,6 +420,7 @@ class DeviceRing:
 __all__ = [
     "ARRAY_FIELDS",
     "HISTOGRAM_FIELDS",
+    "PARAM_FIELDS",
     "TINY",
     "DeviceRing",
     "HistogramHistory",

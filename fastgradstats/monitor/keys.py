@@ -17,6 +17,10 @@ zeros), ``{prefix}grad_{fmt}_{field}/{name}`` for each target format (``fp16``, 
 ``fp8_e4m3fn``, ``fp8_e5m2``) and field (``flush_to_zero``, ``subnormal``, ``overflow``:
 shares of the nonzero finite values), the histogram tag ``{prefix}grad_hist/{name}`` and
 (W&B) ``{prefix}grad_hist_step``.
+With ``GradMonitor(param_norms=True)``: ``{prefix}param_norm/<name>``,
+``{prefix}update_ratio/<name>`` and ``{prefix}param_norm_total`` (``param_norm_{p:g}`` and
+``update_ratio_{p:g}`` for p != 2; ``param_{float(p)}_norm`` and ``update_{float(p)}_ratio``
+in the ``"lightning"`` style).
 The total norm's key has no ``/``, so no parameter name can collide with it.
 """
 
@@ -46,6 +50,17 @@ class Keys:
         else:
             stem = f"{prefix}grad_norm_{p:g}"  # 1, 0.5, inf
         self._norm_stem = stem
+        # GradMonitor(param_norms=True): the weights' norm and the update ratio, with the
+        # norm type in the key the same way as the gradient norm's
+        if key_style == "lightning":
+            self._param_stem = f"{prefix}param_{p}_norm"
+            self._ratio_stem = f"{prefix}update_{p}_ratio"
+        elif p == 2.0:
+            self._param_stem, self._ratio_stem = f"{prefix}param_norm", f"{prefix}update_ratio"
+        else:
+            self._param_stem = f"{prefix}param_norm_{p:g}"
+            self._ratio_stem = f"{prefix}update_ratio_{p:g}"
+        self.param_total = f"{self._param_stem}_total"
         self.total = f"{stem}_total"
         self.clip_coef = f"{prefix}grad_clip_coef"
         self.nonfinite = f"{prefix}grad_nonfinite"
@@ -70,6 +85,14 @@ class Keys:
     def norm(self, name: str) -> str:
         """Key of parameter ``name``'s gradient norm."""
         return f"{self._norm_stem}/{name}"
+
+    def param_norm(self, name: str) -> str:
+        """Key of parameter ``name``'s weight norm (``param_norms=True``)."""
+        return f"{self._param_stem}/{name}"
+
+    def update_ratio(self, name: str) -> str:
+        """Key of parameter ``name``'s ||w_t - w_prev|| / ||w_t|| (``param_norms=True``)."""
+        return f"{self._ratio_stem}/{name}"
 
     def max_abs(self, name: str) -> str:
         """Key of parameter ``name``'s max |g|."""
@@ -97,7 +120,11 @@ class Keys:
 
     def patterns(self) -> list[str]:
         """Glob patterns covering every key (all start with ``{prefix}grad_``)."""
-        return [f"{self.prefix}grad_*"]
+        return [
+            f"{self.prefix}grad_*",
+            f"{self._param_stem}*",
+            f"{self._ratio_stem}*",
+        ]
 
 
 __all__ = ["KEY_STYLES", "Keys"]

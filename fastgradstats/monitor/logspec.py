@@ -214,11 +214,24 @@ class LogSpec:
         """The logger dict of recorded step ``t`` (index into ``history``)."""
         keys = history.key_names()
         out = totals_dict(history, t)
-        for label, norm, max_abs, bad in self.rows(history, t):
+        rows = self.rows(history, t)
+        for label, norm, max_abs, bad in rows:
             out[keys.norm(label)] = norm
             out[keys.max_abs(label)] = max_abs
             if bad:
                 out[keys.nonfinite_count(label)] = float(bad)
+        if history.param_norm is not None and history.update_norm is not None and rows:
+            # the same layers / blocks as the gradient keys; a block's ratio is
+            # ||dw_block|| / ||w_block||, both combined as norms
+            labels, members = self.plan(history.names)
+            cols_of = dict(zip(labels, members))
+            present = history.present[t]
+            for label, *_ in rows:
+                cols = [j for j in cols_of[label] if present[j]]
+                w = combine_norms(history.param_norm[t, cols], history.norm_type)
+                dw = combine_norms(history.update_norm[t, cols], history.norm_type)
+                out[keys.param_norm(label)] = w
+                out[keys.update_ratio(label)] = dw / w if w != 0 else math.nan
         return out
 
     def layer_names(self, history: History, t: int) -> list[str]:
@@ -265,13 +278,17 @@ def totals_dict(history: History, t: int) -> dict[str, float]:
     """The per-step totals of recorded step ``t``: total norm, clip coefficient, whether it
     was non-finite, skipped, a spike of the total norm."""
     keys = history.key_names()
-    return {
+    out = {
         keys.total: float(history.total_norm[t]),
         keys.clip_coef: float(history.clip_coef[t]),
         keys.nonfinite: float(history.nonfinite[t]),
         keys.skipped: float(history.skipped[t]),
         keys.spike_total: float(history.spike_total[t]),
     }
+    if history.param_norm is not None:
+        present = history.present[t]
+        out[keys.param_total] = combine_norms(history.param_norm[t][present], history.norm_type)
+    return out
 
 
 def total_keys(keys: Keys) -> set[str]:
@@ -282,6 +299,7 @@ def total_keys(keys: Keys) -> set[str]:
         keys.nonfinite,
         keys.skipped,
         keys.spike_total,
+        keys.param_total,
         keys.tally("nonfinite_steps"),
         keys.tally("skipped_steps"),
         keys.tally("spikes"),

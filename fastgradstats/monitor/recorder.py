@@ -63,6 +63,7 @@ from .events import Events
 from .history import (
     ARRAY_FIELDS,
     HISTOGRAM_FIELDS,
+    PARAM_FIELDS,
     DeviceRing,
     HistogramHistory,
     HistogramRing,
@@ -236,6 +237,19 @@ class GradMonitor:
             the totals always cover every parameter.
         top_k: log only the ``top_k`` layers (or blocks) with the largest norm each step
             (non-finite ones first).
+        param_norms: also record, per parameter with a gradient, the weights' norm
+            ``||w||`` (same ``norm_type``) as they are at :meth:`step` and ``||w - w_prev||``,
+            w_prev being the weights at the previous recorded step; logged as
+            ``param_norm/<name>``, ``update_ratio/<name>`` (``||w - w_prev|| / ||w||``: the
+            relative size of the last optimizer update; with ``every=k`` it spans k
+            optimizer steps) and ``param_norm_total``. The first recorded step of each
+            parameter (also after :meth:`load_state_dict` or :meth:`attach`: the previous
+            weights are not part of the state) has a NaN ratio, as does ``||w|| = 0``.
+            Cost: one persistent copy of the tracked weights (their own dtype), and per
+            recorded step a separate read of the weights by torch foreach launches (norm of
+            w, subtract, norm of the difference, copy; per (device, dtype) group, not per
+            parameter) plus two ring writes; the Triton stats kernel reads gradients only.
+            No host sync.
 
     Attributes:
         found_inf: 0-d bool device tensor after each :meth:`step` that measured the
@@ -279,8 +293,12 @@ class GradMonitor:
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
         top_k: int | None = None,
+        param_norms: bool = False,
     ) -> None:
         self.log_spec = LogSpec(log, group_by, include, exclude, top_k)  # checks first
+        if not isinstance(param_norms, bool):
+            raise TypeError(f"param_norms must be a bool, got {param_norms!r}")
+        self.param_norms = param_norms
         pairs = named_parameters(model)
         self.names = [name for name, _ in pairs]
         self._index = {name: j for j, name in enumerate(self.names)}
@@ -350,6 +368,9 @@ class GradMonitor:
         # fp16: the clip coefficient comes from the float32 total (see _clip_and_measure)
         self._fp16 = any(p.dtype == torch.float16 for p in self.params)
         self._owners = find_owners(model, pairs) if self._model is not None else None
+        # param_norms=True: the weights at the previous recorded step, by name (new
+        # parameter objects start over: their first ratio is NaN)
+        self._prev: dict[str, Tensor] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled (or deep-copied): the monitor now watches the copy of the model that
@@ -403,7 +424,8 @@ class GradMonitor:
     def reset(self) -> None:
         """Forget everything recorded (buffers are reallocated and zeroed)."""
         h, n, dev, dt = self.capacity, len(self.names), self.device, self.dtype
-        self._ring = DeviceRing(h, n, dev, dt)
+        self._ring = DeviceRing(h, n, dev, dt, self.param_norms)
+        self._prev = {}
         self._spikes = SpikeDetector(
             n, self.spike_threshold, self.spike_min_ratio, self.spike_beta, self.spike_warmup, dt
         )
@@ -454,7 +476,8 @@ class GradMonitor:
         if self._mirror is not None:
             mirror = {
                 name: torch.from_numpy(np.array(getattr(self._mirror, name)))
-                for name in ARRAY_FIELDS
+                for name in ARRAY_FIELDS + PARAM_FIELDS
+                if getattr(self._mirror, name) is not None
             }
         return {
             "version": _STATE_VERSION,
@@ -468,7 +491,7 @@ class GradMonitor:
                 "lost_rows": self.lost_rows,
                 "no_grad_steps": self._no_grad_steps,
             },
-            "ring": {name: getattr(ring, name).clone() for name in DeviceRing.TENSORS},
+            "ring": {name: getattr(ring, name).clone() for name in ring.tensors()},
             "host_steps": torch.from_numpy(ring.host_steps.copy()),
             "ema": self._spikes.state_dict(),  # as of the last flush (rows after it follow)
             "mirror": mirror,
@@ -541,21 +564,25 @@ class GradMonitor:
                 f"norm_type={self.norm_type}"
             )
         ring = self._ring
-        for name in DeviceRing.TENSORS:  # check every shape before writing anything
+        # a state saved without param_norms leaves this ring's weight norms at 0
+        names = [name for name in ring.tensors() if name != "params" or name in state["ring"]]
+        for name in names:  # check every shape before writing anything
             if tuple(state["ring"][name].shape) != tuple(getattr(ring, name).shape):
                 raise ValueError(f"state_dict ring field {name!r} has the wrong shape")
         events = Events.from_state_dict(state["events"])
         spikes_ahead = self._load_spikes_ahead(state)  # checks shapes before writing
         self._spikes.load_state_dict(state["ema"])  # checks its shapes before writing
         self._spikes_ahead = spikes_ahead
-        for name in DeviceRing.TENSORS:
+        for name in names:
             getattr(ring, name).copy_(state["ring"][name])
         ring.host_steps[:] = state["host_steps"].cpu().numpy()
         self._mirror = None
         if state["mirror"] is not None:
-            self._mirror = self._as_history(
-                {name: state["mirror"][name].cpu().numpy().copy() for name in ARRAY_FIELDS}
-            )
+            arrays = self._empty_arrays(self.capacity)
+            for name in ARRAY_FIELDS + PARAM_FIELDS:
+                if name in state["mirror"] and (name in ARRAY_FIELDS or self.param_norms):
+                    arrays[name] = state["mirror"][name].cpu().numpy().copy()
+            self._mirror = self._as_history(arrays)
         counters = state["counters"]
         self._calls = int(counters["calls"])
         self._recorded = int(counters["recorded"])
@@ -612,7 +639,9 @@ class GradMonitor:
             self._suppress_update(self.found_inf, optimizer)
         if stats is not None and record:
             self.last_stats = stats
-            self._write_row(step_no, stats)
+            row = self._write_row(step_no, stats)
+            if self.param_norms:
+                self._write_param_norms(row, stats.names)
             if hist_now:
                 self._write_histogram(step_no, stats)
         return total
@@ -779,7 +808,52 @@ class GradMonitor:
             self._index_cache.put(key, index)
         return index
 
-    def _write_row(self, step_no: int, stats: GradStats) -> None:
+    def _write_param_norms(self, row: int, names: list[str]) -> None:
+        """Ring row ``row`` gets ||w|| and ||w - w_prev|| of the parameters ``names`` (those
+        with a gradient), and w_prev becomes w. No host sync; per (device, dtype) group a
+        fixed number of foreach launches, whatever the number of parameters."""
+        out = self._ring.params
+        assert out is not None
+        groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+        for name in names:
+            p = self.params[self._index[name]]
+            groups.setdefault((p.device, p.dtype), []).append(name)
+        fresh = []
+        values, order = [], []
+        for (_, dtype), members in groups.items():
+            ws = [self.params[self._index[name]].detach() for name in members]
+            prev = []
+            for name, w in zip(members, ws):
+                old = self._prev.get(name)
+                if old is None or old.shape != w.shape:
+                    old = self._prev[name] = w.clone()  # first time: ratio NaN below
+                    fresh.append(name)
+                prev.append(old)
+            # accumulate in float32 at least, float64 for float64 weights
+            acc = None if dtype.is_complex else torch.promote_types(dtype, torch.float32)
+            w_norm = torch._foreach_norm(ws, self.norm_type, dtype=acc)
+            torch._foreach_sub_(prev, ws)  # prev := w_prev - w
+            d_norm = torch._foreach_norm(prev, self.norm_type, dtype=acc)
+            torch._foreach_copy_(prev, ws)
+            values.append(torch.stack([torch.stack(w_norm), torch.stack(d_norm)]))
+            order += members
+        if not order:
+            out[row].zero_()
+            return
+        both = (
+            values[0]
+            if len(values) == 1
+            else torch.cat([v.to(self.device, self.dtype) for v in values], dim=1)
+        )
+        if order == self.names:
+            out[row].copy_(both)
+        else:
+            out[row].zero_()
+            out[row].index_copy_(1, self._present_index(order), both.to(self.device, self.dtype))
+        if fresh:
+            out[row, 1].index_fill_(0, self._present_index(fresh), float("nan"))
+
+    def _write_row(self, step_no: int, stats: GradStats) -> int:
         ring = self._ring
         row = self._recorded % self.capacity
         self._recorded += 1
@@ -820,6 +894,7 @@ class GradMonitor:
         found = self.found_inf if self.skip_nonfinite else None
         if found is not None:
             ring.skipped[row].copy_(found)
+        return row
 
     # -- syncing side: once per logging interval ----------------------------------------
 
@@ -926,11 +1001,22 @@ class GradMonitor:
             **arrays,
         )
 
+    def _empty_arrays(self, t: int) -> dict[str, Any]:
+        arrays: dict[str, Any] = empty_arrays(t, len(self.names))
+        if self.param_norms:
+            arrays.update(
+                param_norm=np.zeros((t, len(self.names))),
+                update_norm=np.zeros((t, len(self.names))),
+            )
+        return arrays
+
     def _merge_mirror(self, rows: list[int], chunk: History) -> None:
         if self._mirror is None:
-            self._mirror = self._as_history(empty_arrays(self.capacity, len(self.names)))
-        for name in ARRAY_FIELDS:
-            getattr(self._mirror, name)[rows] = getattr(chunk, name)
+            self._mirror = self._as_history(self._empty_arrays(self.capacity))
+        for name in ARRAY_FIELDS + PARAM_FIELDS:
+            mirror = getattr(self._mirror, name)
+            if mirror is not None:
+                mirror[rows] = getattr(chunk, name)
 
     def history(self) -> History:
         """The last ``min(recorded, history)`` recorded steps, oldest first (flushes)."""
