@@ -821,7 +821,9 @@ class GradMonitor:
         fresh = []
         values, order = [], []
         for (_, dtype), members in groups.items():
-            ws = [self.params[self._index[name]].detach() for name in members]
+            # no detach(): step() runs under no_grad, and a detach per parameter would be
+            # one more op per parameter
+            ws = [self.params[self._index[name]] for name in members]
             prev = []
             for name, w in zip(members, ws):
                 old = self._prev.get(name)
@@ -830,7 +832,9 @@ class GradMonitor:
                     fresh.append(name)
                 prev.append(old)
             # accumulate in float32 at least, float64 for float64 weights
-            acc = None if dtype.is_complex else torch.promote_types(dtype, torch.float32)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            if dtype.is_complex:
+                acc = None  # the norm of a complex tensor is real already
             w_norm = torch._foreach_norm(ws, self.norm_type, dtype=acc)
             torch._foreach_sub_(prev, ws)  # prev := w_prev - w
             d_norm = torch._foreach_norm(prev, self.norm_type, dtype=acc)
