@@ -64,6 +64,10 @@ class JsonlWriter:
                     "inf_count": per(history.inf_count, int),
                     "spike": per(history.spike_layer, bool),
                 }
+                ratio = history.update_ratio()  # param_norms=True only
+                if history.param_norm is not None and ratio is not None:
+                    record["param_norm"] = per(history.param_norm, lambda v: float(v))
+                    record["update_ratio"] = per(ratio, lambda v: nonfinite_json(float(v)))
                 fh.write(json.dumps(record) + "\n")
 
 

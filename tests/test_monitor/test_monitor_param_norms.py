@@ -134,7 +134,7 @@ def test_off_by_default_no_keys():
 
 
 def test_bad_value_raises_type_error_naming_it():
-    with pytest.raises(TypeError, match="param_norms"):
+    with pytest.raises(TypeError, match="param_norms must be a bool"):
         GradMonitor(_model(), param_norms="yes")
 
 
@@ -200,3 +200,19 @@ def test_param_norm_ops_do_not_grow_with_the_parameters():
         assert len(on) > len(off)
         extra.append(len(on) - len(off))
     assert extra[0] == extra[1], extra
+
+
+def test_jsonl_has_param_norms(tmp_path):
+    import json
+
+    model = _model(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradMonitor(model, param_norms=True)
+    writer = monitor.log_jsonl(tmp_path / "g.jsonl")
+    _train(model, monitor, optimizer, 2)
+    hist = monitor.history()
+    lines = [json.loads(line) for line in writer.path.read_text().splitlines()]
+    name = hist.names[0]
+    assert lines[0]["update_ratio"][name] == "NaN"
+    assert lines[1]["param_norm"][name] == pytest.approx(hist.param_norm[1, 0])
+    assert lines[1]["update_ratio"][name] == pytest.approx(hist.update_ratio()[1, 0])
