@@ -35,38 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from .history import History
+from .history import History, combine_norms
 from .keys import Keys
 
 LOG_LEVELS = ("totals", "blocks", "layers")
-
-
-def combine_norms(norms: Any, norm_type: float) -> float:
-    """The p-norm of a vector made of pieces whose p-norms are ``norms`` (float64).
-
-    ``inf``: the max; ``-inf``: the min; 0: the sum (counts of nonzeros add); other p:
-    ``(sum n_i^p)^(1/p)``, scaled by the largest piece so no power overflows. NaN in,
-    NaN out; an empty list is 0.
-    """
-    values = np.asarray(norms, dtype=np.float64).reshape(-1)
-    if not values.size:
-        return 0.0
-    if np.isnan(values).any():
-        return math.nan
-    p = float(norm_type)
-    if p == math.inf:
-        return float(values.max())
-    if p == -math.inf:
-        return float(values.min())
-    if p == 0:
-        return float(values.sum())
-    if p > 0:
-        top = float(values.max())
-        if top == 0.0 or math.isinf(top):
-            return top
-        return top * float(np.sum((values / top) ** p)) ** (1.0 / p)
-    with np.errstate(divide="ignore", over="ignore"):  # 0 ** -p = inf: the result is 0
-        return float(np.sum(values**p) ** (1.0 / p))
 
 
 def _patterns(value: Any, arg: str) -> list[re.Pattern[str]]:
