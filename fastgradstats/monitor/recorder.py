@@ -371,6 +371,7 @@ class GradMonitor:
         # param_norms=True: the weights at the previous recorded step, by name (new
         # parameter objects start over: their first ratio is NaN)
         self._prev: dict[str, Tensor] = {}
+        self._param_plan_all: Any = None  # _param_plan of every parameter, once built
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled (or deep-copied): the monitor now watches the copy of the model that
@@ -426,6 +427,7 @@ class GradMonitor:
         h, n, dev, dt = self.capacity, len(self.names), self.device, self.dtype
         self._ring = DeviceRing(h, n, dev, dt, self.param_norms)
         self._prev = {}
+        self._param_plan_all = None
         self._spikes = SpikeDetector(
             n, self.spike_threshold, self.spike_min_ratio, self.spike_beta, self.spike_warmup, dt
         )
@@ -808,49 +810,70 @@ class GradMonitor:
             self._index_cache.put(key, index)
         return index
 
+    def _param_plan(self, names: list[str]) -> tuple[list[Any], list[str], list[str]]:
+        """``(groups, order, fresh)`` for the parameters ``names``: per (device, dtype)
+        group ``(acc dtype, weights, previous-weight copies)``, the names in group order,
+        and the names whose copy was just made (their first ratio is NaN)."""
+        members: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+        for name in names:
+            p = self.params[self._index[name]]
+            members.setdefault((p.device, p.dtype), []).append(name)
+        groups: list[Any] = []
+        order: list[str] = []
+        fresh: list[str] = []
+        for (_, dtype), group in members.items():
+            # no detach(): step() runs under no_grad, and a detach per parameter would be
+            # one more op per parameter
+            ws = [self.params[self._index[name]] for name in group]
+            prev = []
+            for name, w in zip(group, ws):
+                old = self._prev.get(name)
+                if old is None or old.shape != w.shape:
+                    old = self._prev[name] = w.clone()
+                    fresh.append(name)
+                prev.append(old)
+            # accumulate in float32 at least, float64 for float64 weights; the norm of a
+            # complex tensor is real already
+            acc = (
+                None
+                if dtype.is_complex
+                else (torch.float64 if dtype == torch.float64 else torch.float32)
+            )
+            groups.append((acc, ws, prev))
+            order += group
+        return groups, order, fresh
+
     def _write_param_norms(self, row: int, names: list[str]) -> None:
         """Ring row ``row`` gets ||w|| and ||w - w_prev|| of the parameters ``names`` (those
         with a gradient), and w_prev becomes w. No host sync; per (device, dtype) group a
         fixed number of foreach launches, whatever the number of parameters."""
         out = self._ring.params
         assert out is not None
-        groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-        for name in names:
-            p = self.params[self._index[name]]
-            groups.setdefault((p.device, p.dtype), []).append(name)
-        fresh = []
-        values, order = [], []
-        for (_, dtype), members in groups.items():
-            # no detach(): step() runs under no_grad, and a detach per parameter would be
-            # one more op per parameter
-            ws = [self.params[self._index[name]] for name in members]
-            prev = []
-            for name, w in zip(members, ws):
-                old = self._prev.get(name)
-                if old is None or old.shape != w.shape:
-                    old = self._prev[name] = w.clone()  # first time: ratio NaN below
-                    fresh.append(name)
-                prev.append(old)
-            # accumulate in float32 at least, float64 for float64 weights
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            if dtype.is_complex:
-                acc = None  # the norm of a complex tensor is real already
+        every = len(names) == len(self.names)  # all present: the plan is reused
+        plan = self._param_plan_all if every else None
+        if plan is None:
+            groups, order, fresh = self._param_plan(names)
+            if every:
+                self._param_plan_all = (groups, order, [])
+        else:
+            groups, order, fresh = plan
+        if not order:
+            out[row].zero_()
+            return
+        values = []
+        for acc, ws, prev in groups:
             w_norm = torch._foreach_norm(ws, self.norm_type, dtype=acc)
             torch._foreach_sub_(prev, ws)  # prev := w_prev - w
             d_norm = torch._foreach_norm(prev, self.norm_type, dtype=acc)
             torch._foreach_copy_(prev, ws)
             values.append(torch.stack([torch.stack(w_norm), torch.stack(d_norm)]))
-            order += members
-        if not order:
-            out[row].zero_()
-            return
         both = (
             values[0]
             if len(values) == 1
             else torch.cat([v.to(self.device, self.dtype) for v in values], dim=1)
         )
-        if order == self.names:
-            out[row].copy_(both)
+        if every and len(groups) == 1:
+            out[row].copy_(both)  # one group: model order
         else:
             out[row].zero_()
             out[row].index_copy_(1, self._present_index(order), both.to(self.device, self.dtype))
