@@ -216,3 +216,26 @@ def test_jsonl_has_param_norms(tmp_path):
     assert lines[0]["update_ratio"][name] == "NaN"
     assert lines[1]["param_norm"][name] == pytest.approx(hist.param_norm[1, 0])
     assert lines[1]["update_ratio"][name] == pytest.approx(hist.update_ratio()[1, 0])
+
+
+def test_mixed_dtypes_are_grouped_and_fp64_is_exact():
+    torch.manual_seed(7)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4).double()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradMonitor(model, param_norms=True)
+    seen = []
+    for _ in range(3):
+        x = torch.randn(3, 4)
+        (model["a"](x).sum() + model["b"](x.double()).sum()).backward()
+        seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+        monitor.step()
+        optimizer.step()
+        optimizer.zero_grad()
+    hist = monitor.history()
+    ratio = hist.update_ratio()
+    for t in (1, 2):
+        for j, name in enumerate(hist.names):
+            w, prev = seen[t][name], seen[t - 1][name]
+            rel = 1e-12 if name.startswith("b.") else 1e-6
+            assert hist.param_norm[t, j] == pytest.approx(_norm(w, 2), rel=rel)
+            assert ratio[t, j] == pytest.approx(_norm(w - prev, 2) / _norm(w, 2), rel=rel * 10)
