@@ -1102,7 +1102,9 @@ class GradMonitor:
         ``grad_stats/spikes``. See :mod:`fastgradstats.monitor.keys` for the other styles.
         With ``histograms=True``, the latest histogram step's ``grad_zero_frac/<name>`` and
         ``grad_<fmt>_{flush_to_zero,subnormal,overflow}/<name>`` for each format in
-        ``histogram_dtypes`` (shares of the nonzero finite values).
+        ``histogram_dtypes`` (shares of the nonzero finite values). With
+        ``param_norms=True``, ``param_norm_total`` and per logged layer or block
+        ``param_norm/<name>`` and ``update_ratio/<name>``.
 
         The per-parameter keys follow ``log`` / ``group_by`` / ``include`` / ``exclude`` /
         ``top_k`` (:attr:`log_spec`): ``"totals"`` keeps none, ``"blocks"`` has per-block
