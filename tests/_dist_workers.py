@@ -539,9 +539,16 @@ def main(rank: int, world_size: int, seed: int, out_dir: str) -> None:
     from fastgradstats.dispatch import backend_for
 
     backend = backend_for(torch.device("cpu"), torch.float32, 2.0).__name__
-    results: dict[str, Any] = {"seed": seed, "backend": backend}
+    run_scenarios(SCENARIOS, rank, seed, out_dir, {"seed": seed, "backend": backend})
+
+
+def run_scenarios(
+    scenarios: dict[str, Any], rank: int, seed: int, out_dir: str, results: dict[str, Any]
+) -> None:
+    """Run each ``scenario(rank, seed)`` in turn (a barrier between them), save ``results``
+    for the parent as ``rank{rank}.pt``, and tear the process group down."""
     try:
-        for name, scenario in SCENARIOS.items():
+        for name, scenario in scenarios.items():
             try:
                 results[name] = scenario(rank, seed)
             except Exception:

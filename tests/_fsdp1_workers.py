@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import faulthandler
 import os
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from _dist_workers import (
     mlp,
     ref_stats,
     ref_total,
+    run_scenarios,
 )
 from torch import nn
 
@@ -254,19 +254,7 @@ def _run(rank: int, world_size: int, seed: int, out_dir: str,
         world_size=world_size,
         timeout=TIMEOUT,
     )
-    results: dict[str, Any] = {"seed": seed}
-    try:
-        for name, scenario in scenarios.items():
-            try:
-                results[name] = scenario(rank, seed)
-            except Exception:
-                # the other rank may now wait in a collective this one never joins: stop here
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    run_scenarios(scenarios, rank, seed, out_dir, {"seed": seed})
 
 
 def fsdp1_main(rank: int, world_size: int, seed: int, out_dir: str) -> None:
