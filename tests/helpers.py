@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ODD_SIZES = [0, 1, 7, 13, 127, 1023, 1031]  # 13, 127, 1031 are primes
@@ -87,3 +88,15 @@ def require_extra(module: str) -> ModuleType:
     if os.environ.get("FASTGRADSTATS_REQUIRE_EXTRAS"):
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every aten op run under it (``with OpRecorder() as rec``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -10,6 +10,7 @@ import torch
 from helpers import (
     FLOAT_DTYPES,
     ODD_SIZES,
+    OpRecorder,
     assert_same_tensors,
     clone_grads,
     make_params,
@@ -18,7 +19,6 @@ from helpers import (
     set_grads,
 )
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgradstats as fgs
 
@@ -157,25 +157,15 @@ def test_float64_grads_mixed_with_float32_combine_in_float64(backend):
     assert rel_err(float(total), ref_norm(grads[:1] + [grads[1].double()], 2.0)) < 1e-7
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_clip_case_does_not_write_gradients():
     """The torch backend on the CPU must not issue any in-place op when nothing is clipped."""
     params = make_params([17, 1023])
     original = clone_grads(params)
-    with _OpRecorder() as rec:
+    with OpRecorder() as rec:
         fgs.clip_grad_norm_(params, 1e6, backend="torch")
     assert not [op for op in rec.ops if "mul_" in op], rec.ops
     assert_same_tensors(clone_grads(params), original)
-    with _OpRecorder() as rec:
+    with OpRecorder() as rec:
         fgs.clip_grad_norm_(params, 1e-3, backend="torch")
     assert [op for op in rec.ops if "mul_" in op], "clipping must write the gradients"
 

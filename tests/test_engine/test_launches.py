@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpRecorder
 
 from fastgradstats import dispatch
 
@@ -34,16 +34,6 @@ ALLOWED_OPS = {"aten.empty.memory_format", "aten.select.int"}
 @pytest.fixture(autouse=True)
 def small_blocks(small_kernel_blocks):
     """Every test here runs with the small blocks (tests/conftest.py)."""
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 class Launches:
