@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpRecorder
 
 from fastgradstats import GradMonitor
 
@@ -172,23 +172,13 @@ def test_state_dict_keeps_rows_and_resume_starts_with_nan_ratio():
     assert np.isnan(after.update_ratio()[2]).all()  # previous weights are not in the state
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _steady_ops(layers: int, param_norms: bool) -> list[str]:
     model = _model(5, layers)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     monitor = GradMonitor(model, history=8, param_norms=param_norms, backend="torch")
     monitor.step()
-    with _Ops() as rec:
+    with OpRecorder() as rec:
         monitor.step()
     return rec.ops
 
