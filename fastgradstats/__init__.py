@@ -8,10 +8,16 @@ Public API (nothing else is exported here):
 * :class:`ZClip`, :class:`AutoClip` -- adaptive clipping with its state on the device.
 """
 
-from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .clip import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+    grad_stats,
+)
 from .clippers import AutoClip, ZClip
 from .monitor import GradMonitor
-from .stats import GradStats, grad_stats
+from .stats import GradStats
 
 __version__ = "0.1.0"
 

@@ -35,69 +35,13 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from . import core, distributed, handoff
-from .stats import GradStats, check_histogram_input, compute, empty_stats, from_fused
+from . import core, engine, sharding
+from .stats import GradStats
 
 
-def _raise_if_nonfinite_fused(
-    call: core.Fused, items: list, use_grad: bool, norm_type: float, backend: str | None
-) -> None:
-    if bool(torch.isfinite(call.total)):  # the one host sync this option costs, as in torch
-        return
-    grads = core.collect(items, arg_name="parameters" if use_grad else "tensors",
-                         use_grad=use_grad)  # fmt: skip
-    stats = compute(grads, norm_type, backend)
-    per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
-    raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
-
-
-def _nonfinite_error(norm_type: float, names: list[str], stats_text: str) -> RuntimeError:
-    return RuntimeError(
-        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-        f"so it cannot be clipped: {stats_text}. No gradient was modified. To scale the "
-        "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
-    )
-
-
-def _raise_if_nonfinite(
-    total: Tensor,
-    grads: core.GradList,
-    groups: core.Groups,
-    norm_type: float,
-    backend: str | None,
-    foreach: bool | None,
-    stats: GradStats | None,
-    sharding: distributed.Sharding | None = None,
-) -> None:
-    if bool(torch.isfinite(total)):  # the one host sync this option costs, as in torch
-        return  # ``total`` is the value returned (fp16: > 65504 is inf there, and raises)
-    if stats is None:
-        stats = compute(grads, norm_type, backend, foreach, groups, sharding)
-    per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
-    raise _nonfinite_error(norm_type, grads.names, core.nonfinite_report(grads.names, per_tensor))
-
-
-def apply_coef_(
-    grads: core.GradList,
-    coef: Tensor,
-    optimizer: Any = None,
-    backend: str | None = None,
-    foreach: bool | None = None,
-) -> None:
-    """Apply a clip coefficient computed elsewhere (an adaptive clipper) to localized
-    ``grads``: handed to a fused ``optimizer`` as ``grad_scale`` when it can take it, else
-    the gradients are scaled in place (nothing is written where ``coef >= 1``)."""
-    if not grads.grads:
-        return
-    core.check_writable(grads)
-    if not handoff.hand_off_(optimizer, grads.params, coef):
-        core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
-
-
-def _params_with_grad(items: list) -> list[Tensor]:
-    """The parameters of a ``parameters`` list (tensors or named pairs) that have a grad."""
-    tensors = (item[1] if type(item) is tuple else item for item in items)
-    return [t for t in tensors if t.grad is not None]
+def _check_histogram_flag(histogram: Any) -> None:
+    if not isinstance(histogram, bool):
+        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
 
 
 @torch.no_grad()
@@ -118,39 +62,14 @@ def get_total_norm(
     DTensors and ``process_group=`` shards give the norm of the full tensors, as in
     :func:`clip_grad_norm_`.
     """
-    p = core.check_norm_type(norm_type)
-    if process_group is None:
-        tensors = core.as_list(tensors, arg_name="tensors")
-        call = core.fused(tensors, p, backend, use_grad=False)
-        if call is not None:
-            if error_if_nonfinite:
-                _raise_if_nonfinite_fused(call, tensors, False, p, backend)
-            return call.total
-    grads = core.collect(tensors, arg_name="tensors", use_grad=False)
-    sharding = distributed.localize(grads, process_group)
-    if not grads.grads:
-        return torch.tensor(0.0)
-    groups = core.group(grads.grads)
-    norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
-    total = _total(groups, norms, p, sharding, grads)
+    request = engine.Request(
+        core.check_norm_type(norm_type), counts=error_if_nonfinite, use_grad=False,
+        arg_name="tensors", backend=backend, foreach=foreach, process_group=process_group,
+    )  # fmt: skip
+    measured = engine.run(tensors, request)
     if error_if_nonfinite:
-        _raise_if_nonfinite(total, grads, groups, p, backend, foreach, None, sharding)
-    return distributed.as_total_norm(total, sharding)
-
-
-def _total(
-    groups: core.Groups,
-    norms: Tensor,
-    norm_type: float,
-    sharding: distributed.Sharding | None,
-    grads: core.GradList,
-) -> Tensor:
-    """The total norm to return (promoted grad dtype), from local per-tensor norms."""
-    if sharding is None:
-        return core.finish_total(groups, norms, norm_type)
-    # sharded grads: global per-tensor norms (one all-reduce), then the total
-    norms = sharding.reduce_norms(norms, norm_type)
-    return core.total_norm(norms, norm_type).to(core.result_dtype(grads.grads))
+        measured.raise_if_nonfinite()
+    return measured.returned_total
 
 
 @torch.no_grad()
@@ -169,15 +88,12 @@ def clip_grads_with_norm_(
     and the backend can tell without a sync (CPU, or the Triton backend).
     """
     max_norm = core.check_max_norm(max_norm)
-    grads = core.collect(parameters)
-    distributed.to_local_(grads)  # DTensor grads -> their local shards (aliases)
+    grads = engine.writable_grads(parameters)
     if not grads.grads:
         return
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
-    total_norm = distributed.local_tensor(total_norm)
-    core.check_writable(grads)
-    coef = core.clip_coefficient(max_norm, total_norm)
+    coef = core.clip_coefficient(max_norm, sharding.local_tensor(total_norm))
     core.scale_groups_(core.group(grads.grads), coef, backend, foreach)
 
 
@@ -255,61 +171,23 @@ def clip_grad_norm_(
         DTensor gradients a ``Replicate`` DTensor on their mesh, as torch returns it), or
         ``(total_norm, stats)`` when ``return_stats=True``.
     """
-    max_norm = core.check_max_norm(max_norm)
-    p = core.check_norm_type(norm_type)
-    if not isinstance(histogram, bool):
-        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
+    _check_histogram_flag(histogram)
     if histogram and not return_stats:
         raise ValueError("histogram=True needs return_stats=True (the histograms are stats)")
-    if process_group is None:  # the fused path: 3 launches, no torch op between them
-        parameters = core.as_list(parameters, warn_empty_generator=True)
-        call = core.fused(
-            parameters, p, backend, stats=return_stats, max_norm=max_norm, histogram=histogram
-        )
-        if call is not None:
-            if error_if_nonfinite:
-                _raise_if_nonfinite_fused(call, parameters, True, p, backend)
-            # the one place the coefficient is applied on this path
-            if optimizer is None or not handoff.hand_off_(
-                optimizer, _params_with_grad(parameters), call.coef
-            ):
-                call.scale_()
-            if not return_stats:
-                return call.total
-            names = call.names if call.names is not None else call.plan.position_names
-            return call.total, from_fused(call, names, p)
-
-    grads = core.collect(parameters, warn_empty_generator=True)
-    if histogram:
-        check_histogram_input(grads)  # before anything is computed or written
-    sharding = distributed.localize(grads, process_group)
-    if not grads.grads:
-        total = torch.tensor(0.0)
-        return (total, empty_stats(p, histogram)) if return_stats else total
-
-    groups = core.group(grads.grads)
-    stats: GradStats | None = None
-    if return_stats:
-        stats = compute(grads, p, backend, foreach, groups, sharding, histogram)
-        if sharding is None:
-            total = core.finish_total(groups, stats.norms, p)
-        else:  # the stats are global already
-            total = stats.total_norm.to(core.result_dtype(grads.grads))
-    else:
-        norms = core.per_tensor_norms(groups, len(grads.grads), p, backend, foreach)
-        total = _total(groups, norms, p, sharding, grads)
+    request = engine.Request(
+        core.check_norm_type(norm_type), stats=return_stats, counts=error_if_nonfinite,
+        histogram=histogram, max_norm=core.check_max_norm(max_norm), warn_empty_generator=True,
+        backend=backend, foreach=foreach, process_group=process_group,
+    )  # fmt: skip
+    measured = engine.run(parameters, request)
     if error_if_nonfinite:
-        _raise_if_nonfinite(total, grads, groups, p, backend, foreach, stats, sharding)
-
-    core.check_writable(grads)
-    coef = core.clip_coefficient(max_norm, total)
-    if not handoff.hand_off_(optimizer, grads.params, coef):
-        core.scale_groups_(groups, coef, backend, foreach)  # the generic path's one application
-    total = distributed.as_total_norm(total, sharding)
-    if stats is not None:
-        stats.clip_coef = coef
-        return total, stats
-    return total
+        measured.raise_if_nonfinite()
+    if measured.coef is not None:  # the one place the fixed rule's coefficient is applied
+        measured.apply_(measured.coef, optimizer)
+    if not return_stats:
+        return measured.returned_total
+    assert measured.stats is not None
+    return measured.returned_total, measured.stats
 
 
 @torch.no_grad()
@@ -322,18 +200,56 @@ def clip_grad_value_(
 ) -> None:
     """Clamp every gradient of ``parameters`` in place to ``[-clip_value, clip_value]``."""
     clip_value = core.check_max_norm(clip_value, "clip_value")
-    grads = core.collect(parameters)
-    distributed.to_local_(grads)  # DTensor grads -> their local shards (aliases)
-    if not grads.grads:
-        return
-    core.check_writable(grads)
-    core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
+    grads = engine.writable_grads(parameters)
+    if grads.grads:
+        core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
+
+
+@torch.no_grad()
+def grad_stats(
+    parameters: Any,
+    norm_type: float | str = 2.0,
+    *,
+    backend: str | None = None,
+    process_group: Any = None,
+    histogram: bool = False,
+) -> GradStats:
+    """Per-tensor gradient norm, max |g|, NaN/Inf counts and the total norm, in one pass.
+
+    Args:
+        parameters: a Tensor, an iterable of Tensors (their ``.grad`` is read), or
+            ``model.named_parameters()`` pairs (names are kept). ``None`` grads are skipped.
+        norm_type: the p of the norms (any p torch accepts; 1, 2 and inf run fused).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``; default ``$FASTGRADSTATS_BACKEND``
+            or ``"auto"``.
+        process_group: for plain tensors that are shards of parameters sharded over this
+            torch.distributed group; DTensor gradients need nothing (see
+            :mod:`fastgradstats.distributed`). Stats are then those of the full parameters.
+        histogram: also bin every finite |g| per tensor on power-of-two edges
+            (``GradStats.histogram`` [n, 152], ``histogram_edges``, ``zero_count``; see
+            :mod:`fastgradstats.histogram`), on the device, no host sync. On the Triton
+            backend the stats launches bin as they read (no extra launch). With ``process_group=``
+            shards or DTensor gradients the counts are those of the full parameters (one
+            more SUM all-reduce, replicas counted once).
+
+    Returns:
+        :class:`GradStats` holding device tensors; nothing is synced until you ask for
+        numbers (``to_dict()``, ``nonfinite_names()``, ``table()``).
+    """
+    _check_histogram_flag(histogram)
+    request = engine.Request(
+        core.check_norm_type(norm_type), stats=True, histogram=histogram, backend=backend,
+        process_group=process_group,
+    )  # fmt: skip
+    stats = engine.run(parameters, request).stats
+    assert stats is not None
+    return stats
 
 
 __all__ = [
-    "apply_coef_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "grad_stats",
 ]

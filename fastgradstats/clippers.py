@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, distributed
-from .clip import apply_coef_
+from . import core, engine
 
 CLIP_EPS = core.CLIP_EPS  # added to the norm before dividing, as torch.nn.utils does
 
@@ -137,22 +136,17 @@ class _Clipper:
         (``None`` grads skipped; DTensor grads: the norm of the full tensors). With no
         gradient at all the state is left alone and ``tensor(0.)`` is returned.
         """
-        grads = core.collect(parameters, warn_empty_generator=True)
-        sharding = distributed.localize(grads)
-        if not grads.grads:
-            return torch.tensor(0.0)
-        groups = core.group(grads.grads)
-        norms = core.per_tensor_norms(groups, len(grads.grads), 2.0, backend, None)
-        if sharding is not None:
-            norms = sharding.reduce_norms(norms, 2.0)
-        total = core.total_norm(norms, 2.0)
-        # the state advances only once the coefficient was applied (apply_coef_ refuses an
-        # expanded gradient, or a second clip before step(), before writing anything): a
+        request = engine.Request(2.0, warn_empty_generator=True, backend=backend)
+        measured = engine.run(parameters, request)
+        if measured.empty:
+            return measured.total
+        # the state advances only once the coefficient was applied (a refused write, e.g.
+        # an expanded gradient or a second clip before step(), raises before it): a
         # refused call changes nothing
-        coef64, _skip, new_state = self._propose(total)
-        apply_coef_(grads, coef64.to(groups.acc), optimizer, backend)
+        coef64, _skip, new_state = self._propose(measured.total_acc)
+        measured.apply_(coef64.to(measured.total_acc.dtype), optimizer)
         self._commit(new_state)
-        return total.to(core.result_dtype(grads.grads))
+        return measured.returned_total
 
 
 class ZClip(_Clipper):

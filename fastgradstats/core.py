@@ -336,10 +336,10 @@ class Fused:
     def numels(self) -> list[int]:
         return self.plan.numel_list
 
-    def scale_(self) -> None:
-        """Apply the clip coefficient (the kernel leaves memory alone when it is >= 1)."""
-        assert self.coef is not None
-        self.impl.scale_fused(self.plan, self.coef, self.grads)
+    def scale_(self, coef: Tensor) -> None:
+        """Scale every gradient by the 0-d float32 device ``coef`` through the plan (the
+        kernel leaves memory alone when it is >= 1)."""
+        self.impl.scale_fused(self.plan, coef, self.grads)
 
 
 def as_list(items: Any, arg_name: str = "parameters", warn_empty_generator: bool = False) -> list:

@@ -14,7 +14,7 @@ from . import core, torch_backend
 from .dispatch import backend_for
 from .histogram import NUM_BINS, group_histogram
 from .histogram import SUPPORTED_DTYPES as HISTOGRAM_DTYPES
-from .sharding import Sharding, localize
+from .sharding import Sharding
 from .torch_backend import host_to_device
 
 if TYPE_CHECKING:
@@ -269,55 +269,11 @@ def empty_stats(norm_type: float, histogram: bool = False) -> GradStats:
         [], zeros, zeros.clone(), counts, counts.clone(), torch.tensor(0.0), norm_type
     )
     if histogram:
-        _add_histograms(stats, [], None)
+        add_histograms(stats, [], None)
     return stats
 
 
-def compute(
-    grads: core.GradList,
-    norm_type: float,
-    backend: str | None = None,
-    foreach: bool | None = None,
-    groups: core.Groups | None = None,
-    sharding: Sharding | None = None,
-    histogram: bool = False,
-) -> GradStats:
-    """Per-tensor stats and total norm of already collected gradients (no host sync).
-
-    ``histogram=True`` also fills ``histogram``, ``histogram_edges`` and ``zero_count``;
-    with ``sharding`` those of the full parameters (summed over the ranks).
-    """
-    if not grads.grads:
-        return empty_stats(norm_type, histogram)
-    if sharding is None and groups is None:  # one stats + one finalize launch on Triton
-        call = core.fused(
-            grads.grads, norm_type, backend, use_grad=False, stats=True, histogram=histogram
-        )
-        if call is not None:
-            return from_fused(call, grads.names, norm_type)
-    groups = groups if groups is not None else core.group(grads.grads)
-    n = len(grads.grads)
-    per_tensor = core.per_tensor_stats(groups, n, norm_type, backend, foreach)
-    numels = [g.numel() for g in grads.grads]
-    if sharding is not None:  # sharded grads: combine the partials across ranks
-        per_tensor, numels = sharding.reduce_stats(per_tensor, norm_type)
-    total = core.total_norm(per_tensor.norms, norm_type)
-    stats = GradStats(
-        names=grads.names,
-        norms=per_tensor.norms,
-        max_abs=per_tensor.max_abs,
-        nan_count=per_tensor.nan_count,
-        inf_count=per_tensor.inf_count,
-        total_norm=total,
-        norm_type=norm_type,
-        numels=numels,
-    )
-    if histogram:
-        _add_histograms(stats, grads.grads, backend, sharding)
-    return stats
-
-
-def from_fused(call: core.Fused, names: list[str], norm_type: float) -> GradStats:
+def fused_stats(call: core.Fused, names: list[str], norm_type: float) -> GradStats:
     """The :class:`GradStats` of a fused stats pass (``core.fused(..., stats=True)``): its
     device tensors as they are, the histogram fields when the stats launches binned."""
     stats = GradStats(
@@ -342,7 +298,7 @@ def from_fused(call: core.Fused, names: list[str], norm_type: float) -> GradStat
     return stats
 
 
-def _add_histograms(
+def add_histograms(
     stats: GradStats,
     grads: list[Tensor],
     backend: str | None,
@@ -350,7 +306,7 @@ def _add_histograms(
 ) -> None:
     """Fill the histogram fields of ``stats`` with a read of their own (the generic path:
     torch backend, sharded or traced gradients; the fused Triton path bins in its stats
-    launches instead, see :func:`from_fused`).
+    launches instead, see :func:`fused_stats`).
 
     Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
     all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
@@ -464,58 +420,12 @@ def check_histogram_input(grads: core.GradList) -> None:
             )
 
 
-@torch.no_grad()
-def grad_stats(
-    parameters: Any,
-    norm_type: float | str = 2.0,
-    *,
-    backend: str | None = None,
-    process_group: Any = None,
-    histogram: bool = False,
-) -> GradStats:
-    """Per-tensor gradient norm, max |g|, NaN/Inf counts and the total norm, in one pass.
-
-    Args:
-        parameters: a Tensor, an iterable of Tensors (their ``.grad`` is read), or
-            ``model.named_parameters()`` pairs (names are kept). ``None`` grads are skipped.
-        norm_type: the p of the norms (any p torch accepts; 1, 2 and inf run fused).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``; default ``$FASTGRADSTATS_BACKEND``
-            or ``"auto"``.
-        process_group: for plain tensors that are shards of parameters sharded over this
-            torch.distributed group; DTensor gradients need nothing (see
-            :mod:`fastgradstats.distributed`). Stats are then those of the full parameters.
-        histogram: also bin every finite |g| per tensor on power-of-two edges
-            (``GradStats.histogram`` [n, 152], ``histogram_edges``, ``zero_count``; see
-            :mod:`fastgradstats.histogram`), on the device, no host sync. On the Triton
-            backend the stats launches bin as they read (no extra launch). With ``process_group=``
-            shards or DTensor gradients the counts are those of the full parameters (one
-            more SUM all-reduce, replicas counted once).
-
-    Returns:
-        :class:`GradStats` holding device tensors; nothing is synced until you ask for
-        numbers (``to_dict()``, ``nonfinite_names()``, ``table()``).
-    """
-    p = core.check_norm_type(norm_type)
-    if not isinstance(histogram, bool):
-        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
-    if process_group is None:  # the fused path: 2 launches, one walk over the gradients
-        parameters = core.as_list(parameters)
-        call = core.fused(parameters, p, backend, stats=True, histogram=histogram)
-        if call is not None:
-            names = call.names if call.names is not None else call.plan.position_names
-            return from_fused(call, names, p)
-    grads = core.collect(parameters)
-    if histogram:
-        check_histogram_input(grads)
-    sharding = localize(grads, process_group)
-    return compute(grads, p, backend, sharding=sharding, histogram=histogram)
-
-
 __all__ = [
     "GradStats",
+    "add_histograms",
     "check_histogram_input",
     "empty_stats",
-    "from_fused",
-    "grad_stats",
+    "fused_stats",
+    "histograms_for",
     "unique_names",
 ]

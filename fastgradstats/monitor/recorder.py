@@ -54,9 +54,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import core, distributed, handoff
-from ..clip import apply_coef_, clip_grad_norm_
-from ..stats import GradStats, compute
+from .. import core, engine, handoff
+from ..stats import GradStats
 from ..torch_backend import host_to_device
 from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
 from .events import Events
@@ -697,70 +696,41 @@ class GradMonitor:
         float64; ``None`` when not computed), and the per-parameter stats when
         ``need_stats``. The coefficient goes to ``optimizer`` when it can take it.
         """
-        pairs = self._pairs
-        target = optimizer if self.hand_off else None
-        if self.clipper is not None or (self.max_norm is not None and self._fp16):
-            # Measure, then decide the coefficient from the float32 total: an adaptive
-            # clipper's rule, or for fp16 gradients max_norm / (total + 1e-6) without the
-            # fp16 rounding torch applies (a finite update whose total exceeds 65504 would
-            # get a coefficient of 0 there: the whole update erased).
-            grads = core.collect(pairs)
-            sharding = distributed.localize(grads, None)
-            if not grads.grads:
-                return None, None, None
-            stats = compute(
-                grads, self.norm_type, self.backend, self.foreach,
-                sharding=sharding, histogram=histogram,
-            )  # fmt: skip
-            commit = None
-            if self.clipper is not None:
-                # ZClip/AutoClip: the state moves only once the clip was applied, so a
-                # refused step (an expanded gradient, ...) does not count the norm
-                propose = getattr(self.clipper, "propose_coef", None)
-                if propose is not None:
-                    coef, _skip, commit = propose(stats.total_norm)
-                else:
-                    coef, _skip = self.clipper.compute_coef(stats.total_norm)
-                coef = coef.to(stats.total_norm.device, stats.total_norm.dtype)
+        # The fixed rule runs in the measuring pass (the finalize kernel on the fused
+        # path). An adaptive clipper's rule, and max_norm for fp16 gradients, are decided
+        # from the float32 total instead: torch's fp16 rounding of the total would give a
+        # finite update whose total exceeds 65504 a coefficient of 0 (the update erased).
+        adaptive = self.clipper is not None or (self.max_norm is not None and self._fp16)
+        if not (need_stats or adaptive or self.max_norm is not None):
+            return None, None, None
+        fixed = None if adaptive else self.max_norm
+        request = engine.Request(
+            self.norm_type, stats=need_stats, histogram=histogram, max_norm=fixed,
+            backend=self.backend, foreach=self.foreach,
+        )  # fmt: skip
+        measured = engine.run(self._pairs, request)
+        if measured.empty and adaptive:
+            return None, None, None
+        coef, commit = measured.coef, None
+        if self.clipper is not None:
+            # ZClip/AutoClip: the state moves only once the clip was applied, so a
+            # refused step (an expanded gradient, ...) does not count the norm
+            propose = getattr(self.clipper, "propose_coef", None)
+            if propose is not None:
+                coef, _skip, commit = propose(measured.total_acc)
             else:
-                coef = core.clip_coefficient(self.max_norm, stats.total_norm)
-            apply_coef_(grads, coef, target, self.backend, self.foreach)
+                coef, _skip = self.clipper.compute_coef(measured.total_acc)
+            coef = coef.to(measured.total_acc.device, measured.total_acc.dtype)
+        elif adaptive:
+            coef = core.clip_coefficient(self.max_norm, measured.total_acc)
+        if coef is not None:
+            measured.apply_(coef, optimizer if self.hand_off else None)
             if commit is not None:
                 commit()
-            stats.clip_coef = coef
-            total = stats.total_norm.to(core.result_dtype(grads.grads))
-            return distributed.as_total_norm(total, sharding), stats.total_norm, stats
-        if self.max_norm is not None:
-            if need_stats:
-                total, stats = clip_grad_norm_(
-                    pairs,
-                    self.max_norm,
-                    self.norm_type,
-                    foreach=self.foreach,
-                    return_stats=True,
-                    histogram=histogram,
-                    backend=self.backend,
-                    optimizer=target,
-                )
-                return total, stats.total_norm, stats
-            total = clip_grad_norm_(
-                pairs,
-                self.max_norm,
-                self.norm_type,
-                foreach=self.foreach,
-                backend=self.backend,
-                optimizer=target,
-            )
-            return total, None, None
-        if need_stats:
-            grads = core.collect(pairs)
-            sharding = distributed.localize(grads, None)
-            stats = compute(
-                grads, self.norm_type, self.backend, self.foreach,
-                sharding=sharding, histogram=histogram,
-            )  # fmt: skip
-            return stats.total_norm, stats.total_norm, stats
-        return None, None, None
+            if measured.stats is not None:
+                measured.stats.clip_coef = coef
+        total_acc = measured.total_acc if need_stats or adaptive else None
+        return measured.returned_total, total_acc, measured.stats
 
     def _suppress_update(self, found_inf: Tensor, optimizer: Any) -> None:
         # A fused optimizer skips the update and its step counter on the device where
@@ -771,13 +741,7 @@ class GradMonitor:
         # Other optimizers: the gradients are zeroed where found_inf is set, decided on
         # the device (Triton: nothing touched on a finite step; CPU: read for free). The
         # fused path reuses the stats pass's cached plan: no per-tensor checks per step.
-        if core.zero_where_fused(self.params, found_inf, self.backend):
-            return
-        grads = core.collect(self._pairs)
-        distributed.to_local_(grads)  # DTensor grads: their local shards (aliases)
-        if grads.grads:
-            core.check_writable(grads)
-            core.zero_groups_where_(core.group(grads.grads), found_inf, self.backend)
+        engine.zero_where_(self.params, self._pairs, found_inf, self.backend)
 
     @property
     def found_inf(self) -> Tensor | None:

@@ -1,0 +1,229 @@
+"""The one line every public call runs: collect -> plan -> measure -> reduce -> finish -> apply.
+
+A caller states what it wants in a :class:`Request` (the norm, per-tensor statistics or
+not, NaN/Inf counts, histograms, a fixed clip rule) and gets one :class:`Pass` back from
+:func:`run`; it then decides the coefficient (or takes the one the pass computed) and
+hands it to :meth:`Pass.apply_`. Nothing below syncs with the device unless a caller asks
+for an error check (:meth:`Pass.raise_if_nonfinite`).
+
+Two kinds of plan run a request:
+
+* **fused** (``core.fused``): every gradient a dense fp32/bf16/fp16 tensor on one device
+  with Triton in force, no sharding. The stats launch measures every tensor and the
+  finalize launch turns the partials into per-tensor results, the total and the clip
+  coefficient; histograms are binned by the same read.
+* **grouped**: the gradients split by (device, dtype), each group on its backend (torch,
+  or Triton's per-group kernels), partial results reduced across ranks for sharded
+  gradients (``sharding``), then the total and the coefficient as torch ops.
+
+Both give the total rounded the way ``torch.nn.utils`` rounds it (:attr:`Pass.total`),
+and the total of the float32/float64 per-tensor norms (:attr:`Pass.total_acc`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import core, handoff, sharding
+from .stats import GradStats, add_histograms, check_histogram_input, empty_stats, fused_stats
+
+
+@dataclass(slots=True)
+class Request:
+    """What a caller wants measured, and how the gradients are found.
+
+    Attributes:
+        norm_type: the p of the norms (validated by the caller).
+        stats: per-tensor statistics (:class:`GradStats`) wanted.
+        counts: per-tensor NaN/Inf counts wanted even without ``stats`` (error messages
+            and ``skip_nonfinite`` take them from the pass that measured the norms).
+        histogram: with ``stats``, the per-tensor |g| histograms too.
+        max_norm: the fixed clip rule ``min(max_norm / (total + eps), 1)``; ``None``: the
+            pass computes no coefficient.
+        use_grad: read ``.grad`` of the inputs (``False``: the inputs are the tensors).
+        arg_name: the argument named in errors.
+        warn_empty_generator: warn, like torch, when the input is an empty generator.
+    """
+
+    norm_type: float
+    stats: bool = False
+    counts: bool = False
+    histogram: bool = False
+    max_norm: float | None = None
+    use_grad: bool = True
+    arg_name: str = "parameters"
+    warn_empty_generator: bool = False
+    backend: str | None = None
+    foreach: bool | None = None
+    process_group: Any = None
+
+
+@dataclass(slots=True)
+class Pass:
+    """One measurement of the gradients, and how to write a coefficient back to them.
+
+    ``total`` is local for sharded gradients; :attr:`returned_total` gives it in the form
+    torch returns (a ``Replicate`` DTensor for DTensor gradients).
+    """
+
+    request: Request
+    total: Tensor  # 0-d, promoted gradient dtype, torch's roundings
+    total_acc: Tensor  # 0-d float32 (float64 with fp64 gradients): of the per-tensor norms
+    names: list[str]
+    stats: GradStats | None = None
+    per_tensor: core.GroupStats | None = None  # with ``stats`` or ``counts``
+    coef: Tensor | None = None  # the fixed rule's coefficient (``Request.max_norm``)
+    sharding: sharding.Sharding | None = None
+    fused: core.Fused | None = None
+    items: list | None = None  # fused: the input list (the hand-off needs its parameters)
+    grads: core.GradList | None = None  # grouped: the collected (localized) gradients
+    groups: core.Groups | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.fused is None and not (self.grads and self.grads.grads)
+
+    @property
+    def returned_total(self) -> Tensor:
+        return sharding.as_total_norm(self.total, self.sharding)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise, naming the tensors that hold NaN/Inf, when the total is non-finite.
+
+        The one host sync this check costs, as in torch; the names come from the NaN/Inf
+        counts of this same pass (``Request.counts``), never from a second computation.
+        """
+        if self.empty or bool(torch.isfinite(self.total)):
+            return
+        assert self.per_tensor is not None, "raise_if_nonfinite needs Request(counts=True)"
+        text = core.nonfinite_report(self.names, self.per_tensor)
+        raise RuntimeError(
+            f"The total norm of order {self.request.norm_type} for gradients from "
+            f"`{self.request.arg_name}` is non-finite, so it cannot be clipped: {text}. No "
+            "gradient was modified. To scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+    def apply_(self, coef: Tensor, optimizer: Any = None) -> None:
+        """Scale the gradients by the 0-d device ``coef`` (no write where it is >= 1), or
+        hand it to a fused ``optimizer`` that takes it as ``grad_scale``."""
+        if self.empty:
+            return
+        call = self.fused
+        if call is not None:
+            if optimizer is None or not handoff.hand_off_(optimizer, self._params(), coef):
+                call.scale_(coef if coef is call.coef else coef.to(torch.float32))
+            return
+        assert self.grads is not None and self.groups is not None
+        core.check_writable(self.grads)
+        if not handoff.hand_off_(optimizer, self.grads.params, coef):
+            core.scale_groups_(self.groups, coef, self.request.backend, self.request.foreach)
+
+    def _params(self) -> list[Tensor]:
+        items = self.items or []
+        if not self.request.use_grad:
+            return []
+        tensors = (item[1] if type(item) is tuple else item for item in items)
+        return [t for t in tensors if t.grad is not None]
+
+
+def run(items: Any, request: Request) -> Pass:
+    """Measure the gradients of ``items`` as ``request`` asks; see the module docstring."""
+    if request.process_group is None:
+        items = core.as_list(items, request.arg_name, request.warn_empty_generator)
+        call = core.fused(
+            items,
+            request.norm_type,
+            request.backend,
+            use_grad=request.use_grad,
+            stats=request.stats or request.counts,
+            max_norm=request.max_norm,
+            histogram=request.histogram,
+        )
+        if call is not None:
+            return _fused_pass(call, items, request)
+    grads = core.collect(
+        items,
+        arg_name=request.arg_name,
+        use_grad=request.use_grad,
+        warn_empty_generator=request.warn_empty_generator,
+    )
+    if request.histogram:
+        check_histogram_input(grads)  # before anything is computed or written
+    return _grouped_pass(grads, sharding.localize(grads, request.process_group), request)
+
+
+def _fused_pass(call: core.Fused, items: list, request: Request) -> Pass:
+    names = call.names if call.names is not None else call.plan.position_names
+    stats = per_tensor = None
+    if request.stats or request.counts:
+        per_tensor = core.GroupStats(call.floats[0], call.floats[1], call.counts[0], call.counts[1])
+        if request.stats:
+            stats = fused_stats(call, names, request.norm_type)
+    return Pass(request, call.total, call.exact_total, names, stats, per_tensor, call.coef,
+                fused=call, items=items)  # fmt: skip
+
+
+def _grouped_pass(grads: core.GradList, shards: sharding.Sharding | None, req: Request) -> Pass:
+    p = req.norm_type
+    if not grads.grads:
+        stats = empty_stats(p, req.histogram) if req.stats else None
+        zero = torch.tensor(0.0)
+        return Pass(req, zero, zero, [], stats, grads=grads)  # torch returns tensor(0.)
+    groups = core.group(grads.grads)
+    n = len(grads.grads)
+    per_tensor = stats = None
+    if req.stats or req.counts:
+        per_tensor = core.per_tensor_stats(groups, n, p, req.backend, req.foreach)
+        numels = [g.numel() for g in grads.grads]
+        if shards is not None:  # sharded grads: combine the partials across ranks
+            per_tensor, numels = shards.reduce_stats(per_tensor, p)
+        norms = per_tensor.norms
+    else:
+        norms = core.per_tensor_norms(groups, n, p, req.backend, req.foreach)
+        if shards is not None:
+            norms = shards.reduce_norms(norms, p)
+    total_acc = core.total_norm(norms, p)
+    if shards is None:
+        total = core.finish_total(groups, norms, p)
+    else:  # global per-tensor norms already: the total in the promoted dtype
+        total = total_acc.to(core.result_dtype(grads.grads))
+    if req.stats:
+        assert per_tensor is not None
+        stats = GradStats(grads.names, *per_tensor, total_norm=total_acc, norm_type=p,
+                          numels=numels)  # fmt: skip
+        if req.histogram:
+            add_histograms(stats, grads.grads, req.backend, shards)
+    coef = core.clip_coefficient(req.max_norm, total) if req.max_norm is not None else None
+    if stats is not None:
+        stats.clip_coef = coef
+    return Pass(req, total, total_acc, grads.names, stats, per_tensor, coef, shards,
+                grads=grads, groups=groups)  # fmt: skip
+
+
+def writable_grads(items: Any) -> core.GradList:
+    """The local gradients of ``items`` for an element-wise write (scale by a given
+    norm, clamp, zero), refused before anything is written when one cannot be written in
+    place. DTensor gradients become their local shards (aliases): no reduction needed."""
+    grads = core.collect(items)
+    sharding.to_local_(grads)
+    if grads.grads:
+        core.check_writable(grads)
+    return grads
+
+
+def zero_where_(params: list[Tensor], items: Any, flag: Tensor, backend: str | None) -> None:
+    """Zero the gradients in place where the 0-d bool device ``flag`` is set (no sync):
+    through the fused plan the stats pass cached when there is one, else per group."""
+    if core.zero_where_fused(params, flag, backend):
+        return
+    grads = writable_grads(items)
+    if grads.grads:
+        core.zero_groups_where_(core.group(grads.grads), flag, backend)
+
+
+__all__ = ["Pass", "Request", "run", "writable_grads", "zero_where_"]
