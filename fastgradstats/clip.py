@@ -35,13 +35,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from . import core, engine, sharding
+from . import core, engine, inputs, sharding
 from .stats import GradStats
-
-
-def _check_histogram_flag(histogram: Any) -> None:
-    if not isinstance(histogram, bool):
-        raise TypeError(f"histogram must be a bool, got {type(histogram).__name__}")
 
 
 @torch.no_grad()
@@ -63,7 +58,7 @@ def get_total_norm(
     :func:`clip_grad_norm_`.
     """
     request = engine.Request(
-        core.check_norm_type(norm_type), counts=error_if_nonfinite, use_grad=False,
+        inputs.check_norm_type(norm_type), counts=error_if_nonfinite, use_grad=False,
         arg_name="tensors", backend=backend, foreach=foreach, process_group=process_group,
     )  # fmt: skip
     measured = engine.run(tensors, request)
@@ -87,7 +82,7 @@ def clip_grads_with_norm_(
     device, so no host sync happens. Gradients are not written when no clipping is needed
     and the backend can tell without a sync (CPU, or the Triton backend).
     """
-    max_norm = core.check_max_norm(max_norm)
+    max_norm = inputs.check_max_norm(max_norm)
     grads = engine.writable_grads(parameters)
     if not grads.grads:
         return
@@ -171,12 +166,12 @@ def clip_grad_norm_(
         DTensor gradients a ``Replicate`` DTensor on their mesh, as torch returns it), or
         ``(total_norm, stats)`` when ``return_stats=True``.
     """
-    _check_histogram_flag(histogram)
+    inputs.check_histogram_flag(histogram)
     if histogram and not return_stats:
         raise ValueError("histogram=True needs return_stats=True (the histograms are stats)")
     request = engine.Request(
-        core.check_norm_type(norm_type), stats=return_stats, counts=error_if_nonfinite,
-        histogram=histogram, max_norm=core.check_max_norm(max_norm), warn_empty_generator=True,
+        inputs.check_norm_type(norm_type), stats=return_stats, counts=error_if_nonfinite,
+        histogram=histogram, max_norm=inputs.check_max_norm(max_norm), warn_empty_generator=True,
         backend=backend, foreach=foreach, process_group=process_group,
     )  # fmt: skip
     measured = engine.run(parameters, request)
@@ -199,7 +194,7 @@ def clip_grad_value_(
     backend: str | None = None,
 ) -> None:
     """Clamp every gradient of ``parameters`` in place to ``[-clip_value, clip_value]``."""
-    clip_value = core.check_max_norm(clip_value, "clip_value")
+    clip_value = inputs.check_max_norm(clip_value, "clip_value")
     grads = engine.writable_grads(parameters)
     if grads.grads:
         core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
@@ -236,9 +231,9 @@ def grad_stats(
         :class:`GradStats` holding device tensors; nothing is synced until you ask for
         numbers (``to_dict()``, ``nonfinite_names()``, ``table()``).
     """
-    _check_histogram_flag(histogram)
+    inputs.check_histogram_flag(histogram)
     request = engine.Request(
-        core.check_norm_type(norm_type), stats=True, histogram=histogram, backend=backend,
+        inputs.check_norm_type(norm_type), stats=True, histogram=histogram, backend=backend,
         process_group=process_group,
     )  # fmt: skip
     stats = engine.run(parameters, request).stats

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import math
 import operator
-import types
-import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,123 +34,6 @@ from .dispatch import backend_for, requested_backend, triton_module
 from .torch_backend import GroupStats, acc_dtype
 
 CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
-
-
-@dataclass
-class GradList:
-    """Gradients gathered from the user's input, in input order (``None`` grads dropped)."""
-
-    names: list[str]
-    params: list[Tensor]  # the tensors whose .grad is in ``grads`` (the grads themselves
-    grads: list[Tensor]  # when the caller passed gradients directly)
-
-
-_TUPLE, _TWO, _STR = {tuple}, {2}, {str}
-
-
-def _is_named_pair(item: Any) -> bool:
-    return (
-        isinstance(item, tuple)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], Tensor)
-    )
-
-
-def _materialize(items: Any, arg_name: str, warn_empty_generator: bool) -> list[Any]:
-    if isinstance(items, Tensor):
-        return [items]
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise TypeError(
-            f"{arg_name} must be a Tensor, an iterable of Tensors or of (name, Tensor) pairs; "
-            f"got {type(items).__name__}"
-        )
-    is_generator = isinstance(items, types.GeneratorType)
-    items = list(items)
-    if warn_empty_generator and is_generator and not items:
-        warnings.warn(
-            f"`{arg_name}` is an empty generator, no gradient clipping will occur.",
-            stacklevel=4,
-        )
-    return items
-
-
-def _name_and_tensor(item: Any, index: int, arg_name: str) -> tuple[str, Tensor]:
-    if _is_named_pair(item):
-        return item
-    if isinstance(item, Tensor):
-        return str(index), item
-    raise TypeError(
-        f"{arg_name}[{index}] must be a Tensor or a (name, Tensor) pair, got {type(item).__name__}"
-    )
-
-
-def check_grad(grad: Tensor, name: str) -> None:
-    """Raise ``TypeError`` for a gradient no backend can handle, naming its parameter."""
-    if grad.layout != torch.strided:
-        raise TypeError(
-            f"gradient of parameter {name!r} has layout {grad.layout}; fastgradstats supports "
-            "dense (strided) gradients only"
-        )
-    if not (grad.is_floating_point() or grad.is_complex()):
-        raise TypeError(
-            f"gradient of parameter {name!r} has dtype {grad.dtype}; a floating point "
-            "gradient is required"
-        )
-    if grad.dtype.itemsize < 2:  # float8 / float4: torch has no norm, mul or clamp for them
-        raise TypeError(
-            f"gradient of parameter {name!r} has dtype {grad.dtype}; fastgradstats supports "
-            "16, 32 and 64-bit float (and complex) gradients: upcast it first, e.g. grad.float()"
-        )
-
-
-def collect(
-    items: Any,
-    *,
-    arg_name: str = "parameters",
-    use_grad: bool = True,
-    warn_empty_generator: bool = False,
-) -> GradList:
-    """Normalise ``items`` into names, parameters and gradients, validating each gradient.
-
-    ``use_grad=True`` takes ``p.grad`` of each tensor (parameters); ``False`` takes the
-    tensors themselves (``get_total_norm`` receives gradients directly).
-    """
-    names: list[str] = []
-    params: list[Tensor] = []
-    grads: list[Tensor] = []
-    for index, item in enumerate(_materialize(items, arg_name, warn_empty_generator)):
-        name, tensor = _name_and_tensor(item, index, arg_name)
-        grad = tensor.grad if use_grad else tensor
-        if grad is None:
-            continue
-        check_grad(grad, name)
-        names.append(name)
-        params.append(tensor)
-        grads.append(grad)
-    return GradList(names, params, grads)
-
-
-def check_norm_type(norm_type: Any) -> float:
-    """``float(norm_type)`` or a ``ValueError`` naming the argument (NaN is refused)."""
-    try:
-        value = float(norm_type)
-    except (TypeError, ValueError):
-        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
-    if math.isnan(value):
-        raise ValueError("norm_type must not be NaN")
-    return value
-
-
-def check_max_norm(max_norm: Any, arg_name: str = "max_norm") -> float:
-    """``float(max_norm)``, refusing negative and NaN values with a ``ValueError``."""
-    try:
-        value = float(max_norm)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{arg_name} must be a real number, got {max_norm!r}") from None
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{arg_name} must be a non-negative number, got {value}")
-    return value
 
 
 def result_dtype(grads: list[Tensor]) -> torch.dtype:
@@ -271,22 +151,6 @@ def clip_coefficient(max_norm: float, total: Tensor) -> Tensor:
     return torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
 
 
-def check_writable(grads: GradList) -> None:
-    """Refuse, before anything is written, a gradient that cannot be written in place.
-
-    An expanded (stride 0) gradient has elements sharing memory; torch's in-place ops
-    refuse it, and they would do so after other gradients were already scaled.
-    """
-    for name, g in zip(grads.names, grads.grads):
-        if not g.is_contiguous() and torch._debug_has_internal_overlap(g) == 1:
-            raise RuntimeError(
-                f"gradient of parameter {name!r} (shape {tuple(g.shape)}, stride "
-                f"{g.stride()}) has elements that share memory (an expanded view), so it "
-                "cannot be modified in place; no gradient was modified. Make it a real "
-                "tensor, e.g. p.grad = p.grad.contiguous()"
-            )
-
-
 def scale_groups_(groups: Groups, coef: Tensor, backend: str | None, foreach: bool | None) -> None:
     """Multiply every gradient by ``coef`` in place, one backend call per group."""
     for (device, dtype), tensors in zip(groups.keys, groups.tensors):
@@ -313,6 +177,7 @@ def clamp_groups_(
 # --- the fused path -----------------------------------------------------------------------
 
 _GRAD = operator.attrgetter("grad")
+_TUPLE, _TWO, _STR = {tuple}, {2}, {str}
 _FUSED_NORMS = (1.0, 2.0, math.inf)
 
 
@@ -340,13 +205,6 @@ class Fused:
         """Scale every gradient by the 0-d float32 device ``coef`` through the plan (the
         kernel leaves memory alone when it is >= 1)."""
         self.impl.scale_fused(self.plan, coef, self.grads)
-
-
-def as_list(items: Any, arg_name: str = "parameters", warn_empty_generator: bool = False) -> list:
-    """``items`` as a list (a list is returned as is), with the checks of :func:`collect`."""
-    if type(items) is list:
-        return items
-    return _materialize(items, arg_name, warn_empty_generator)
 
 
 def fused(
@@ -445,37 +303,14 @@ def zero_where_fused(params: list[Tensor], flag: Tensor, backend: str | None) ->
     return True
 
 
-def nonfinite_report(names: list[str], stats: GroupStats, limit: int = 10) -> str:
-    """A human sentence naming the tensors that hold NaN/Inf (syncs once)."""
-    nan = stats.nan_count.tolist()
-    inf = stats.inf_count.tolist()
-    bad = [
-        f"{name} ({n_nan} NaN, {n_inf} Inf)"
-        for name, n_nan, n_inf in zip(names, nan, inf)
-        if n_nan or n_inf
-    ]
-    if not bad:
-        return "no gradient holds a NaN or Inf: the norm itself overflowed the accumulator"
-    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
-    return "non-finite values in " + ", ".join(bad[:limit]) + more
-
-
 __all__ = [
     "Fused",
-    "GradList",
     "Groups",
-    "as_list",
-    "check_grad",
-    "check_max_norm",
-    "check_norm_type",
-    "check_writable",
     "clamp_groups_",
     "clip_coefficient",
-    "collect",
     "finish_total",
     "fused",
     "group",
-    "nonfinite_report",
     "per_tensor_norms",
     "per_tensor_stats",
     "result_dtype",

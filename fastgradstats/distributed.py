@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import core
+from . import core, inputs
 from .sharding import (
     FULL_PARAMETER_ATTR,
     Sharding,
@@ -228,7 +228,7 @@ def combine_pipeline_norm(
     same dtype and device. One all-reduce over ``pp_group`` (``None``: the default group),
     no host sync. NaN on any stage gives NaN on all.
     """
-    p = core.check_norm_type(norm_type)
+    p = inputs.check_norm_type(norm_type)
     check_norm_type(p)
     require_initialized("combine_pipeline_norm")
     group_ranks(pp_group, "pp_group")

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, handoff, sharding
-from .stats import GradStats, add_histograms, check_histogram_input, empty_stats, fused_stats
+from . import core, handoff, inputs, sharding
+from .stats import GradStats, add_histograms, empty_stats, fused_stats
 
 
 @dataclass(slots=True)
@@ -80,7 +80,7 @@ class Pass:
     sharding: sharding.Sharding | None = None
     fused: core.Fused | None = None
     items: list | None = None  # fused: the input list (the hand-off needs its parameters)
-    grads: core.GradList | None = None  # grouped: the collected (localized) gradients
+    grads: inputs.GradList | None = None  # grouped: the collected (localized) gradients
     groups: core.Groups | None = None
 
     @property
@@ -100,7 +100,7 @@ class Pass:
         if self.empty or bool(torch.isfinite(self.total)):
             return
         assert self.per_tensor is not None, "raise_if_nonfinite needs Request(counts=True)"
-        text = core.nonfinite_report(self.names, self.per_tensor)
+        text = _nonfinite_report(self.names, self.per_tensor)
         raise RuntimeError(
             f"The total norm of order {self.request.norm_type} for gradients from "
             f"`{self.request.arg_name}` is non-finite, so it cannot be clipped: {text}. No "
@@ -119,7 +119,7 @@ class Pass:
                 call.scale_(coef if coef is call.coef else coef.to(torch.float32))
             return
         assert self.grads is not None and self.groups is not None
-        core.check_writable(self.grads)
+        inputs.check_writable(self.grads)
         if not handoff.hand_off_(optimizer, self.grads.params, coef):
             core.scale_groups_(self.groups, coef, self.request.backend, self.request.foreach)
 
@@ -131,10 +131,25 @@ class Pass:
         return [t for t in tensors if t.grad is not None]
 
 
+def _nonfinite_report(names: list[str], stats: core.GroupStats, limit: int = 10) -> str:
+    """A human sentence naming the tensors that hold NaN/Inf (syncs once)."""
+    nan = stats.nan_count.tolist()
+    inf = stats.inf_count.tolist()
+    bad = [
+        f"{name} ({n_nan} NaN, {n_inf} Inf)"
+        for name, n_nan, n_inf in zip(names, nan, inf)
+        if n_nan or n_inf
+    ]
+    if not bad:
+        return "no gradient holds a NaN or Inf: the norm itself overflowed the accumulator"
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return "non-finite values in " + ", ".join(bad[:limit]) + more
+
+
 def run(items: Any, request: Request) -> Pass:
     """Measure the gradients of ``items`` as ``request`` asks; see the module docstring."""
     if request.process_group is None:
-        items = core.as_list(items, request.arg_name, request.warn_empty_generator)
+        items = inputs.as_list(items, request.arg_name, request.warn_empty_generator)
         call = core.fused(
             items,
             request.norm_type,
@@ -146,14 +161,14 @@ def run(items: Any, request: Request) -> Pass:
         )
         if call is not None:
             return _fused_pass(call, items, request)
-    grads = core.collect(
+    grads = inputs.collect(
         items,
         arg_name=request.arg_name,
         use_grad=request.use_grad,
         warn_empty_generator=request.warn_empty_generator,
     )
     if request.histogram:
-        check_histogram_input(grads)  # before anything is computed or written
+        inputs.check_histogram_input(grads)  # before anything is computed or written
     return _grouped_pass(grads, sharding.localize(grads, request.process_group), request)
 
 
@@ -168,7 +183,7 @@ def _fused_pass(call: core.Fused, items: list, request: Request) -> Pass:
                 fused=call, items=items)  # fmt: skip
 
 
-def _grouped_pass(grads: core.GradList, shards: sharding.Sharding | None, req: Request) -> Pass:
+def _grouped_pass(grads: inputs.GradList, shards: sharding.Sharding | None, req: Request) -> Pass:
     p = req.norm_type
     if not grads.grads:
         stats = empty_stats(p, req.histogram) if req.stats else None
@@ -205,14 +220,14 @@ def _grouped_pass(grads: core.GradList, shards: sharding.Sharding | None, req: R
                 grads=grads, groups=groups)  # fmt: skip
 
 
-def writable_grads(items: Any) -> core.GradList:
+def writable_grads(items: Any) -> inputs.GradList:
     """The local gradients of ``items`` for an element-wise write (scale by a given
     norm, clamp, zero), refused before anything is written when one cannot be written in
     place. DTensor gradients become their local shards (aliases): no reduction needed."""
-    grads = core.collect(items)
+    grads = inputs.collect(items)
     sharding.to_local_(grads)
     if grads.grads:
-        core.check_writable(grads)
+        inputs.check_writable(grads)
     return grads
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import core
+from . import inputs
 from .torch_backend import GroupStats, host_to_device
 
 INF = math.inf
@@ -201,7 +201,7 @@ class Sharding:
 FULL_PARAMETER_ATTR = "_fastgradstats_full"
 
 
-def _plain_shards(grads: core.GradList, process_group: Any) -> Sharding:
+def _plain_shards(grads: inputs.GradList, process_group: Any) -> Sharding:
     """The Sharding of plain tensors that are shards over ``process_group``.
 
     Placeholders from :func:`fsdp1_grads` / :func:`deepspeed_zero_grads` say the full
@@ -239,7 +239,7 @@ def _mesh_ranks(mesh: Any) -> list[int]:
     return sorted(mesh.mesh.flatten().tolist())
 
 
-def localize(grads: core.GradList, process_group: Any = None) -> Sharding | None:
+def localize(grads: inputs.GradList, process_group: Any = None) -> Sharding | None:
     """Replace DTensor gradients in ``grads.grads`` by their local shards; say how to reduce.
 
     The local shards alias the DTensors' storage, so scaling them in place clips the
@@ -328,7 +328,7 @@ def as_total_norm(total: Tensor, sharding: Sharding | None) -> Tensor:
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def to_local_(grads: core.GradList) -> None:
+def to_local_(grads: inputs.GradList) -> None:
     """Replace DTensor gradients in ``grads.grads`` by their local shards (aliases), unchecked.
 
     For the element-wise operations (scaling by a given norm, clamping), which need no

@@ -406,24 +406,9 @@ def _one_group(
     return group_histogram(tensors)
 
 
-def check_histogram_input(grads: core.GradList) -> None:
-    """Refuse what ``histogram=True`` cannot do, before anything is computed: complex
-    gradients and dtypes other than fp32/bf16/fp16/fp64 raise ``TypeError`` naming the
-    parameter."""
-    from .histogram import SUPPORTED_DTYPES
-
-    for name, g in zip(grads.names, grads.grads):
-        if g.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"gradient of parameter {name!r} has dtype {g.dtype}; histogram=True "
-                "supports float32, bfloat16, float16 and float64 gradients"
-            )
-
-
 __all__ = [
     "GradStats",
     "add_histograms",
-    "check_histogram_input",
     "empty_stats",
     "fused_stats",
     "histograms_for",

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from .. import core
+from .. import inputs
 
 
 def named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -71,7 +71,7 @@ def find_owners(model: nn.Module, pairs: list[tuple[str, Tensor]]) -> list[tuple
 def check_max_norm(max_norm: Any) -> float | None:
     if max_norm is None:
         return None
-    value = core.check_max_norm(max_norm)
+    value = inputs.check_max_norm(max_norm)
     if value == 0:
         # torch's clip_grad_norm_(max_norm=0) zeroes every gradient, which no monitor user
         # wants; Hugging Face's max_grad_norm=0 means "off". Take the latter, loudly.

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import core, engine, handoff
+from .. import core, engine, handoff, inputs
 from ..stats import GradStats
 from ..torch_backend import host_to_device
 from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
@@ -307,7 +307,7 @@ class GradMonitor:
         self.clipper: Any = max_norm if callable(getattr(max_norm, "compute_coef", None)) else None
         self.max_norm = None if self.clipper is not None else check_max_norm(max_norm)
         self.hand_off = bool(hand_off)
-        self.norm_type = core.check_norm_type(norm_type)
+        self.norm_type = inputs.check_norm_type(norm_type)
         self.capacity = positive_int(history, "history")
         self.every = positive_int(every, "every")
         self.skip_nonfinite = bool(skip_nonfinite)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import fastgradstats as fgs
-from fastgradstats import core, distributed
+from fastgradstats import distributed, inputs
 
 pytestmark = [
     pytest.mark.distributed,
@@ -244,7 +244,7 @@ def test_errors_name_the_parameter(results):
 
 
 def test_plain_grads_without_group_take_the_local_path():
-    grads = core.collect([torch.randn(3)], use_grad=False)
+    grads = inputs.collect([torch.randn(3)], use_grad=False)
     assert distributed.localize(grads) is None
 
 

@@ -331,9 +331,9 @@ def test_monitor_skip_nonfinite_zeroes_on_the_device_without_a_pass_per_gradient
     def no_walk(*args, **kwargs):
         raise AssertionError("the steady state must not re-validate every gradient")
 
-    from fastgradstats import core
+    from fastgradstats import inputs
 
-    monkeypatch.setattr(core, "collect", no_walk)  # the cached plan is reused instead
+    monkeypatch.setattr(inputs, "collect", no_walk)  # the cached plan is reused instead
     calls, ops = _stubbed_step(monkeypatch, monitor)
     assert [c[0] for c in calls] == ["stats_kernel", "finalize_kernel", "scale_kernel",
                                      "zero_kernel"]  # fmt: skip
