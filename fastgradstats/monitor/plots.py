@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import BIN_OFFSET, NUM_BINS
+from ..precision import float_format
 from .history import HistogramHistory, History
 
 _MAX_LABELS = 40  # more layer names than this and only every k-th is written
@@ -423,8 +425,6 @@ def plot_layer_histogram(
     |g| < 2^-133 are the bottom row. With ``dtype``, its smallest subnormal, smallest normal
     and largest finite value are drawn as lines. Returns the Axes.
     """
-    from ..histogram import BIN_OFFSET, NUM_BINS, float_format
-
     hist = _check_histograms(hist)
     if name not in hist.names:
         raise ValueError(f"name {name!r} is not a monitored parameter")
@@ -496,8 +496,6 @@ def plot_underflow(
         report, flush, sub = _below_normal(hist, dtype)
         fmt, step = report.format.name, int(hist.steps[-1])
     else:
-        from ..histogram import float_format
-
         flush = sub = np.zeros(len(names))
         fmt, step = float_format(dtype).name, None
     y = np.arange(len(names))
