@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from ..histogram import NUM_BINS
+from ..constants import NUM_BINS
 from . import tile_size, triton_dtype
 from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
 from .tables import TensorTable
