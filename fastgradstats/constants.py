@@ -1,5 +1,8 @@
 """Numbers that the Triton kernels and the torch code must agree on, defined once.
 
+``CLIP_EPS``: the clip coefficient is ``min(max_norm / (total + CLIP_EPS), 1)``, as in
+``torch.nn.utils``; the finalize kernel, the torch path and the clippers all use it.
+
 Plain Python values with no imports: every layer (the kernels included) may import this
 module, and it imports nothing back.
 
@@ -13,9 +16,11 @@ is ``[2**(i - BIN_OFFSET), 2**(i - BIN_OFFSET + 1))`` (one exponent), and the la
 
 from __future__ import annotations
 
+CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
+
 LOW_EXPONENT = -133  # edges[1] = 2**LOW_EXPONENT: bf16's smallest subnormal
 HIGH_EXPONENT = 17  # edges[-2] = 2**HIGH_EXPONENT
 NUM_BINS = HIGH_EXPONENT - LOW_EXPONENT + 2  # 152: [0, 2^-133), 150 octaves, [2^17, inf)
 BIN_OFFSET = 1 - LOW_EXPONENT  # a value in [2**j, 2**(j+1)) lands in bin j + BIN_OFFSET
 
-__all__ = ["BIN_OFFSET", "HIGH_EXPONENT", "LOW_EXPONENT", "NUM_BINS"]
+__all__ = ["BIN_OFFSET", "CLIP_EPS", "HIGH_EXPONENT", "LOW_EXPONENT", "NUM_BINS"]
