@@ -141,8 +141,134 @@ def _count_lower_below(
     return cum.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-def _below(cum: Tensor, lower: Tensor, threshold: Tensor) -> Tensor:
-    return _count_lower_below(cum, lower, threshold)
+@dataclass(frozen=True)
+class _Binned:
+    """A histogram in the report's float64 terms, one row per tensor."""
+
+    cum: Tensor  # [n, B + 1]: cumulative counts after a leading zero column
+    total: Tensor  # [n] finite values, zeros included
+    zeros: Tensor  # [n] exact zeros (they are in bin 0)
+    nonzero: Tensor  # [n] nonzero finite values: the denominator of every share
+    occupied: Tensor  # bool [n, B]: bins holding nonzero finite values
+    index: Tensor  # int64 [B]: 0..B-1
+    lower: Tensor  # float64 [B]: lower edges
+    upper: Tensor  # float64 [B]: upper edges
+
+    @classmethod
+    def of(cls, histogram: Tensor, zero_count: Tensor) -> _Binned:
+        n, device, f64 = histogram.shape[0], histogram.device, torch.float64
+        hist = histogram.to(f64)
+        zeros = zero_count.to(device, f64)
+        cum = torch.cat([torch.zeros((n, 1), dtype=f64, device=device), hist.cumsum(1)], dim=1)
+        total = cum[:, -1]
+        edges = edges_on(device)
+        nonzero_hist = torch.cat([hist[:, :1] - zeros[:, None], hist[:, 1:]], dim=1)
+        return cls(
+            cum=cum,
+            total=total,
+            zeros=zeros,
+            nonzero=total - zeros,
+            occupied=nonzero_hist > 0,
+            index=torch.arange(NUM_BINS, device=device),
+            lower=edges[:-1].contiguous(),
+            upper=edges[1:].contiguous(),
+        )
+
+    def share(self, count: Tensor) -> Tensor:
+        """``count`` as a share of the nonzero finite values (0 where there are none)."""
+        return count / torch.where(self.nonzero > 0, self.nonzero, torch.ones_like(self.nonzero))
+
+    def cast_counts(
+        self, fmt: FloatFormat, scale_log2: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per tensor, after a scale by ``2**scale_log2``: the values that flush to zero,
+        that are subnormal, and that overflow (lower and upper bound)."""
+        # Thresholds on the unscaled values: t * 2**-k, exact (ldexp).
+        factor = torch.ldexp(torch.ones_like(scale_log2), -scale_log2.to(torch.int64))
+        flush_t = fmt.flush_threshold * factor
+        normal_t = math.ldexp(1.0, fmt.min_normal_exponent) * factor
+        over_t = fmt.overflow_threshold * factor
+        flush = _count_lower_below(self.cum, self.lower, flush_t) - self.zeros
+        below_normal = _count_lower_below(self.cum, self.lower, normal_t) - self.zeros
+        # Values >= t sit in bins with lower edge >= t (lower bound) or upper edge > t.
+        over_lo = self.total - _count_lower_below(self.cum, self.lower, over_t)
+        over_hi = self.total - _count_lower_below(self.cum, self.upper, over_t, strict=False)
+        return flush, below_normal - flush, over_lo, over_hi
+
+
+def _check_report_args(
+    histogram: Any, zero_count: Any, numel: Any, max_abs: Any, overflow_count: Any, margin: Any
+) -> None:
+    """Raise naming the argument of :func:`precision_report` that has the wrong shape or type."""
+    if not isinstance(histogram, Tensor) or histogram.dim() != 2:
+        raise ValueError("histogram must be a 2-D [n, NUM_BINS] tensor")
+    if histogram.shape[1] != NUM_BINS:
+        raise ValueError(f"histogram must have {NUM_BINS} bins, got {histogram.shape[1]}")
+    n = histogram.shape[0]
+    if not isinstance(zero_count, Tensor) or zero_count.shape != (n,):
+        raise ValueError(f"zero_count must be a tensor of shape [{n}]")
+    if numel is not None and len(numel) != n:
+        raise ValueError(f"numel must have {n} entries, got {len(numel)}")
+    for arg, value in (("max_abs", max_abs), ("overflow_count", overflow_count)):
+        if value is not None and (not isinstance(value, Tensor) or value.shape != (n,)):
+            raise ValueError(f"{arg} must be a tensor of shape [{n}]")
+    if not isinstance(margin, int):
+        raise TypeError(f"margin must be an int, got {type(margin).__name__}")
+
+
+def _scale_exponent(
+    binned: _Binned, fmt: FloatFormat, max_abs: Tensor | None, margin: int
+) -> Tensor:
+    """float64 [n]: ``k = floor(log2(fmt.max / amax)) - margin`` (NaN: amax unknown; 0 for
+    a tensor without nonzero finite values). ``amax``: ``max_abs`` when given and finite,
+    else the upper edge of the highest occupied bin."""
+    device, f64 = binned.total.device, torch.float64
+    top = torch.where(binned.occupied, binned.index, -1).amax(1)
+    amax = torch.where(top >= 0, binned.upper[top.clamp(min=0)], torch.zeros_like(binned.total))
+    if max_abs is not None:
+        given = max_abs.to(device, f64)
+        amax = torch.where(torch.isfinite(given) & (given > 0), given, amax)
+    has_values = binned.nonzero > 0
+    ratio = fmt.max / torch.where(has_values, amax, torch.ones_like(amax))
+    _, exponent = torch.frexp(ratio)  # ratio = m * 2**e, m in [0.5, 1): floor(log2) = e - 1
+    k = (exponent.to(f64) - 1).where(torch.isfinite(ratio) & (ratio > 0), math.nan)
+    return torch.where(has_values, k - margin, torch.zeros_like(k))
+
+
+def _settle_overflow(
+    fmt: FloatFormat,
+    over_lo: Tensor,
+    over_hi: Tensor,
+    max_abs: Tensor | None,
+    overflow_count: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The overflow bounds with what is known exactly: none where ``max_abs`` is below the
+    threshold, and ``overflow_count`` itself when given."""
+    device = over_lo.device
+    if max_abs is not None:
+        given = max_abs.to(device, torch.float64)
+        clear = torch.isfinite(given) & (
+            given < fmt.overflow_threshold
+            if fmt.overflow_inclusive
+            else given <= fmt.overflow_threshold
+        )
+        over_lo = torch.where(clear, 0.0, over_lo)
+        over_hi = torch.where(clear, 0.0, over_hi)
+    if overflow_count is not None:
+        over_lo = over_hi = overflow_count.to(device, torch.float64)
+    return over_lo, over_hi
+
+
+def _keep_exponent(binned: _Binned, fmt: FloatFormat) -> Tensor:
+    """float64 [n]: the smallest k that lifts the smallest nonzero value to a normal (NaN:
+    no nonzero finite value). Bin 0's nonzero values are taken as 2**-149 (fp32's smallest
+    subnormal; fp64 gradients may hold smaller)."""
+    first = torch.where(binned.occupied, binned.index, NUM_BINS).amin(1)
+    first_exp = torch.where(first == 0, -149.0, (first - BIN_OFFSET).to(torch.float64))
+    has_values = binned.nonzero > 0
+    return torch.where(
+        has_values & (first < NUM_BINS), fmt.min_normal_exponent - first_exp, math.nan
+    )
 
 
 def precision_report(
@@ -193,100 +319,25 @@ def precision_report(
       nonzero finite values gets ``k = 0`` (Transformer Engine's scale of 1).
     """
     fmt = float_format(dtype)
-    if not isinstance(histogram, Tensor) or histogram.dim() != 2:
-        raise ValueError("histogram must be a 2-D [n, NUM_BINS] tensor")
-    if histogram.shape[1] != NUM_BINS:
-        raise ValueError(f"histogram must have {NUM_BINS} bins, got {histogram.shape[1]}")
-    n, device = histogram.shape[0], histogram.device
-    if not isinstance(zero_count, Tensor) or zero_count.shape != (n,):
-        raise ValueError(f"zero_count must be a tensor of shape [{n}]")
-    if numel is not None and len(numel) != n:
-        raise ValueError(f"numel must have {n} entries, got {len(numel)}")
-    for arg, value in (("max_abs", max_abs), ("overflow_count", overflow_count)):
-        if value is not None and (not isinstance(value, Tensor) or value.shape != (n,)):
-            raise ValueError(f"{arg} must be a tensor of shape [{n}]")
-    if not isinstance(margin, int):
-        raise TypeError(f"margin must be an int, got {type(margin).__name__}")
-    f64 = torch.float64
-    hist = histogram.to(f64)
-    zeros = zero_count.to(device, f64)
-    cum = torch.cat([torch.zeros((n, 1), dtype=f64, device=device), hist.cumsum(1)], dim=1)
-    total = cum[:, -1]
-    nonzero = total - zeros
-    denom = torch.where(nonzero > 0, nonzero, torch.ones_like(nonzero))
-    edges = edges_on(device)
-    lower, upper = edges[:-1].contiguous(), edges[1:].contiguous()
-
-    # amax: exact from max_abs when given and finite, else the highest bin's upper edge.
-    bins = torch.arange(NUM_BINS, device=device)
-    nonzero_hist = torch.cat([hist[:, :1] - zeros[:, None], hist[:, 1:]], dim=1)
-    occupied = nonzero_hist > 0  # bins holding nonzero finite values
-    top = torch.where(occupied, bins, -1).amax(1)
-    amax = torch.where(top >= 0, upper[top.clamp(min=0)], torch.zeros_like(total))
-    if max_abs is not None:
-        given = max_abs.to(device, f64)
-        amax = torch.where(torch.isfinite(given) & (given > 0), given, amax)
-    has_values = nonzero > 0
-    ratio = fmt.max / torch.where(has_values, amax, torch.ones_like(amax))
-    _, exponent = torch.frexp(ratio)  # ratio = m * 2**e, m in [0.5, 1): floor(log2) = e - 1
-    k = (exponent.to(f64) - 1).where(torch.isfinite(ratio) & (ratio > 0), math.nan)
-    k = torch.where(has_values, k - margin, torch.zeros_like(k))
-
-    def shares(scale_log2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # Thresholds on the unscaled values: t * 2**-k, exact (ldexp).
-        factor = torch.ldexp(torch.ones_like(scale_log2), -scale_log2.to(torch.int64))
-        flush_t = fmt.flush_threshold * factor
-        normal_t = math.ldexp(1.0, fmt.min_normal_exponent) * factor
-        over_t = fmt.overflow_threshold * factor
-        flush = _below(cum, lower, flush_t) - zeros
-        below_normal = _below(cum, lower, normal_t) - zeros
-        # Values >= t sit in bins with lower edge >= t (lower bound) or upper edge > t.
-        over_lo = total - _count_lower_below(cum, lower, over_t)
-        over_hi = total - _count_lower_below(cum, upper, over_t, strict=False)
-        return flush, below_normal - flush, over_lo, over_hi
-
-    flush, sub, over_lo, over_hi = shares(torch.zeros_like(total))
-    if max_abs is not None:
-        given = max_abs.to(device, f64)
-        clear = torch.isfinite(given) & (
-            given < fmt.overflow_threshold
-            if fmt.overflow_inclusive
-            else given <= fmt.overflow_threshold
-        )
-        over_lo = torch.where(clear, 0.0, over_lo)
-        over_hi = torch.where(clear, 0.0, over_hi)
-    if overflow_count is not None:
-        over_lo = over_hi = overflow_count.to(device, f64)
-    s_flush, s_sub, s_over, _ = shares(torch.nan_to_num(k, nan=0.0))
+    _check_report_args(histogram, zero_count, numel, max_abs, overflow_count, margin)
+    binned = _Binned.of(histogram, zero_count)
+    k = _scale_exponent(binned, fmt, max_abs, margin)
+    flush, sub, over_lo, over_hi = binned.cast_counts(fmt, torch.zeros_like(binned.total))
+    over_lo, over_hi = _settle_overflow(fmt, over_lo, over_hi, max_abs, overflow_count)
+    s_flush, s_sub, s_over, _ = binned.cast_counts(fmt, torch.nan_to_num(k, nan=0.0))
     unknown = torch.isnan(k)
-
-    # Smallest k that lifts the smallest nonzero value to a normal. Bin 0's nonzero values
-    # are taken as 2**-149 (fp32's smallest subnormal; fp64 gradients may hold smaller).
-    low_occupied = torch.where(occupied, bins, NUM_BINS)
-    first = low_occupied.amin(1)
-    first_exp = torch.where(first == 0, -149.0, (first - BIN_OFFSET).to(f64))
-    keep = torch.where(
-        has_values & (first < NUM_BINS), fmt.min_normal_exponent - first_exp, math.nan
-    )
-
-    def frac(count: Tensor) -> Tensor:
-        return count / denom
-
-    def scaled(count: Tensor) -> Tensor:
-        return torch.where(unknown, math.nan, frac(count))
-
     return PrecisionReport(
         format=fmt,
-        nonzero=nonzero.to(torch.int64),
-        flush_to_zero=frac(flush),
-        subnormal=frac(sub),
-        overflow=frac(over_lo),
-        overflow_upper=frac(over_hi),
+        nonzero=binned.nonzero.to(torch.int64),
+        flush_to_zero=binned.share(flush),
+        subnormal=binned.share(sub),
+        overflow=binned.share(over_lo),
+        overflow_upper=binned.share(over_hi),
         scale_exponent=k,
-        scaled_flush_to_zero=scaled(s_flush),
-        scaled_subnormal=scaled(s_sub),
-        scaled_overflow=scaled(s_over),
-        keep_exponent=keep,
+        scaled_flush_to_zero=torch.where(unknown, math.nan, binned.share(s_flush)),
+        scaled_subnormal=torch.where(unknown, math.nan, binned.share(s_sub)),
+        scaled_overflow=torch.where(unknown, math.nan, binned.share(s_over)),
+        keep_exponent=_keep_exponent(binned, fmt),
     )
 
 
