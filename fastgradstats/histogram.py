@@ -276,6 +276,8 @@ def group_histogram(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 __all__ = [
     "SUPPORTED_DTYPES",
     "bin_lower_exponent",
+    "check_grads",
+    "edges_on",
     "group_histogram",
     "histogram_edges",
 ]

@@ -3,6 +3,10 @@
 Each writer has ``write(history)``; the monitor calls it with a :class:`History` of the new
 rows. JSON lines and CSV need nothing; TensorBoard and W&B are optional extras imported
 only when a writer for them is created.
+
+Histogram rows leave through :func:`tensorboard_histogram_kwargs` and
+:func:`wandb_np_histogram` (buckets on :func:`display_edges`), pure functions of one
+tensor's counts, usable without a writer.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class CsvWriter:
                     )
 
 
-# ------------------------------------------------ histogram rows as TensorBoard/W&B want them
+# ---------------------------------------------- histogram rows as TensorBoard and W&B take them
 
 
 def _row(counts_row: Any) -> list[int]:
