@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import fastgradstats as fgs
 from benchmarks import suite, timing
 from benchmarks.workloads import DTYPES, grad_holders, make_grads, make_workload
+from fastgradstats import constants as C
 from fastgradstats import histogram as H
 
 TARGET_SPEEDUP = 10.0  # issue 12: on CPU >= 10x faster than the user's torch code
@@ -87,7 +88,7 @@ def torch_log2_histc(grads: list[Tensor]) -> Any:
         zeros = (a == 0).sum().item()
         # log2(0) = -inf falls outside [min, max] and is dropped: add the zeros to bin 0.
         counts = torch.histc(
-            torch.log2(a), bins=H.NUM_BINS, min=H.LOW_EXPONENT - 1, max=H.HIGH_EXPONENT + 1
+            torch.log2(a), bins=C.NUM_BINS, min=C.LOW_EXPONENT - 1, max=C.HIGH_EXPONENT + 1
         )
         counts[0] += zeros
         out.append((counts.tolist(), zeros))
@@ -102,8 +103,8 @@ def torch_log2_bincount(grads: list[Tensor]) -> Any:
             out.append(None)
             continue
         zeros = (a == 0).sum().item()
-        exps = torch.floor(torch.log2(a[a > 0])).clamp_(H.LOW_EXPONENT - 1, H.HIGH_EXPONENT)
-        counts = torch.bincount(exps.long() + H.BIN_OFFSET, minlength=H.NUM_BINS)
+        exps = torch.floor(torch.log2(a[a > 0])).clamp_(C.LOW_EXPONENT - 1, C.HIGH_EXPONENT)
+        counts = torch.bincount(exps.long() + C.BIN_OFFSET, minlength=C.NUM_BINS)
         counts[0] += zeros
         out.append((counts.tolist(), zeros))
     return out

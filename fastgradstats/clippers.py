@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, engine
-
-CLIP_EPS = core.CLIP_EPS  # added to the norm before dividing, as torch.nn.utils does
+from . import engine
+from .constants import CLIP_EPS
 
 
 def _state_dtype(device: torch.device) -> torch.dtype:

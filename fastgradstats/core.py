@@ -30,10 +30,9 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import torch_backend
+from .constants import CLIP_EPS
 from .dispatch import backend_for, requested_backend, triton_module
 from .torch_backend import GroupStats, acc_dtype
-
-CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
 
 
 def result_dtype(grads: list[Tensor]) -> torch.dtype:

@@ -19,7 +19,8 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .clippers import CLIP_EPS, ZClip
+from .clippers import ZClip
+from .constants import CLIP_EPS
 from .monitor import Diagnosis, GradMonitor
 
 

@@ -54,6 +54,89 @@ def _placeholder(grad: Tensor, full_numel: int, replicated: bool, base: dict) ->
     return holder
 
 
+def _fsdp1_handles(model: Any) -> tuple[list[Any], Any]:
+    """The FSDP1 handles in ``model`` and the one process group they shard over (None when
+    no unit is sharded)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module wrapped by FSDP, got {type(model).__name__}")
+    from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
+
+    handles = _get_fsdp_handles(model)
+    if not handles:
+        raise ValueError(
+            "model: no FullyShardedDataParallel module found in it (for FSDP2's fully_shard "
+            "pass model.named_parameters() to fastgradstats directly)"
+        )
+    groups = {h.process_group for h in handles if h.uses_sharded_strategy}
+    if len(groups) > 1:
+        raise ValueError(
+            "model: its FSDP modules shard over different process groups; fastgradstats "
+            "combines one group per call"
+        )
+    return handles, (groups.pop() if groups else None)
+
+
+def _shard_piece(h: Any, i: int, grad: Tensor | None, flat: Tensor) -> Tensor:
+    """This rank's piece of the gradient of original parameter ``i`` of FSDP handle ``h``
+    (``grad``: the flat shard's gradient, or with use_orig_params the parameter's own)."""
+    info = h.flat_param._shard_param_infos[i]
+    if grad is None or not info.in_shard:
+        return flat[:0]
+    return grad if h._use_orig_params else grad[info.offset_in_shard :][: info.numel_in_shard]
+
+
+def _module_order(model: Any) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """``(module_pos, slot)``: each module's position in ``model.modules()`` and each
+    parameter's ``(module position, position in the module)``, by id.
+
+    FSDP1 lists its FlatParameters root unit first: sorting by these gives model order.
+    """
+    modules = list(model.modules())
+    module_pos = {id(m): k for k, m in enumerate(modules)}
+    slot: dict[int, tuple[int, int]] = {}
+    for k, m in enumerate(modules):
+        for j, q in enumerate(m._parameters.values()):
+            slot.setdefault(id(q), (k, j))
+    return module_pos, slot
+
+
+_Keyed = tuple[tuple[int, int], str, Tensor]  # (model-order key, name, placeholder)
+
+
+def _flat_param_entries(
+    h: Any, param: Any, name: str, module_pos: dict[int, int], base: dict
+) -> list[_Keyed]:
+    """use_orig_params=False: one FlatParameter per FSDP unit, cut into its original
+    parameters (none when the unit has no gradient)."""
+    flat = param.grad
+    if flat is None:
+        return []
+    prefix = name[: -len("_flat_param")] if name.endswith("_flat_param") else name
+    replicated = not h.uses_sharded_strategy
+    entries = []
+    for i, (fqn, info) in enumerate(zip(param._fqns, param._param_infos)):
+        holder = _placeholder(_shard_piece(h, i, flat, flat), param._numels[i], replicated, base)
+        entries.append(((module_pos.get(id(info.module), -1), i), prefix + fqn, holder))
+    return entries
+
+
+def _orig_param_holder(param: Tensor, by_orig: dict[int, tuple[Any, int]], base: dict) -> Any:
+    """The placeholder of an original parameter (use_orig_params=True: a 1-D view of the
+    flat shard; not managed by FSDP: every rank holds all of it), or None without gradient."""
+    if id(param) in by_orig:
+        h, i = by_orig[id(param)]
+        flat = h.flat_param.grad
+        if flat is None:  # this unit took no part in backward (on every rank)
+            return None
+        grad = _shard_piece(h, i, param.grad, flat)
+        return _placeholder(grad, h.flat_param._numels[i], not h.uses_sharded_strategy, base)
+    if param.grad is not None:
+        return _placeholder(param.grad, param.numel(), True, base)
+    return None
+
+
 def fsdp1_grads(model: Any) -> tuple[list[tuple[str, Tensor]], Any]:
     """The gradients of an FSDP1 model as named shards, and the group they are sharded over.
 
@@ -73,76 +156,29 @@ def fsdp1_grads(model: Any) -> tuple[list[tuple[str, Tensor]], Any]:
     ``FSDP.clip_grad_norm_`` counts them. No collective, no host sync; call it again after
     each ``backward()`` (the views are those of this step's gradients).
     """
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module wrapped by FSDP, got {type(model).__name__}")
+    handles, group = _fsdp1_handles(model)
     from torch.distributed.fsdp._common_utils import clean_tensor_name
-    from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
 
-    handles = _get_fsdp_handles(model)
-    if not handles:
-        raise ValueError(
-            "model: no FullyShardedDataParallel module found in it (for FSDP2's fully_shard "
-            "pass model.named_parameters() to fastgradstats directly)"
-        )
     by_flat = {id(h.flat_param): h for h in handles}
-    by_orig = {}
-    for h in handles:
-        if h._use_orig_params:
-            by_orig.update((id(q), (h, i)) for i, q in enumerate(h.flat_param._params))
-    groups = {h.process_group for h in handles if h.uses_sharded_strategy}
-    if len(groups) > 1:
-        raise ValueError(
-            "model: its FSDP modules shard over different process groups; fastgradstats "
-            "combines one group per call"
-        )
-    group = groups.pop() if groups else None
+    by_orig = {
+        id(q): (h, i)
+        for h in handles
+        if h._use_orig_params
+        for i, q in enumerate(h.flat_param._params)
+    }
+    module_pos, slot = _module_order(model)
     base: dict = {}
-
-    def piece(h: Any, i: int, grad: Tensor | None, flat: Tensor) -> Tensor:
-        info = h.flat_param._shard_param_infos[i]
-        if grad is None or not info.in_shard:
-            return flat[:0]
-        return grad if h._use_orig_params else grad[info.offset_in_shard :][: info.numel_in_shard]
-
-    # model order: FSDP1 lists its FlatParameters root unit first, so sort the original
-    # parameters by (position of their module in model.modules(), position in the module)
-    modules = list(model.modules())
-    module_pos = {id(m): k for k, m in enumerate(modules)}
-    slot = {}
-    for k, m in enumerate(modules):
-        for j, q in enumerate(m._parameters.values()):
-            slot.setdefault(id(q), (k, j))
-    keyed: list[tuple[tuple[int, int], str, Tensor]] = []
+    keyed: list[_Keyed] = []
     for raw_name, param in model.named_parameters():
         name = clean_tensor_name(raw_name)
-        if id(param) in by_flat:  # use_orig_params=False: one FlatParameter per FSDP unit
-            h = by_flat[id(param)]
-            flat = param.grad
-            if flat is None:
-                continue
-            prefix = name[: -len("_flat_param")] if name.endswith("_flat_param") else name
-            replicated = not h.uses_sharded_strategy
-            for i, (fqn, info) in enumerate(zip(param._fqns, param._param_infos)):
-                holder = _placeholder(piece(h, i, flat, flat), param._numels[i], replicated, base)
-                keyed.append(((module_pos.get(id(info.module), -1), i), prefix + fqn, holder))
+        if id(param) in by_flat:
+            keyed += _flat_param_entries(by_flat[id(param)], param, name, module_pos, base)
             continue
-        if id(param) in by_orig:  # use_orig_params=True: 1-D views of the flat shard
-            h, i = by_orig[id(param)]
-            flat = h.flat_param.grad
-            if flat is None:  # this unit took no part in backward (on every rank)
-                continue
-            grad = piece(h, i, param.grad, flat)
-            holder = _placeholder(grad, h.flat_param._numels[i], not h.uses_sharded_strategy, base)
-        elif param.grad is not None:  # not managed by FSDP: every rank holds all of it
-            holder = _placeholder(param.grad, param.numel(), True, base)
-        else:
-            continue
-        keyed.append((slot.get(id(param), (-1, 0)), name, holder))
+        holder = _orig_param_holder(param, by_orig, base)
+        if holder is not None:
+            keyed.append((slot.get(id(param), (-1, 0)), name, holder))
     keyed.sort(key=lambda entry: entry[0])
-    named = [(name, holder) for _, name, holder in keyed]
-    return named, group
+    return [(name, holder) for _, name, holder in keyed], group
 
 
 def deepspeed_zero_grads(engine: Any) -> tuple[list[tuple[str, Tensor]], Any]:

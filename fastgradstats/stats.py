@@ -5,20 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import core, torch_backend
+from .constants import NUM_BINS
 from .dispatch import backend_for
-from .histogram import NUM_BINS, group_histogram
 from .histogram import SUPPORTED_DTYPES as HISTOGRAM_DTYPES
+from .histogram import edges_on, group_histogram
+from .precision import PrecisionReport, precision_report
 from .sharding import Sharding
 from .torch_backend import host_to_device
-
-if TYPE_CHECKING:
-    from .histogram import PrecisionReport
 
 
 @dataclass
@@ -38,7 +37,7 @@ class GradStats:
         norm_type: the p of the norms.
         clip_coef: 0-d clip coefficient ``min(max_norm / (total + 1e-6), 1)`` when the stats
             came from ``clip_grad_norm_(..., return_stats=True)``, else ``None``.
-        histogram: int64 [n, B] (``B = histogram.NUM_BINS = 152``) counts of finite |g| in
+        histogram: int64 [n, B] (``B = constants.NUM_BINS = 152``) counts of finite |g| in
             ``[histogram_edges[i], histogram_edges[i+1])``; NaN/Inf are in no bin. Only with
             ``grad_stats(..., histogram=True)``, else ``None``.
         histogram_edges: float64 [B + 1] on the device: 0, 2^-133, 2^-132, ..., 2^17, inf.
@@ -97,12 +96,10 @@ class GradStats:
 
         ``dtype``: torch.float16, torch.bfloat16, torch.float8_e4m3fn or float8_e5m2 (or
         "fp16", "bf16", "e4m3", "e5m2"). Returns a
-        :class:`fastgradstats.histogram.PrecisionReport` of device tensors (no sync), from
+        :class:`fastgradstats.precision.PrecisionReport` of device tensors (no sync), from
         :attr:`histogram` with :attr:`max_abs` as the exact amax (so ``overflow`` is exactly
         0 wherever max |g| is below the overflow threshold). Needs ``histogram=True``.
         """
-        from .histogram import precision_report
-
         if self.histogram is None or self.zero_count is None:
             raise ValueError(
                 "precision_report needs histograms: call grad_stats(..., histogram=True)"
@@ -135,8 +132,6 @@ class GradStats:
         if targets and self.histogram is None:
             raise ValueError("to_dict(precision=...) needs grad_stats(..., histogram=True)")
         reports = [self.precision_report(t) for t in targets]
-        from .histogram import PrecisionReport
-
         fields = PrecisionReport.FIELDS
         # Everything in one float64 buffer: one device->host copy (counts < 2**53 are exact).
         f64, device = torch.float64, self.norms.device
@@ -290,11 +285,9 @@ def fused_stats(call: core.Fused, names: list[str], norm_type: float) -> GradSta
     )
     if call.histogram is not None and call.zero_count is not None:
         # binned by the stats launches themselves: no second read
-        from .histogram import _edges_on
-
         stats.histogram = call.histogram
         stats.zero_count = call.zero_count
-        stats.histogram_edges = _edges_on(call.histogram.device).clone()
+        stats.histogram_edges = edges_on(call.histogram.device).clone()
     return stats
 
 
@@ -311,13 +304,11 @@ def add_histograms(
     Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
     all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
     """
-    from .histogram import _edges_on
-
     device = stats.norms.device
     counts, zeros = histograms(grads, backend, sharding, device)
     stats.histogram = counts.to(device)
     stats.zero_count = zeros.to(device)
-    stats.histogram_edges = _edges_on(device).clone()
+    stats.histogram_edges = edges_on(device).clone()
 
 
 def histograms(

@@ -520,7 +520,7 @@ def run_fused(
     clip = max_norm is not None
     bins: tuple[Tensor, Tensor] | None = None
     if histogram:
-        from .histogram import NUM_BINS
+        from .constants import NUM_BINS
 
         bins = (
             torch.zeros((n, NUM_BINS), dtype=torch.int64, device=device),

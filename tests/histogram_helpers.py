@@ -8,7 +8,9 @@ import math
 import numpy as np
 import torch
 
+from fastgradstats import constants as C
 from fastgradstats import histogram as H
+from fastgradstats import precision as P
 
 NAN, INF = float("nan"), float("inf")
 REF_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -46,7 +48,7 @@ def specials(dtype: torch.dtype) -> torch.Tensor:
     for v in (tiny, torch.tensor(info.smallest_normal, dtype=dtype)):
         values += neighbours(v)
     values.append(torch.tensor([info.max, -info.max], dtype=dtype))
-    for j in range(H.LOW_EXPONENT, H.HIGH_EXPONENT + 1):
+    for j in range(C.LOW_EXPONENT, C.HIGH_EXPONENT + 1):
         if MIN_SUBNORMAL_EXP[dtype] <= j <= math.log2(info.max):
             edge = torch.tensor(math.ldexp(1.0, j), dtype=torch.float64).to(dtype)
             values += [t.neg() if j % 3 == 0 else t for t in neighbours(edge)]
@@ -69,7 +71,7 @@ def planted(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return x
 
 
-def cast_truth(x: torch.Tensor, fmt: H.FloatFormat, k: int = 0) -> dict[str, int]:
+def cast_truth(x: torch.Tensor, fmt: P.FloatFormat, k: int = 0) -> dict[str, int]:
     """What torch's cast of ``x * 2**k`` does, counted over the nonzero finite values.
 
     subnormal is defined on the (scaled) input, |y| < smallest normal; overflow is a result
@@ -95,7 +97,7 @@ def cast_truth(x: torch.Tensor, fmt: H.FloatFormat, k: int = 0) -> dict[str, int
 def report_values(dtype_target: torch.dtype, n: int, seed: int, source=torch.float32):
     """Values log-uniform around the target's range (flush, subnormal, normal, overflow),
     clear of the places where bins cannot decide (bf16: bin 0; the overflow bin)."""
-    fmt = H.float_format(dtype_target)
+    fmt = P.float_format(dtype_target)
     gen = torch.Generator().manual_seed(seed)
     lo = max(fmt.min_subnormal_exponent - 4, -133, MIN_SUBNORMAL_EXP[source])
     hi = min(math.floor(math.log2(fmt.max)) + 4, math.log2(torch.finfo(source).max) - 1)

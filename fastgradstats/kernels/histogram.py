@@ -1,6 +1,6 @@
 """Per-tensor |g| histograms on power-of-two bins: bit-pattern binning and one launch per group.
 
-The bins are those of :mod:`fastgradstats.histogram` (``NUM_BINS = 152``): bin 0 is
+The bins are those of :mod:`fastgradstats.constants` (``NUM_BINS = 152``): bin 0 is
 ``[0, 2**-133)``, bin ``j + 134`` is ``[2**j, 2**(j+1))`` for ``-133 <= j < 17``, bin 151 is
 ``[2**17, inf)``. For a float32 ``x`` with sign-less bit pattern ``u``:
 
@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from ..histogram import NUM_BINS
+from ..constants import NUM_BINS
 from . import launch, tile_size, triton_dtype
 from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
 from .stats import block_location, wide

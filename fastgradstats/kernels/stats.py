@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from ..histogram import NUM_BINS
+from ..constants import CLIP_EPS, NUM_BINS
 from . import tile_size, triton_dtype
 from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
 from .tables import TensorTable
@@ -39,7 +39,7 @@ from .tables import TensorTable
 N_PARTIALS = 4  # p-partial, max |g|, NaN count, Inf count
 NORM_CODES = {1.0: 1, 2.0: 2, float("inf"): 0}  # the NORM constexpr
 FINISH_NONE, FINISH_TOTAL, FINISH_CLIP = 0, 1, 2
-CLIP_EPS = 1e-6  # torch.nn.utils adds this to the total norm before dividing
+_CLIP_EPS = tl.constexpr(CLIP_EPS)  # a jit function reads only constexpr globals
 
 
 @triton.jit
@@ -282,10 +282,10 @@ def finalize_kernel(
             tl.store(exact_total_ptr, _norm_of(exact, NORM))
             tl.store(total_ptr, round_to(total, RESULT))
             if FINISH == 2:
-                # clamp(max_norm / (total + 1e-6), max=1) with torch's roundings: the add,
+                # clamp(max_norm / (total + eps), max=1) with torch's roundings: the add,
                 # the reciprocal (x / y is y.reciprocal() * x) and the product are each
                 # rounded to RESULT; the division is IEEE (div.rn), as torch's.
-                shifted = round_trip(total + 1e-6, RESULT)
+                shifted = round_trip(total + _CLIP_EPS, RESULT)
                 inverse = round_trip(tl.div_rn(1.0, shifted), RESULT)
                 coef = round_trip(inverse * max_norm, RESULT)
                 tl.store(coef_ptr, tl.where(coef > 1.0, 1.0, coef))  # NaN stays NaN
@@ -413,7 +413,6 @@ def group_stats(table: TensorTable, norm_type: float) -> tuple[Tensor, Tensor]:
 
 
 __all__ = [
-    "CLIP_EPS",
     "FINISH_CLIP",
     "FINISH_NONE",
     "FINISH_TOTAL",

@@ -134,30 +134,29 @@ def _profile_shape(profile: np.ndarray) -> tuple[float, float]:
     return slope, float(profile[:quarter].mean() - profile[-quarter:].mean())
 
 
-def diagnose(
-    history: History,
-    *,
-    events: Events | None = None,
-    decades: float = 2.0,
-    growth_decades: float = 3.0,
-) -> Diagnosis:
-    """Verdict on a history: vanishing / exploding across depth or time, NaN/Inf, spikes.
+@dataclass
+class _DepthShape:
+    """The depth profile a diagnosis judges: per-layer log10 RMS and its fitted shape."""
 
-    Args:
-        history: recorded steps (e.g. ``monitor.history()``).
-        events: counts and first-seen records that outlive the ring buffer (the monitor
-            passes its own); computed from ``history`` alone when ``None``.
-        decades: ``|log10(depth_ratio)|`` at or above which the depth profile is called
-            vanishing (earliest layers smaller) or exploding (earliest layers larger).
-        growth_decades: growth of the total norm over time (log10) called exploding.
+    names: list[str]
+    profile: np.ndarray
+    slope: float | None = None  # decades per layer (None: fewer than two layers)
+    log_ratio: float | None = None  # log10 of earliest-quarter over latest-quarter RMS
+    label: str = ""  # which window of the history, for the sentence
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.log_ratio is None else float(10.0**self.log_ratio)
+
+
+def _steepest_depth_profile(history: History) -> _DepthShape:
+    """The depth profile of the whole history, its oldest fifth or its latest fifth,
+    whichever is the most extreme (by more than half a decade over the earlier ones).
+
+    The depth profile can change a lot during training (a deep sigmoid net that has
+    collapsed to predicting the mean has tiny gradients everywhere), so no one window
+    tells it all.
     """
-    if events is None:
-        events = Events()
-        events.add(history, spike_cap=1000)
-    findings: list[str] = []
-    # The depth profile can change a lot during training (a deep sigmoid net that has
-    # collapsed to predicting the mean has tiny gradients everywhere), so look at the
-    # whole window, its oldest fifth and its latest fifth, and report the most extreme.
     count = len(history)
     fifth = max(1, count // 5)
     windows = {
@@ -167,53 +166,60 @@ def diagnose(
     }
     best = None
     for label, rows in windows.items():
-        names_w, profile_w = depth_profile(history, rows)
-        if len(profile_w) >= 2:
-            slope_w, log_ratio_w = _profile_shape(profile_w)
-            if best is None or abs(log_ratio_w) > abs(best[3]) + 0.5:
-                best = (label, names_w, profile_w, log_ratio_w, slope_w)
-    names, profile = depth_profile(history)
-    slope = ratio = None
-    if best is not None:
-        label, names, profile, log_ratio, slope = best
-        ratio = float(10.0**log_ratio)
-        where = f"from {names[0]} (first) to {names[-1]} (last){label}"
-        if log_ratio <= -decades:
-            findings.append(
-                f"VANISHING across depth: the earliest layers get {1 / ratio:.3g}x smaller "
-                f"gradients than the latest ({slope:.2f} decades lost per layer going "
-                f"backward, {where}). The first layers barely learn: use ReLU/GELU instead "
-                "of sigmoid/tanh, residual connections, normalization layers, or a "
-                "variance-preserving init (Kaiming/Xavier)."
-            )
-        elif log_ratio >= decades:
-            findings.append(
-                f"EXPLODING across depth: the earliest layers get {ratio:.3g}x larger "
-                f"gradients than the latest ({-slope:.2f} decades gained per layer going "
-                f"backward, {where}). "
-                "Each layer amplifies the backward signal: reduce the init scale, add "
-                "normalization, lower the learning rate, and clip the gradient norm."
-            )
-        else:
-            findings.append(
-                f"Depth profile balanced: earliest/latest layer gradient RMS ratio "
-                f"{ratio:.3g} ({slope:+.2f} decades per layer)."
-            )
+        names, profile = depth_profile(history, rows)
+        if len(profile) >= 2:
+            slope, log_ratio = _profile_shape(profile)
+            if best is None or abs(log_ratio) > abs(best.log_ratio) + 0.5:
+                best = _DepthShape(names, profile, slope, log_ratio, label)
+    return best if best is not None else _DepthShape(*depth_profile(history))
 
-    growth = None
-    finite = np.isfinite(history.total_norm)
-    finite_total = history.total_norm[finite]
-    if len(finite_total) >= 2:
-        # Medians of the first and last tenth: a sustained rise, not one spike (spikes
-        # are reported on their own below).
-        tenth = max(1, len(finite_total) // 10)
-        base = float(np.median(finite_total[:tenth]))
-        late = float(np.median(finite_total[-tenth:]))
-        if events.nonfinite_steps:  # the run blew up: its largest finite norm tells
-            late = float(finite_total.max())
-        growth = late / base if base > 0 else None
-    grew = growth is not None and growth >= 10**growth_decades
-    if grew:
+
+def _depth_findings(depth: _DepthShape, decades: float) -> list[str]:
+    if depth.log_ratio is None or depth.slope is None or depth.ratio is None:
+        return []
+    ratio, slope, names = depth.ratio, depth.slope, depth.names
+    where = f"from {names[0]} (first) to {names[-1]} (last){depth.label}"
+    if depth.log_ratio <= -decades:
+        return [
+            f"VANISHING across depth: the earliest layers get {1 / ratio:.3g}x smaller "
+            f"gradients than the latest ({slope:.2f} decades lost per layer going "
+            f"backward, {where}). The first layers barely learn: use ReLU/GELU instead "
+            "of sigmoid/tanh, residual connections, normalization layers, or a "
+            "variance-preserving init (Kaiming/Xavier)."
+        ]
+    if depth.log_ratio >= decades:
+        return [
+            f"EXPLODING across depth: the earliest layers get {ratio:.3g}x larger "
+            f"gradients than the latest ({-slope:.2f} decades gained per layer going "
+            f"backward, {where}). "
+            "Each layer amplifies the backward signal: reduce the init scale, add "
+            "normalization, lower the learning rate, and clip the gradient norm."
+        ]
+    return [
+        f"Depth profile balanced: earliest/latest layer gradient RMS ratio "
+        f"{ratio:.3g} ({slope:+.2f} decades per layer)."
+    ]
+
+
+def _time_growth(finite_total: np.ndarray, events: Events) -> float | None:
+    """Late over early total norm: medians of the first and last tenth of the finite
+    steps (a sustained rise, not one spike: spikes are reported on their own), or the
+    largest finite norm over the early median once the run blew up."""
+    if len(finite_total) < 2:
+        return None
+    tenth = max(1, len(finite_total) // 10)
+    base = float(np.median(finite_total[:tenth]))
+    late = float(np.median(finite_total[-tenth:]))
+    if events.nonfinite_steps:  # the run blew up: its largest finite norm tells
+        late = float(finite_total.max())
+    return late / base if base > 0 else None
+
+
+def _growth_findings(growth: float | None, events: Events, finite_total: np.ndarray) -> list[str]:
+    """Sentences on growth over time (``growth``: None when it is below the threshold)
+    and on overflow to Inf."""
+    findings = []
+    if growth is not None:
         findings.append(
             f"EXPLODING over time: the total gradient norm grew {growth:.3g}x during the "
             "recorded steps."
@@ -224,45 +230,68 @@ def diagnose(
             f"EXPLODING: gradients overflowed to Inf on {events.overflow_steps} step(s){last}. "
             "Lower the learning rate or the init scale, and clip the gradient norm."
         )
-    clip_share = events.clipped_steps / events.recorded if events.recorded else 0.0
-    deep_exploding = ratio is not None and math.log10(ratio) >= decades
-    # Exploding needs growth (over the run or across depth) or an overflow. A level far
-    # above max_norm is not growth: a run held at 93 -> 183 -> 133 -> 92 (140x max_norm)
-    # is clipped every step, not exploding, and says so in its own verdict.
-    far_above = False
-    contained = False
-    if history.max_norm is not None and history.max_norm > 0 and len(finite_total):
-        typical = float(np.median(finite_total))
-        far_above = typical >= 10.0 * history.max_norm and clip_share >= 0.5
-        if (grew or deep_exploding) and clip_share >= 0.5 and not events.nonfinite_steps:
-            contained = True
-            findings.append(
+    return findings
+
+
+def _clipping_level(
+    history: History, events: Events, finite_total: np.ndarray, clip_share: float, growing: bool
+) -> tuple[bool, bool, list[str]]:
+    """``(contained, far_above, findings)`` from the raw total norm's level against
+    ``max_norm``.
+
+    Exploding needs growth (over the run or across depth) or an overflow. A level far
+    above max_norm is not growth: a run held at 93 -> 183 -> 133 -> 92 (140x max_norm)
+    is clipped every step, not exploding, and says so in its own verdict.
+    """
+    max_norm = history.max_norm
+    if max_norm is None or not max_norm > 0 or not len(finite_total):
+        return False, False, []
+    typical = float(np.median(finite_total))
+    far_above = typical >= 10.0 * max_norm and clip_share >= 0.5
+    if growing and clip_share >= 0.5 and not events.nonfinite_steps:
+        return (
+            True,
+            far_above,
+            [
                 f"Contained by clipping: the raw total norm is typically {typical:.3g} "
-                f"({typical / history.max_norm:.3g}x max_norm) and no NaN/Inf appeared; "
+                f"({typical / max_norm:.3g}x max_norm) and no NaN/Inf appeared; "
                 "without clipping these updates would blow up. The scale is still wrong: "
                 "check the init and the learning rate."
-            )
-        elif far_above:
-            findings.append(
+            ],
+        )
+    if far_above:
+        return (
+            False,
+            True,
+            [
                 f"CLIPPED on {clip_share:.0%} of steps: the raw total norm is typically "
-                f"{typical:.3g} ({typical / history.max_norm:.3g}x max_norm) but did not "
+                f"{typical:.3g} ({typical / max_norm:.3g}x max_norm) but did not "
                 "grow over the run, so this is not an explosion; every update is scaled "
                 "down to max_norm. If that is not intended, raise max_norm or check the "
                 "init scale, the loss scale and the learning rate."
-            )
-
-    if events.first_nonfinite_step is not None:
-        ordered = sorted(events.first_nonfinite.items(), key=lambda kv: kv[1][0])
-        listed = ", ".join(f"{n} (step {s})" for n, (s, _, _) in ordered[:5])
-        more = f" and {len(ordered) - 5} more" if len(ordered) > 5 else ""
-        first = events.first_nonfinite_step
-        overflow_first = not ordered or ordered[0][1][0] > first
-        how = " (the total norm overflowed first)" if overflow_first and ordered else ""
-        findings.insert(
-            0,
-            f"NaN/Inf gradients on {events.nonfinite_steps} step(s), first at step "
-            f"{first}{how}: {listed or 'total norm overflowed'}{more}.",
+            ],
         )
+    return False, False, []
+
+
+def _nonfinite_findings(events: Events) -> list[str]:
+    if events.first_nonfinite_step is None:
+        return []
+    ordered = sorted(events.first_nonfinite.items(), key=lambda kv: kv[1][0])
+    listed = ", ".join(f"{n} (step {s})" for n, (s, _, _) in ordered[:5])
+    more = f" and {len(ordered) - 5} more" if len(ordered) > 5 else ""
+    first = events.first_nonfinite_step
+    overflow_first = not ordered or ordered[0][1][0] > first
+    how = " (the total norm overflowed first)" if overflow_first and ordered else ""
+    return [
+        f"NaN/Inf gradients on {events.nonfinite_steps} step(s), first at step "
+        f"{first}{how}: {listed or 'total norm overflowed'}{more}."
+    ]
+
+
+def _count_findings(history: History, events: Events, clip_share: float) -> list[str]:
+    """Sentences on skipped updates, clipping and spikes: counts, no judgement."""
+    findings = []
     if events.skipped_steps:
         findings.append(
             f"{events.skipped_steps} optimizer update(s) skipped because the gradients "
@@ -285,57 +314,115 @@ def diagnose(
             f"{events.spike_count} gradient-norm spike(s) flagged "
             f"({len(total_spikes)} on the total norm{': ' + shown if shown else ''})."
         )
+    return findings
 
-    no_gradients = events.recorded > 0 and (
+
+def _has_no_gradients(events: Events) -> bool:
+    return events.recorded > 0 and (
         events.empty_steps == events.recorded or events.trailing_empty_steps >= NO_GRADIENT_STEPS
     )
-    if no_gradients:
-        latest = events.trailing_empty_steps
-        where = (
-            f"any of the {events.recorded} recorded steps"
-            if events.empty_steps == events.recorded
-            else f"the latest {latest} recorded steps"
-        )
-        findings.insert(
-            0,
-            f"NO GRADIENTS: no monitored parameter had a gradient in {where}, so nothing "
-            "was measured or clipped. Call step() after backward() and before zero_grad(); "
-            "if the model was reloaded or the monitor unpickled apart from it, call "
-            "monitor.attach(model); DeepSpeed ZeRO keeps gradients outside .grad.",
-        )
 
-    exploding = deep_exploding or grew or bool(events.overflow_steps) or contained
-    vanishing = ratio is not None and math.log10(ratio) <= -decades
+
+def _no_gradients_finding(events: Events) -> str:
+    where = (
+        f"any of the {events.recorded} recorded steps"
+        if events.empty_steps == events.recorded
+        else f"the latest {events.trailing_empty_steps} recorded steps"
+    )
+    return (
+        f"NO GRADIENTS: no monitored parameter had a gradient in {where}, so nothing "
+        "was measured or clipped. Call step() after backward() and before zero_grad(); "
+        "if the model was reloaded or the monitor unpickled apart from it, call "
+        "monitor.attach(model); DeepSpeed ZeRO keeps gradients outside .grad."
+    )
+
+
+# The first finding of these verdicts (the others lead with what they found).
+_VERDICT_LEADS = {
+    # Nothing measured yet: no verdict, above all not "healthy".
+    "no_data": (
+        "NO DATA: no step has been recorded yet, so there is nothing to judge. Call "
+        "monitor.step() after backward() and before optimizer.step()."
+    ),
+    "healthy": "No NaN/Inf, no runaway growth, no vanishing profile.",
+}
+
+
+def _verdict(
+    events: Events, exploding: bool, vanishing: bool, no_gradients: bool, far_above: bool
+) -> str:
+    """The one word: the first that applies, in order of severity."""
     if not events.recorded:
-        # Nothing measured yet: no verdict, above all not "healthy".
-        verdict = "no_data"
-        findings.insert(
-            0,
-            "NO DATA: no step has been recorded yet, so there is nothing to judge. Call "
-            "monitor.step() after backward() and before optimizer.step().",
-        )
-    elif exploding:
-        verdict = "exploding"
-    elif vanishing:
-        verdict = "vanishing"
-    elif events.nonfinite_steps:
-        verdict = "nonfinite"
-    elif no_gradients:
-        verdict = "no_gradients"
-    elif far_above:
-        verdict = "clipped"
-    else:
-        verdict = "healthy"
-        findings.insert(0, "No NaN/Inf, no runaway growth, no vanishing profile.")
+        return "no_data"
+    if exploding:
+        return "exploding"
+    if vanishing:
+        return "vanishing"
+    if events.nonfinite_steps:
+        return "nonfinite"
+    if no_gradients:
+        return "no_gradients"
+    if far_above:
+        return "clipped"
+    return "healthy"
+
+
+def diagnose(
+    history: History,
+    *,
+    events: Events | None = None,
+    decades: float = 2.0,
+    growth_decades: float = 3.0,
+) -> Diagnosis:
+    """Verdict on a history: vanishing / exploding across depth or time, NaN/Inf, spikes.
+
+    Args:
+        history: recorded steps (e.g. ``monitor.history()``).
+        events: counts and first-seen records that outlive the ring buffer (the monitor
+            passes its own); computed from ``history`` alone when ``None``.
+        decades: ``|log10(depth_ratio)|`` at or above which the depth profile is called
+            vanishing (earliest layers smaller) or exploding (earliest layers larger).
+        growth_decades: growth of the total norm over time (log10) called exploding.
+    """
+    if events is None:
+        events = Events()
+        events.add(history, spike_cap=1000)
+    depth = _steepest_depth_profile(history)
+    ratio = depth.ratio
+    finite_total = history.total_norm[np.isfinite(history.total_norm)]
+    growth = _time_growth(finite_total, events)
+    grew = growth is not None and growth >= 10**growth_decades
+    clip_share = events.clipped_steps / events.recorded if events.recorded else 0.0
+    deep_exploding = ratio is not None and math.log10(ratio) >= decades
+    contained, far_above, clip_findings = _clipping_level(
+        history, events, finite_total, clip_share, grew or deep_exploding
+    )
+    no_gradients = _has_no_gradients(events)
+    verdict = _verdict(
+        events,
+        exploding=deep_exploding or grew or bool(events.overflow_steps) or contained,
+        vanishing=ratio is not None and math.log10(ratio) <= -decades,
+        no_gradients=no_gradients,
+        far_above=far_above,
+    )
+    findings = [
+        *([_VERDICT_LEADS[verdict]] if verdict in _VERDICT_LEADS else []),
+        *([_no_gradients_finding(events)] if no_gradients else []),
+        *_nonfinite_findings(events),
+        *_depth_findings(depth, decades),
+        *_growth_findings(growth if grew else None, events, finite_total),
+        *clip_findings,
+        *_count_findings(history, events, clip_share),
+    ]
     return Diagnosis(
         verdict=verdict,
         contained=contained,
         findings=findings,
         steps=events.recorded,
-        depth_slope=slope,
+        depth_slope=depth.slope,
         depth_ratio=ratio,
-        profile_names=names,
-        profile_log10_rms=[float(v) for v in profile],
+        profile_names=depth.names,
+        profile_log10_rms=[float(v) for v in depth.profile],
         time_growth=growth,
         first_nonfinite=dict(events.first_nonfinite),
         first_nonfinite_step=events.first_nonfinite_step,

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import NUM_BINS
+from ..precision import PrecisionReport, precision_report
 from .keys import Keys
 
 TINY = 1e-30  # floor before taking logs: a zero gradient is "very small", not -inf
@@ -237,11 +239,9 @@ class HistogramHistory:
         arrays = {name: getattr(self, name)[rows].copy() for name in HISTOGRAM_FIELDS}
         return HistogramHistory(names=list(self.names), numels=list(self.numels), **arrays)
 
-    def report(self, t: int = -1, dtype: Any = torch.float16) -> Any:
-        """The :class:`~fastgradstats.histogram.PrecisionReport` of histogram step ``t``
+    def report(self, t: int = -1, dtype: Any = torch.float16) -> PrecisionReport:
+        """The :class:`~fastgradstats.precision.PrecisionReport` of histogram step ``t``
         (CPU tensors; every parameter, absent ones with no values)."""
-        from ..histogram import precision_report
-
         return precision_report(
             torch.from_numpy(self.counts[t]),
             torch.from_numpy(self.zero_count[t]),
@@ -274,8 +274,6 @@ class HistogramHistory:
 
 def empty_histogram_arrays(t: int, n: int) -> dict[str, np.ndarray]:
     """The arrays of a HistogramHistory of ``t`` blank rows."""
-    from ..histogram import NUM_BINS
-
     return {
         "steps": np.full(t, -1, dtype=np.int64),
         "counts": np.zeros((t, n, NUM_BINS), dtype=np.int64),
@@ -294,8 +292,6 @@ class HistogramRing:
     """
 
     def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
-        from ..histogram import NUM_BINS
-
         self.capacity, self.n = capacity, n
         self.counts = torch.zeros(capacity, n, NUM_BINS, dtype=torch.int64, device=device)
         self.zeros = torch.zeros(capacity, n, dtype=torch.int64, device=device)

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import BIN_OFFSET, NUM_BINS
+from ..precision import float_format
 from .history import HistogramHistory, History
 
 _MAX_LABELS = 40  # more layer names than this and only every k-th is written
@@ -128,42 +130,29 @@ def heatmap_data(history: History) -> dict[str, Any]:
     }
 
 
-def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> Any:
-    """Heatmap of log10 gradient norm per parameter (rows, input side on top) and step.
-
-    The colour scale spans the 2nd to 98th percentile of the finite cells
-    (:func:`color_limits`), so one outlier cannot flatten it; cells beyond it take the end
-    colours. NaN cells are red, Inf cells magenta, absent gradients light grey, each with a
-    legend entry when present; per-layer spikes are marked with a white triangle.
-    Parameters that had no gradient in any step of ``history`` (frozen ones) are left out
-    when others had one. Returns the Axes.
-    """
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    history = _check_history(history)
-    plt = _pyplot()
-    data = heatmap_data(history)
-    names, logs = data["names"], data["log10"]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 0.25 * len(names) + 2))
-    steps = history.steps
+def _heatmap_extent(steps: np.ndarray, rows: int) -> tuple[float, float, float, float]:
+    """imshow's extent: one column per recorded step centred on its step number."""
     if len(steps) == 0:
-        extent = (0, 1, len(names) - 0.5, -0.5)
-    else:
-        half = 0.5 * (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else 0.5
-        extent = (steps[0] - half, steps[-1] + half, len(names) - 0.5, -0.5)
-    cmap = plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR)
+        return (0, 1, rows - 0.5, -0.5)
+    half = 0.5 * (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else 0.5
+    return (steps[0] - half, steps[-1] + half, rows - 0.5, -0.5)
+
+
+def _draw_cells(ax: Any, plt: Any, data: dict[str, Any], extent: tuple) -> Any:
+    """The log10 cells (absent ones light grey), then NaN and Inf cells over them as
+    categories of their own (0: NaN, 1: Inf), not as values. Returns the value image."""
+    from matplotlib.colors import ListedColormap
+
+    logs = data["log10"]
     image = ax.imshow(
-        np.ma.masked_invalid(logs if logs.size else np.zeros((len(names), 1))),
+        np.ma.masked_invalid(logs if logs.size else np.zeros((len(data["names"]), 1))),
         aspect="auto",
         interpolation="nearest",
-        cmap=cmap,
+        cmap=plt.get_cmap("viridis").with_extremes(bad=ABSENT_COLOR),
         vmin=data["vmin"],
         vmax=data["vmax"],
         extent=extent,
     )
-    # NaN and Inf as categories of their own on top (0: NaN, 1: Inf), not as values
     kinds = np.where(data["nan"], 0.0, np.where(data["inf"], 1.0, np.nan))
     if np.isfinite(kinds).any():
         ax.imshow(
@@ -175,20 +164,12 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
             vmax=1,
             extent=extent,
         )
-    rows, where = np.nonzero(data["spikes"])
-    if rows.size:
-        ax.scatter(
-            steps[where],
-            rows,
-            marker="^",
-            s=18,
-            facecolor="white",
-            edgecolor="black",
-            linewidths=0.6,
-            zorder=4,
-            label=f"layer spike ({rows.size})",
-        )
-    finite = logs[np.isfinite(logs)]
+    return image
+
+
+def _heatmap_colorbar(ax: Any, image: Any, data: dict[str, Any], norm_type: float) -> None:
+    """The colour bar, with an arrow at each end that some cell lies beyond."""
+    finite = data["log10"][np.isfinite(data["log10"])]
     extend = "neither"
     if finite.size:
         below, above = finite.min() < data["vmin"], finite.max() > data["vmax"]
@@ -196,20 +177,29 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
             (bool(below), bool(above)), "neither"
         )
     colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01, extend=extend)
-    colorbar.set_label(f"log10 gradient {_norm_name(history.norm_type)}")
-    n = len(names)
-    stride = max(1, math.ceil(n / _MAX_LABELS))
-    ticks = list(range(0, n, stride))
+    colorbar.set_label(f"log10 gradient {_norm_name(norm_type)}")
+
+
+def _label_rows(ax: Any, names: list[str]) -> None:
+    """Parameter names on the y axis (every k-th beyond ``_MAX_LABELS``), steps on x."""
+    stride = max(1, math.ceil(len(names) / _MAX_LABELS))
+    ticks = list(range(0, len(names), stride))
     ax.set_yticks(ticks)
     ax.set_yticklabels([_short(names[j]) for j in ticks], fontsize=7)
     ax.set_ylabel("parameter (input side at top)")
     ax.set_xlabel("step")
+
+
+def _heatmap_legend(ax: Any, data: dict[str, Any], has_steps: bool) -> None:
+    """A legend entry per kind of special cell present, then the spike markers."""
+    from matplotlib.patches import Patch
+
     handles = [
         Patch(color=color, label=f"{label} ({int(mask.sum())} cells)")
         for color, label, mask in (
             (NAN_COLOR, "NaN", data["nan"]),
             (INF_COLOR, "Inf", data["inf"]),
-            (ABSENT_COLOR, "no gradient", data["absent"] if len(steps) else np.zeros(0)),
+            (ABSENT_COLOR, "no gradient", data["absent"] if has_steps else np.zeros(0)),
         )
         if mask.any()
     ]
@@ -223,6 +213,42 @@ def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> 
             fontsize=8,
             frameon=False,
         )
+
+
+def plot_heatmap(history: History, ax: Any = None, title: str | None = None) -> Any:
+    """Heatmap of log10 gradient norm per parameter (rows, input side on top) and step.
+
+    The colour scale spans the 2nd to 98th percentile of the finite cells
+    (:func:`color_limits`), so one outlier cannot flatten it; cells beyond it take the end
+    colours. NaN cells are red, Inf cells magenta, absent gradients light grey, each with a
+    legend entry when present; per-layer spikes are marked with a white triangle.
+    Parameters that had no gradient in any step of ``history`` (frozen ones) are left out
+    when others had one. Returns the Axes.
+    """
+    history = _check_history(history)
+    plt = _pyplot()
+    data = heatmap_data(history)
+    names = data["names"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 0.25 * len(names) + 2))
+    steps = history.steps
+    image = _draw_cells(ax, plt, data, _heatmap_extent(steps, len(names)))
+    rows, where = np.nonzero(data["spikes"])
+    if rows.size:
+        ax.scatter(
+            steps[where],
+            rows,
+            marker="^",
+            s=18,
+            facecolor="white",
+            edgecolor="black",
+            linewidths=0.6,
+            zorder=4,
+            label=f"layer spike ({rows.size})",
+        )
+    _heatmap_colorbar(ax, image, data, history.norm_type)
+    _label_rows(ax, names)
+    _heatmap_legend(ax, data, bool(len(steps)))
     suffix = (
         f"  ({data['hidden']} parameters without any gradient not shown)" if data["hidden"] else ""
     )
@@ -246,6 +272,83 @@ def _check_threshold(threshold: Any, history: History) -> np.ndarray | None:
             f"shape {values.shape}"
         )
     return values
+
+
+def _draw_thresholds(ax: Any, history: History, adaptive: np.ndarray | None) -> None:
+    """``max_norm`` as a wide pale dashed band, the adaptive threshold as a dotted line."""
+    if history.max_norm is not None:
+        # a wide pale band under everything: the after-clipping line runs along it on
+        # clipped steps and stays visible inside it
+        ax.axhline(
+            history.max_norm,
+            color="0.55",
+            ls="--",
+            lw=3.0,
+            alpha=0.6,
+            zorder=1,
+            label=f"clip threshold max_norm={history.max_norm:g}",
+        )
+    if adaptive is not None and np.isfinite(adaptive).any():
+        ax.plot(
+            history.steps,
+            np.where(np.isfinite(adaptive) & (adaptive > 0), adaptive, np.nan),
+            color="tab:purple",
+            ls=":",
+            lw=1.6,
+            zorder=2,
+            label="adaptive clip threshold",
+        )
+
+
+def _draw_after_clipping(ax: Any, history: History, finite: np.ndarray) -> None:
+    """The norm after clipping, only where clipping changed it: elsewhere it equals the
+    pre-clip line, which it would hide."""
+    clipped = (history.clip_coef < 1.0) & finite
+    if not clipped.any():
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        after = np.where(clipped, history.total_norm * np.minimum(history.clip_coef, 1.0), np.nan)
+    ax.plot(
+        history.steps,
+        after,
+        color="tab:green",
+        ls="-",
+        lw=1.2,
+        marker="o" if clipped.sum() <= 50 else None,
+        ms=4,
+        mfc="none",
+        mew=1.2,
+        zorder=4,
+        label=f"after clipping ({int(clipped.sum())} clipped steps)",
+    )
+
+
+def _mark_total_events(ax: Any, history: History, finite: np.ndarray) -> None:
+    """Spikes of the total norm as triangles, NaN/Inf steps as pale red bands."""
+    steps, total = history.steps, history.total_norm
+    spikes = history.spike_total & finite
+    if spikes.any():
+        ax.scatter(
+            steps[spikes],
+            total[spikes],
+            marker="^",
+            s=45,
+            color="tab:orange",
+            edgecolor="black",
+            linewidths=0.5,
+            zorder=5,
+            label=f"spike ({int(spikes.sum())})",
+        )
+    bad_steps = steps[history.nonfinite]
+    for k, step in enumerate(bad_steps):
+        ax.axvline(
+            step,
+            color="tab:red",
+            alpha=0.25,
+            lw=1.5,
+            zorder=0,
+            label=f"NaN/Inf step ({len(bad_steps)})" if k == 0 else None,
+        )
 
 
 def plot_total_norm(
@@ -280,70 +383,9 @@ def plot_total_norm(
         zorder=3,
         label="total norm (pre-clip)",
     )
-    if history.max_norm is not None:
-        # a wide pale band under everything: the after-clipping line runs along it on
-        # clipped steps and stays visible inside it
-        ax.axhline(
-            history.max_norm,
-            color="0.55",
-            ls="--",
-            lw=3.0,
-            alpha=0.6,
-            zorder=1,
-            label=f"clip threshold max_norm={history.max_norm:g}",
-        )
-    if adaptive is not None and np.isfinite(adaptive).any():
-        ax.plot(
-            steps,
-            np.where(np.isfinite(adaptive) & (adaptive > 0), adaptive, np.nan),
-            color="tab:purple",
-            ls=":",
-            lw=1.6,
-            zorder=2,
-            label="adaptive clip threshold",
-        )
-    clipped = (history.clip_coef < 1.0) & finite
-    if clipped.any():
-        # only where clipping changed the norm: elsewhere it equals the pre-clip line,
-        # which it would hide
-        with np.errstate(invalid="ignore", over="ignore"):
-            after = np.where(clipped, total * np.minimum(history.clip_coef, 1.0), np.nan)
-        ax.plot(
-            steps,
-            after,
-            color="tab:green",
-            ls="-",
-            lw=1.2,
-            marker="o" if clipped.sum() <= 50 else None,
-            ms=4,
-            mfc="none",
-            mew=1.2,
-            zorder=4,
-            label=f"after clipping ({int(clipped.sum())} clipped steps)",
-        )
-    spikes = history.spike_total & finite
-    if spikes.any():
-        ax.scatter(
-            steps[spikes],
-            total[spikes],
-            marker="^",
-            s=45,
-            color="tab:orange",
-            edgecolor="black",
-            linewidths=0.5,
-            zorder=5,
-            label=f"spike ({int(spikes.sum())})",
-        )
-    bad_steps = steps[history.nonfinite]
-    for k, step in enumerate(bad_steps):
-        ax.axvline(
-            step,
-            color="tab:red",
-            alpha=0.25,
-            lw=1.5,
-            zorder=0,
-            label=f"NaN/Inf step ({len(bad_steps)})" if k == 0 else None,
-        )
+    _draw_thresholds(ax, history, adaptive)
+    _draw_after_clipping(ax, history, finite)
+    _mark_total_events(ax, history, finite)
     if finite.any():
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -423,8 +465,6 @@ def plot_layer_histogram(
     |g| < 2^-133 are the bottom row. With ``dtype``, its smallest subnormal, smallest normal
     and largest finite value are drawn as lines. Returns the Axes.
     """
-    from ..histogram import BIN_OFFSET, NUM_BINS, float_format
-
     hist = _check_histograms(hist)
     if name not in hist.names:
         raise ValueError(f"name {name!r} is not a monitored parameter")
@@ -496,8 +536,6 @@ def plot_underflow(
         report, flush, sub = _below_normal(hist, dtype)
         fmt, step = report.format.name, int(hist.steps[-1])
     else:
-        from ..histogram import float_format
-
         flush = sub = np.zeros(len(names))
         fmt, step = float_format(dtype).name, None
     y = np.arange(len(names))

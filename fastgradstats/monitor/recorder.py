@@ -339,7 +339,8 @@ class GradMonitor:
         self.reset()
 
     def _histogram_targets(self, pairs: list[tuple[str, Tensor]], dtypes: Any) -> list[Any]:
-        from ..histogram import SUPPORTED_DTYPES, float_format
+        from ..histogram import SUPPORTED_DTYPES
+        from ..precision import float_format
 
         if self.histograms:
             for name, p in pairs:
@@ -1034,7 +1035,7 @@ class GradMonitor:
     precision_lines_max = 8  # per target format, in report()
 
     def _precision_findings(self, hist: HistogramHistory | None) -> list[str]:
-        from ..histogram import precision_lines
+        from ..precision import precision_lines
 
         if hist is None or not len(hist):
             return []

@@ -3,18 +3,26 @@
 Each writer has ``write(history)``; the monitor calls it with a :class:`History` of the new
 rows. JSON lines and CSV need nothing; TensorBoard and W&B are optional extras imported
 only when a writer for them is created.
+
+Histogram rows leave through :func:`tensorboard_histogram_kwargs` and
+:func:`wandb_np_histogram` (buckets on :func:`display_edges`), pure functions of one
+tensor's counts, usable without a writer.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from torch import Tensor
 
+from ..constants import HIGH_EXPONENT, LOW_EXPONENT, NUM_BINS
+from ..histogram import histogram_edges
 from .history import History, nonfinite_json
 from .keys import Keys
 from .logspec import LogSpec
@@ -126,6 +134,117 @@ class CsvWriter:
                     )
 
 
+# ---------------------------------------------- histogram rows as TensorBoard and W&B take them
+
+
+def _row(counts_row: Any) -> list[int]:
+    if isinstance(counts_row, Tensor):
+        counts_row = counts_row.detach().reshape(-1).tolist()
+    row = [int(c) for c in counts_row]
+    if len(row) != NUM_BINS:
+        raise ValueError(f"counts_row must have {NUM_BINS} entries, got {len(row)}")
+    return row
+
+
+def _edges_list(edges: Any) -> list[float]:
+    if edges is None:
+        edges = histogram_edges()
+    values = edges.tolist() if isinstance(edges, Tensor) else [float(e) for e in edges]
+    if len(values) != NUM_BINS + 1:
+        raise ValueError(f"edges must have {NUM_BINS + 1} entries, got {len(values)}")
+    return values
+
+
+def _span(row: list[int]) -> tuple[int, int] | None:
+    occupied = [i for i, c in enumerate(row) if c > 0]
+    return (occupied[0], occupied[-1]) if occupied else None
+
+
+def _finite_max(max_abs: Any) -> float | None:
+    if max_abs is None:
+        return None
+    value = float(max_abs)
+    return value if math.isfinite(value) else None
+
+
+def display_edges(
+    edges: Any = None, log2: bool = True, max_abs: float | None = None
+) -> list[float]:
+    """Finite edges for plotting and exports.
+
+    ``log2=True``: ``[-134, -133, ..., 17, 18]``: bin 0 (zeros and |g| < 2^-133) is drawn as
+    ``[-134, -133)`` (log2 0 is -inf), the last bin as ``[17, 18)`` or up to log2 max_abs.
+    ``log2=False``: the edges themselves with ``inf`` replaced by ``max_abs`` (when finite
+    and >= 2^17) or ``2^18``.
+    """
+    values = _edges_list(edges)
+    top = _finite_max(max_abs)
+    last = top if top is not None and top > 2.0**HIGH_EXPONENT else 2.0 ** (HIGH_EXPONENT + 1)
+    if log2:
+        return [float(LOW_EXPONENT - 1)] + [math.log2(e) for e in values[1:-1]] + [math.log2(last)]
+    return [*values[:-1], last]
+
+
+def tensorboard_histogram_kwargs(
+    counts_row: Any,
+    edges: Any = None,
+    *,
+    log2: bool = True,
+    max_abs: float | None = None,
+    sum_abs: float | None = None,
+    sum_squares: float | None = None,
+) -> dict[str, Any] | None:
+    """Arguments of ``SummaryWriter.add_histogram_raw`` for one tensor, or None if empty.
+
+    The buckets span the lowest to the highest nonempty bin (TensorBoard draws bucket ``i``
+    from ``bucket_limits[i-1]`` to ``bucket_limits[i]``; the first starts at ``min``), on
+    :func:`display_edges` (log2 |g| by default). ``sum`` and ``sum_squares`` are estimated
+    from the bucket midpoints unless given (linear scale only: ``GradStats`` L1 norm and
+    squared L2 norm are exact). Everything is a finite float: NaN/Inf were never binned.
+    """
+    row = _row(counts_row)
+    span = _span(row)
+    if span is None:
+        return None  # TensorBoard rejects an empty histogram: log nothing
+    lo, hi = span
+    shown = display_edges(edges, log2, max_abs)
+    limits = shown[lo + 1 : hi + 2]
+    counts = [float(c) for c in row[lo : hi + 1]]
+    mids = [(shown[i] + shown[i + 1]) / 2 for i in range(lo, hi + 1)]
+    if not log2 and lo == 0:
+        mids[0] = 0.0 if row[0] else mids[0]  # bin 0 is (almost always) exact zeros
+    top = _finite_max(max_abs)
+    high = limits[-1] if log2 or top is None else top
+    est_sum = sum(c * m for c, m in zip(counts, mids))
+    est_sq = sum(c * m * m for c, m in zip(counts, mids))
+    return {
+        "min": float(shown[lo]),
+        "max": float(high),
+        "num": float(sum(counts)),
+        "sum": float(sum_abs) if sum_abs is not None and not log2 else est_sum,
+        "sum_squares": float(sum_squares) if sum_squares is not None and not log2 else est_sq,
+        "bucket_limits": limits,
+        "bucket_counts": counts,
+    }
+
+
+def wandb_np_histogram(
+    counts_row: Any, edges: Any = None, *, log2: bool = True, max_abs: float | None = None
+) -> tuple[list[int], list[float]] | None:
+    """``(counts, bins)`` for ``wandb.Histogram(np_histogram=...)``, or None if empty.
+
+    Trimmed to the lowest..highest nonempty bin (at most 152 bins, W&B allows 512), on
+    :func:`display_edges`: ``len(bins) == len(counts) + 1``, every edge finite.
+    """
+    row = _row(counts_row)
+    span = _span(row)
+    if span is None:
+        return None
+    lo, hi = span
+    shown = display_edges(edges, log2, max_abs)
+    return row[lo : hi + 1], shown[lo : hi + 2]
+
+
 def _histogram_rows(history: History) -> list[tuple[int, int]]:
     """``(history row, histogram row)`` of each histogram step in ``history``."""
     hist = history.histograms
@@ -140,7 +259,7 @@ class TensorBoardWriter:
 
     With ``GradMonitor(histograms=True)`` each histogram step also gets one
     ``add_histogram_raw`` per parameter (tag ``grad_hist/<name>``, buckets on log2 |g|, see
-    :func:`fastgradstats.histogram.tensorboard_histogram_kwargs`): NaN/Inf never enter
+    :func:`tensorboard_histogram_kwargs`): NaN/Inf never enter
     a bucket, and a parameter without finite values (empty, all NaN) logs nothing, where
     ``add_histogram`` would raise.
 
@@ -180,8 +299,6 @@ class TensorBoardWriter:
             flush()
 
     def _write_histograms(self, history: History) -> None:
-        from ..histogram import tensorboard_histogram_kwargs
-
         hist = history.histograms
         rows = _histogram_rows(history)
         if not rows or not callable(getattr(self.writer, "add_histogram_raw", None)):
@@ -215,7 +332,7 @@ class WandbWriter:
 
     With ``GradMonitor(histograms=True)`` a row that is a histogram step also carries
     ``grad_hist/<name>``: ``wandb.Histogram(np_histogram=(counts, bins))`` on log2 |g|
-    (:func:`fastgradstats.histogram.wandb_np_histogram`; parameters without finite values
+    (:func:`wandb_np_histogram`; parameters without finite values
     are left out) and ``grad_hist_step``, the step the histograms are of. With
     ``rows="latest"`` the newest histogram of the flush is sent with the newest row (so
     ``grad_hist_step`` can be older than ``grad/step``).
@@ -284,8 +401,6 @@ class WandbWriter:
     ) -> dict[str, Any]:
         import wandb
 
-        from ..histogram import wandb_np_histogram
-
         hist = history.histograms
         out: dict[str, Any] = {}
         for name, counts in pairs:
@@ -305,4 +420,13 @@ def _check_spec(spec: Any) -> LogSpec:
     return spec
 
 
-__all__ = ["CsvWriter", "HistoryWriter", "JsonlWriter", "TensorBoardWriter", "WandbWriter"]
+__all__ = [
+    "CsvWriter",
+    "HistoryWriter",
+    "JsonlWriter",
+    "TensorBoardWriter",
+    "WandbWriter",
+    "display_edges",
+    "tensorboard_histogram_kwargs",
+    "wandb_np_histogram",
+]

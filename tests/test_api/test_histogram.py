@@ -24,13 +24,16 @@ from histogram_helpers import (
     report_values,
 )
 
+from fastgradstats import constants as C
 from fastgradstats import dispatch
 from fastgradstats import histogram as H
+from fastgradstats import precision as P
+from fastgradstats.monitor import writers as W
 
 
 def _check(grads: list[torch.Tensor], hist: torch.Tensor, zeros: torch.Tensor) -> None:
     assert hist.dtype == torch.int64 and zeros.dtype == torch.int64
-    assert hist.shape == (len(grads), H.NUM_BINS) and zeros.shape == (len(grads),)
+    assert hist.shape == (len(grads), C.NUM_BINS) and zeros.shape == (len(grads),)
     for i, g in enumerate(grads):
         ref, ref_zeros = numpy_reference(g)
         np.testing.assert_array_equal(hist[i].cpu().numpy(), ref, err_msg=f"tensor {i}")
@@ -42,7 +45,7 @@ def _check(grads: list[torch.Tensor], hist: torch.Tensor, zeros: torch.Tensor) -
 
 def test_edges():
     edges = H.histogram_edges()
-    assert H.NUM_BINS == 152 and edges.dtype == torch.float64 and edges.shape == (153,)
+    assert C.NUM_BINS == 152 and edges.dtype == torch.float64 and edges.shape == (153,)
     assert edges[0] == 0 and edges[-1] == INF
     expected = [math.ldexp(1.0, j) for j in range(-133, 18)]
     assert edges[1:-1].tolist() == expected
@@ -123,7 +126,7 @@ def test_reference_leaves_inputs_untouched():
 
 def test_reference_empty_list():
     hist, zeros = H.group_histogram([])
-    assert hist.shape == (0, H.NUM_BINS) and zeros.shape == (0,)
+    assert hist.shape == (0, C.NUM_BINS) and zeros.shape == (0,)
 
 
 def test_reference_bad_input():
@@ -155,7 +158,7 @@ def test_device_path_reads_nothing_back(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     got = H._group_codes_device(grads)
     monkeypatch.undo()
-    hist = got[:, : H.NUM_BINS].clone()
+    hist = got[:, : C.NUM_BINS].clone()
     hist[:, 0] += got[:, -1]
     assert torch.equal(hist, expected[0]) and torch.equal(got[:, -1], expected[1])
 
@@ -167,7 +170,7 @@ def test_cuda_reference_and_report_do_not_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         hist, zeros = H.group_histogram(grads)
-        H.precision_report(hist, zeros, None, torch.float16)
+        P.precision_report(hist, zeros, None, torch.float16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _check([g.cpu() for g in grads], hist, zeros)
@@ -277,7 +280,7 @@ def _fractions(truth: dict[str, int]) -> tuple[float, float, float]:
     return truth["flush"] / d, truth["sub"] / d, truth["over"] / d
 
 
-def _amax_exponent(x: torch.Tensor, fmt: H.FloatFormat) -> int:
+def _amax_exponent(x: torch.Tensor, fmt: P.FloatFormat) -> int:
     v = x.double().abs()
     amax = float(v[torch.isfinite(v)].max())
     k = math.frexp(fmt.max / amax)[1] - 1
@@ -293,23 +296,23 @@ def test_precision_matches_torch_cast(target, source):
     grads = [report_values(target, n, seed=n, source=source) for n in (4001, 2999, 64)]
     grads += [torch.zeros(10, dtype=source), torch.zeros(0, dtype=source)]
     hist, zeros = H.group_histogram(grads)
-    fmt = H.float_format(target)
+    fmt = P.float_format(target)
     numel = [g.numel() for g in grads]
-    rep = H.precision_report(hist, zeros, numel, target)
+    rep = P.precision_report(hist, zeros, numel, target)
     max_abs = torch.stack([g.double().abs().nan_to_num(0, 0, 0).amax() for g in grads[:3]])
     max_abs = torch.cat([max_abs, torch.zeros(2, dtype=torch.float64)])
-    exact = H.precision_report(
+    exact = P.precision_report(
         hist,
         zeros,
         numel,
         target,
         max_abs=max_abs,
-        overflow_count=H.exact_overflow_count(grads, target),
+        overflow_count=P.exact_overflow_count(grads, target),
     )
     for i, g in enumerate(grads):
         flush, sub, over = _fractions(cast_truth(g, fmt))
         assert rep.flush_to_zero[i].item() == flush and rep.subnormal[i].item() == sub
-        if fmt.overflow_threshold < 2.0**H.HIGH_EXPONENT:
+        if fmt.overflow_threshold < 2.0**C.HIGH_EXPONENT:
             # No value in the threshold's bin: the bounds meet and match the cast exactly.
             assert rep.overflow[i].item() == over == rep.overflow_upper[i].item()
         else:  # bf16: the threshold is inside the last bin [2^17, inf), only bounds
@@ -338,68 +341,68 @@ def test_precision_matches_torch_cast(target, source):
 
 
 def test_precision_overflow_bin_bounds():
-    fmt = H.float_format(torch.float16)
+    fmt = P.float_format(torch.float16)
     x = torch.tensor([40000.0, 65519.0, 65520.0, 70000.0, 1.0, 0.0])  # 3 in [2^15, 2^16)
     hist, zeros = H.group_histogram([x])
-    rep = H.precision_report(hist, zeros, None, torch.float16)
+    rep = P.precision_report(hist, zeros, None, torch.float16)
     truth = cast_truth(x, fmt)["over"]  # 65520 (the tie, to inf) and 70000
     assert truth == 2
     assert rep.overflow.item() == 1 / 5 and rep.overflow_upper.item() == 4 / 5
-    exact = H.precision_report(
-        hist, zeros, None, "fp16", overflow_count=H.exact_overflow_count([x], "fp16")
+    exact = P.precision_report(
+        hist, zeros, None, "fp16", overflow_count=P.exact_overflow_count([x], "fp16")
     )
     assert exact.overflow.item() == exact.overflow_upper.item() == truth / 5
     # A max |g| under the threshold settles the bin: nothing overflows.
     y = torch.tensor([40000.0, 65519.0, 1.0])
     hist, zeros = H.group_histogram([y])
-    rep = H.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([65519.0]))
+    rep = P.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([65519.0]))
     assert rep.overflow.item() == 0 == rep.overflow_upper.item()
 
 
 def test_precision_e4m3fn_saturation_threshold():
-    fmt = H.float_format(torch.float8_e4m3fn)
+    fmt = P.float_format(torch.float8_e4m3fn)
     assert fmt.max == 448 and fmt.overflow_threshold == 464 and not fmt.overflow_inclusive
     for name, dtype, thr in (
         ("fp16", torch.float16, 65520),
         ("fp8_e5m2", torch.float8_e5m2, 61440),
     ):
         assert (
-            H.float_format(name).overflow_threshold == thr
-            and H.float_format(dtype).overflow_inclusive
+            P.float_format(name).overflow_threshold == thr
+            and P.float_format(dtype).overflow_inclusive
         )
     x = torch.tensor([464.0, 465.0, 1000.0])
-    assert H.exact_overflow_count([x], torch.float8_e4m3fn).tolist() == [2]
+    assert P.exact_overflow_count([x], torch.float8_e4m3fn).tolist() == [2]
     assert cast_truth(x, fmt)["over"] == 2
 
 
 def test_precision_documented_bin_limits():
     """The two places where the report differs from torch's cast, on purpose (docstring)."""
-    fmt = H.float_format(torch.float16)
+    fmt = P.float_format(torch.float16)
     tie = torch.tensor([2.0**-25, 1.0])  # exactly half fp16's smallest subnormal
     assert tie.to(torch.float16)[0] == 0  # round to nearest even sends it to 0 ...
     hist, zeros = H.group_histogram([tie])
-    rep = H.precision_report(hist, zeros, None, fmt.dtype)
+    rep = P.precision_report(hist, zeros, None, fmt.dtype)
     assert rep.flush_to_zero.item() == 0 and rep.subnormal.item() == 0.5  # ... counted as kept
     tiny = torch.tensor([1.5 * 2.0**-134, 2.0**-140, 1.0])  # fp32 subnormals in bin 0
     assert tiny.to(torch.bfloat16)[0] != 0  # rounds up to bf16's smallest subnormal ...
     hist, zeros = H.group_histogram([tiny])
-    rep = H.precision_report(hist, zeros, None, torch.bfloat16)
+    rep = P.precision_report(hist, zeros, None, torch.bfloat16)
     assert rep.flush_to_zero.item() == 2 / 3  # ... bin 0 counts wholly below 2^-134
 
 
 def test_precision_unknown_amax_and_margin():
     x = torch.tensor([3e5, 1.0, 0.0])  # top bin is [2^17, inf): no bound on the amax
     hist, zeros = H.group_histogram([x])
-    rep = H.precision_report(hist, zeros, None, torch.float16)
+    rep = P.precision_report(hist, zeros, None, torch.float16)
     assert math.isnan(rep.scale_exponent.item()) and math.isnan(rep.scaled_subnormal.item())
-    rep = H.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([3e5]))
+    rep = P.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([3e5]))
     assert rep.scale_exponent.item() == -3  # 65504 / 3e5 = 0.218 -> 2^-3
-    rep2 = H.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([NAN]))
+    rep2 = P.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([NAN]))
     assert math.isnan(rep2.scale_exponent.item())  # a NaN max |g| is ignored
     y = torch.tensor([1.0, 2.0**-20])
     hist, zeros = H.group_histogram([y])
-    plain = H.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([1.0]))
-    margin = H.precision_report(
+    plain = P.precision_report(hist, zeros, None, torch.float16, max_abs=torch.tensor([1.0]))
+    margin = P.precision_report(
         hist, zeros, None, torch.float16, max_abs=torch.tensor([1.0]), margin=2
     )
     assert plain.scale_exponent.item() == 15 and margin.scale_exponent.item() == 13
@@ -408,30 +411,30 @@ def test_precision_unknown_amax_and_margin():
 def test_precision_report_bad_input():
     hist, zeros = H.group_histogram([torch.ones(4)])
     with pytest.raises(ValueError, match="dtype"):
-        H.precision_report(hist, zeros, None, torch.float32)
+        P.precision_report(hist, zeros, None, torch.float32)
     with pytest.raises(ValueError, match="dtype"):
-        H.precision_report(hist, zeros, None, "fp4")
+        P.precision_report(hist, zeros, None, "fp4")
     with pytest.raises(ValueError, match="bins"):
-        H.precision_report(hist[:, :10], zeros, None, torch.float16)
+        P.precision_report(hist[:, :10], zeros, None, torch.float16)
     with pytest.raises(ValueError, match="zero_count"):
-        H.precision_report(hist, zeros[:0], None, torch.float16)
+        P.precision_report(hist, zeros[:0], None, torch.float16)
     with pytest.raises(ValueError, match="numel"):
-        H.precision_report(hist, zeros, [1, 2], torch.float16)
+        P.precision_report(hist, zeros, [1, 2], torch.float16)
     with pytest.raises(ValueError, match="max_abs"):
-        H.precision_report(hist, zeros, None, torch.float16, max_abs=torch.ones(2))
+        P.precision_report(hist, zeros, None, torch.float16, max_abs=torch.ones(2))
     with pytest.raises(ValueError, match="overflow_count"):
-        H.precision_report(hist, zeros, None, torch.float16, overflow_count=[0])
+        P.precision_report(hist, zeros, None, torch.float16, overflow_count=[0])
     with pytest.raises(TypeError, match="margin"):
-        H.precision_report(hist, zeros, None, torch.float16, margin=1.5)
+        P.precision_report(hist, zeros, None, torch.float16, margin=1.5)
 
 
 def test_precision_to_dict_keys():
     grads = [report_values(torch.float16, 500, seed=1), torch.ones(3)]
     hist, zeros = H.group_histogram(grads)
-    rep = H.precision_report(hist, zeros, None, torch.float16)
+    rep = P.precision_report(hist, zeros, None, torch.float16)
     out = rep.to_dict(["a.weight", "b.bias"])
     assert list(out) == ["a.weight", "b.bias"]
-    assert list(out["a.weight"]) == [f"fp16_{f}" for f in H.PrecisionReport.FIELDS]
+    assert list(out["a.weight"]) == [f"fp16_{f}" for f in P.PrecisionReport.FIELDS]
     assert out["a.weight"]["fp16_flush_to_zero"] == rep.flush_to_zero[0].item()
     assert out["b.bias"]["fp16_subnormal"] == 0.0
     with pytest.raises(ValueError, match="names"):
@@ -449,8 +452,8 @@ def test_precision_lines_loss_scale():
     wide = torch.tensor([2.0**-30, 2.0**15, 1.0, 1.0])  # no scale fits both ends
     hot = torch.tensor([1e5, 1.0, 2.0, 3.0])
     hist, zeros = H.group_histogram([x, wide, hot])
-    rep = H.precision_report(hist, zeros, None, torch.float16)
-    lines = H.precision_lines(rep, ["layers.3.mlp.w2", "wide", "hot"])
+    rep = P.precision_report(hist, zeros, None, torch.float16)
+    lines = P.precision_lines(rep, ["layers.3.mlp.w2", "wide", "hot"])
     line = next(s for s in lines if "layers.3.mlp.w2" in s)
     assert line == (
         "41% of `layers.3.mlp.w2` gradients fall below fp16's smallest normal; "
@@ -464,17 +467,17 @@ def test_precision_lines_loss_scale():
     hot_line = next(s for s in lines if "`hot`" in s)
     assert hot_line.startswith("25% of `hot` gradients overflow fp16 (|g| >= 65520)")
     assert hot_line.endswith("a scale of 2^-2 would fit them")  # amax bound: 2^17
-    exact = H.precision_report(
+    exact = P.precision_report(
         hist, zeros, None, torch.float16, max_abs=torch.tensor([1.0, 2.0**15, 1e5])
     )
-    hot_line = next(s for s in H.precision_lines(exact, ["x", "w", "hot"]) if "`hot`" in s)
+    hot_line = next(s for s in P.precision_lines(exact, ["x", "w", "hot"]) if "`hot`" in s)
     assert hot_line.endswith("a scale of 2^-1 would fit them")  # 65504 / 1e5 = 0.66
     # Shares under min_fraction are left out, but a definite overflow is always reported.
-    assert [s[:9] for s in H.precision_lines(rep, ["a", "b", "c"], min_fraction=0.5)] == [
+    assert [s[:9] for s in P.precision_lines(rep, ["a", "b", "c"], min_fraction=0.5)] == [
         "25% of `c"
     ]
     hist, zeros = H.group_histogram([x])
-    assert H.precision_lines(H.precision_report(hist, zeros, None, "fp16"), min_fraction=0.5) == []
+    assert P.precision_lines(P.precision_report(hist, zeros, None, "fp16"), min_fraction=0.5) == []
 
 
 # ------------------------------------------------------------------------------ exports
@@ -483,7 +486,7 @@ def test_precision_lines_loss_scale():
 def test_tensorboard_kwargs_shape_and_empty():
     x = torch.tensor([0.0, 0.0, 2.0**-3, 0.3, 1.5, NAN, INF])
     hist, _ = H.group_histogram([x, torch.zeros(0), torch.full((4,), NAN)])
-    kw = H.tensorboard_histogram_kwargs(hist[0])
+    kw = W.tensorboard_histogram_kwargs(hist[0])
     assert kw is not None and kw["num"] == 5.0
     # bins 0 (zeros), 131 ([2^-3, 2^-2)), 132 (0.3), 134 (1.5): the span is bins 0..134
     assert kw["bucket_counts"] == [2.0] + [0.0] * 130 + [1.0, 1.0, 0.0, 1.0]
@@ -491,25 +494,25 @@ def test_tensorboard_kwargs_shape_and_empty():
     assert kw["bucket_limits"][-1] == 1.0 and kw["max"] == 1.0
     assert len(kw["bucket_limits"]) == len(kw["bucket_counts"])
     assert all(math.isfinite(v) for v in (kw["min"], kw["max"], kw["sum"], kw["sum_squares"]))
-    lin = H.tensorboard_histogram_kwargs(hist[0], log2=False, sum_abs=1.925, max_abs=1.5)
+    lin = W.tensorboard_histogram_kwargs(hist[0], log2=False, sum_abs=1.925, max_abs=1.5)
     assert lin["min"] == 0.0 and lin["max"] == 1.5 and lin["sum"] == 1.925
     assert lin["bucket_limits"][-1] == 2.0
-    assert H.tensorboard_histogram_kwargs(hist[1]) is None  # empty tensor
-    assert H.tensorboard_histogram_kwargs(hist[2]) is None  # only NaN: nothing to draw
+    assert W.tensorboard_histogram_kwargs(hist[1]) is None  # empty tensor
+    assert W.tensorboard_histogram_kwargs(hist[2]) is None  # only NaN: nothing to draw
     with pytest.raises(ValueError, match="counts_row"):
-        H.tensorboard_histogram_kwargs([1, 2, 3])
+        W.tensorboard_histogram_kwargs([1, 2, 3])
 
 
 def test_wandb_np_histogram_edges():
     x = torch.tensor([0.0, 2.0**-3, 3e5, NAN])
     hist, _ = H.group_histogram([x])
-    counts, bins = H.wandb_np_histogram(hist[0])
-    assert len(bins) == len(counts) + 1 == H.NUM_BINS + 1  # bin 0 .. bin 151
+    counts, bins = W.wandb_np_histogram(hist[0])
+    assert len(bins) == len(counts) + 1 == C.NUM_BINS + 1  # bin 0 .. bin 151
     assert bins[0] == -134.0 and bins[-1] == 18.0 and counts[0] == 1 and counts[-1] == 1
-    counts, bins = H.wandb_np_histogram(hist[0], log2=False, max_abs=3e5)
+    counts, bins = W.wandb_np_histogram(hist[0], log2=False, max_abs=3e5)
     assert bins[0] == 0.0 and bins[-1] == 3e5 and all(math.isfinite(b) for b in bins)
     hist, _ = H.group_histogram([torch.full((3,), INF)])
-    assert H.wandb_np_histogram(hist[0]) is None
+    assert W.wandb_np_histogram(hist[0]) is None
 
 
 def test_tensorboard_writer_round_trip(tmp_path):
@@ -522,7 +525,7 @@ def test_tensorboard_writer_round_trip(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     logged = []
     for i, tag in enumerate(["grad/w", "grad/nan_only"]):
-        kw = H.tensorboard_histogram_kwargs(hist[i])
+        kw = W.tensorboard_histogram_kwargs(hist[i])
         if kw is not None:
             writer.add_histogram_raw(tag, global_step=1, **kw)
             logged.append((tag, kw))
@@ -548,7 +551,7 @@ def test_wandb_histogram_offline(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     x = planted(2000, torch.bfloat16, seed=8)
     hist, _ = H.group_histogram([x])
-    counts, bins = H.wandb_np_histogram(hist[0])
+    counts, bins = W.wandb_np_histogram(hist[0])
     h = wandb.Histogram(np_histogram=(counts, bins))
     assert list(h.histogram) == counts and list(h.bins) == bins
     monkeypatch.setenv("WANDB_SILENT", "true")

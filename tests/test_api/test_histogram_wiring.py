@@ -15,7 +15,9 @@ from helpers import assert_same_tensors, clone_grads
 from histogram_helpers import cast_truth, numpy_reference, planted, report_values
 
 import fastgradstats as fgs
+from fastgradstats import constants as C
 from fastgradstats import histogram as H
+from fastgradstats import precision as P
 from fastgradstats import stats as stats_module
 
 NAN, INF = float("nan"), float("inf")
@@ -32,7 +34,7 @@ def _params(tensors: list[torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]
 
 def _check_counts(stats: fgs.GradStats, grads: list[torch.Tensor]) -> None:
     assert stats.histogram.dtype == torch.int64 and stats.zero_count.dtype == torch.int64
-    assert stats.histogram.shape == (len(grads), H.NUM_BINS)
+    assert stats.histogram.shape == (len(grads), C.NUM_BINS)
     assert stats.histogram.device == stats.norms.device
     assert stats.histogram_edges.dtype == torch.float64
     assert torch.equal(stats.histogram_edges.cpu(), H.histogram_edges())
@@ -94,7 +96,7 @@ def test_histograms_for_dispatches_per_group(backend, monkeypatch):
 
 
 def test_grad_stats_histogram_empty_and_none_grads(backend):
-    assert fgs.grad_stats([], histogram=True).histogram.shape == (0, H.NUM_BINS)
+    assert fgs.grad_stats([], histogram=True).histogram.shape == (0, C.NUM_BINS)
     p = torch.nn.Parameter(torch.ones(3))
     q = torch.nn.Parameter(torch.ones(4))
     q.grad = torch.tensor([0.0, 1.0, 2.0**-20, NAN])
@@ -151,7 +153,7 @@ def test_clip_grad_norm_histogram_bad_input_changes_nothing(backend):
         fgs.clip_grad_norm_([q], 1.0, return_stats=True, histogram=1)
     assert_same_tensors([p.grad, q.grad], before)
     total, stats = fgs.clip_grad_norm_([], 1.0, return_stats=True, histogram=True)
-    assert stats.histogram.shape == (0, H.NUM_BINS) and float(total) == 0
+    assert stats.histogram.shape == (0, C.NUM_BINS) and float(total) == 0
 
 
 def test_histogram_path_never_syncs_on_meta_device():
@@ -163,7 +165,7 @@ def test_histogram_path_never_syncs_on_meta_device():
         p.grad = torch.empty_like(p)
         params.append((f"p{i}", p))
     stats = fgs.grad_stats(params, histogram=True, backend="torch")
-    assert stats.histogram.device.type == "meta" and stats.histogram.shape == (4, H.NUM_BINS)
+    assert stats.histogram.device.type == "meta" and stats.histogram.shape == (4, C.NUM_BINS)
     assert stats.zero_count.device.type == "meta"
     report = stats.precision_report(torch.float8_e4m3fn)
     assert report.flush_to_zero.device.type == "meta"
@@ -180,7 +182,7 @@ def test_precision_report_matches_torch_cast(backend, target):
     grads = [x, y, clean]
     stats = fgs.grad_stats(_params(grads), histogram=True)
     report = stats.precision_report(target)
-    fmt = H.float_format(target)
+    fmt = P.float_format(target)
     for i, g in enumerate(grads):
         truth = cast_truth(g, fmt)
         d = truth["nonzero"]
@@ -206,7 +208,7 @@ def test_precision_overflow_exact_from_max_abs():
     stats = fgs.grad_stats(_params([x]), histogram=True)
     report = stats.precision_report(torch.float16)
     assert float(report.overflow[0]) == 0.0 == float(report.overflow_upper[0])
-    bare = H.precision_report(stats.histogram, stats.zero_count, dtype=torch.float16)
+    bare = P.precision_report(stats.histogram, stats.zero_count, dtype=torch.float16)
     assert float(bare.overflow_upper[0]) > 0  # without max_abs the bin is ambiguous
 
 
@@ -221,7 +223,7 @@ def test_to_dict_precision_keys(backend):
     assert row["fp16_flush_to_zero"] == pytest.approx(1 / nonzero)
     assert row["fp16_subnormal"] == pytest.approx(1 / nonzero)
     assert row["fp16_overflow"] == pytest.approx(1 / nonzero)
-    for field in H.PrecisionReport.FIELDS:
+    for field in P.PrecisionReport.FIELDS:
         assert f"fp8_e4m3fn_{field}" in row and f"fp16_{field}" in row
     assert data["tensors"]["p1"]["fp16_subnormal"] == 0.0
     assert data["tensors"]["p1"]["nan_count"] == 1

@@ -15,7 +15,9 @@ from monitor_helpers import set_random_grads, tiny_model
 from wandb_helpers import finish_run
 
 from fastgradstats import GradMonitor
-from fastgradstats import histogram as H
+from fastgradstats import constants as C
+from fastgradstats import precision as P
+from fastgradstats.monitor import writers as W
 from fastgradstats.monitor.history import HistogramHistory
 
 NAN, INF = float("nan"), float("inf")
@@ -44,7 +46,7 @@ def test_histograms_match_numpy_every_k_steps_before_clipping(backend):
     hist = monitor.histogram_history()
     assert isinstance(hist, HistogramHistory)
     assert hist.steps.tolist() == [0, 2, 4, 6]  # recorded steps 0, 2, 4, 6 (every=2)
-    assert hist.counts.shape == (4, len(monitor.names), H.NUM_BINS)
+    assert hist.counts.shape == (4, len(monitor.names), C.NUM_BINS)
     for k, step in enumerate(hist.steps.tolist()):
         for j, g in enumerate(seen[step]):
             if g is None:
@@ -123,7 +125,7 @@ def test_to_dict_precision_keys_match_a_float64_cast():
     for name, g in grads.items():
         assert out[f"t/grad_zero_frac/{name}"] == pytest.approx(float((g == 0).double().mean()))
         for dtype in monitor.histogram_dtypes:
-            fmt = H.float_format(dtype)
+            fmt = P.float_format(dtype)
             truth = cast_truth(g, fmt)
             d = truth["nonzero"]
             prefix = f"t/grad_{fmt.name}_"
@@ -203,7 +205,7 @@ def test_tensorboard_histograms_read_back_from_the_event_file(tmp_path):
             hi = int(np.flatnonzero(ref)[-1])
             assert list(value.bucket) == ref[lo : hi + 1].tolist()
             # buckets on log2 |g|: bucket i ends at the upper edge of its bin
-            shown = H.display_edges()
+            shown = W.display_edges()
             assert list(value.bucket_limit) == pytest.approx(shown[lo + 1 : hi + 2])
     monitor._writers[0].writer.close()
 
@@ -231,7 +233,7 @@ def test_wandb_histograms_in_the_offline_run_file(wandb_run):
             ref, _ = numpy_reference(seen[step][j])
             lo, hi = int(np.flatnonzero(ref)[0]), int(np.flatnonzero(ref)[-1])
             assert row[f"{key}/values"] == ref[lo : hi + 1].tolist()
-            assert row[f"{key}/bins"] == pytest.approx(H.display_edges()[lo : hi + 2])
+            assert row[f"{key}/bins"] == pytest.approx(W.display_edges()[lo : hi + 2])
         assert row["grad_hist_step"] == step
     plain_rows = [r for r in rows if "grad/step" in r and r["grad/step"] in (1, 3)]
     assert len(plain_rows) == 2
