@@ -246,7 +246,7 @@ def resident_warps(regs: int, shared: int, num_warps: int, target: str) -> int:
     """Warps of a kernel resident on one SM of ``target`` (the occupancy model of
     :data:`SM_LIMITS`: the least of the register, shared-memory, warp and block limits)."""
     sm = SM_LIMITS[target]
-    regs_per_warp = -(-regs * 32 // sm["reg_unit"]) * sm["reg_unit"]
+    regs_per_warp = max(-(-regs * 32 // sm["reg_unit"]), 1) * sm["reg_unit"]
     partitions = sm["sub_partitions"]
     # a block's warps are spread over the sub-partitions, each with its own register file
     warps_by_regs = (sm["regs"] // partitions // regs_per_warp) * partitions
