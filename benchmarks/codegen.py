@@ -26,7 +26,8 @@ use). For each it records, in ``DIR/codegen.json``::
   use of a loaded register (:func:`bytes_before_first_use`): what it has in flight when it
   first waits for memory;
 * ``bytes_in_flight``: ``resident_warps * 32 * load_bytes_per_thread``: the bytes of
-  gradient loads one SM has in flight (HBM needs ~32 KiB per SM to be saturated).
+  gradient loads one SM has in flight (issue 18 puts the floor that saturates HBM at
+  ~32 KiB per SM).
 
 It exits with status 1, after writing everything, when a grad kernel has no 128-bit load,
 a scale or zero kernel no 128-bit store, anything spills, a stats kernel runs more than
@@ -71,12 +72,12 @@ _REG = re.compile(r"\bR(\d+)(\.64)?\b")
 _DEST = re.compile(r"^(?:R\d+|RZ|U?P\d+|U?PT|UR\d+|URZ)(?:\.\w+)*$")
 
 # Per-SM limits of the occupancy model: NVIDIA's occupancy calculator (cuda_occupancy.h,
-# cudaOccMaxActiveBlocksPerMultiprocessor: registers are allocated per warp in units of
-# 256 from 4 sub-partitions of the register file, so warps by registers =
-# floor(65536 / 4 / roundup(regs * 32, 256)) * 4), and the CUDA C++ Programming Guide's
-# table of compute capabilities (64K registers, 64 warps and 32 blocks per SM; 228 KiB of
-# shared memory per SM on 9.0, 164 KiB on 8.0; 1 KiB of it reserved per block, allocated
-# in 128-byte units). Partitioned global caching (Kepler-era) does not apply.
+# cudaOccMaxBlocksPerSMRegsLimit with partitioned global caching off: registers are
+# allocated per warp in units of 256 from 4 sub-partitions of the register file, so warps
+# by registers = floor(65536 / 4 / roundup(regs * 32, 256)) * 4), and the CUDA C++
+# Programming Guide's table of compute capabilities (64K registers, 64 warps and 32 blocks
+# per SM; 228 KiB of shared memory per SM on 9.0, 164 KiB on 8.0; 1 KiB of it reserved per
+# block, allocated in 128-byte units).
 SM_LIMITS = {
     target: {"regs": 65536, "sub_partitions": 4, "reg_unit": 256, "warps": 64, "blocks": 32,
              "shared": shared_kib * 1024, "shared_reserved": 1024, "shared_unit": 128}
