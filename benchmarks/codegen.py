@@ -6,8 +6,9 @@ dtype, with the constexprs and ``num_warps`` the host launches with (the same
 ``stats_config`` / ``finalize_config`` / ``elementwise_config`` helpers the launchers
 use). For each it records, in ``DIR/codegen.json``::
 
-    {kernel, variant, dtype, target, role, ptx, regs, spills, vector_loads,
-     vector_stores, sass_per_element, loop_instructions, loop_elements}
+    {kernel, variant, dtype, target, role, ptx, num_warps, constexprs, regs, spills,
+     vector_loads, vector_stores, sass_per_element, loop_instructions, loop_elements,
+     shared, resident_warps, load_bytes_per_thread, bytes_in_flight}
 
 * ``role``: ``"grad"`` for a kernel that reads gradient memory (and may write it),
   ``"write"`` for one that only writes it (the zero kernel), else ``"aux"``;
@@ -17,13 +18,24 @@ use). For each it records, in ``DIR/codegen.json``::
 * ``sass_per_element``: the SASS instructions one thread executes per gradient element in
   the steady state: the instructions of the hot loop (the innermost backward branch whose
   body loads the most gradient bytes; ptxas may unroll it), divided by the elements the
-  body loads per thread (the widths of its ``LDG`` instructions over the element size).
+  body loads per thread (the widths of its ``LDG`` instructions over the element size);
+* ``shared``: bytes of shared memory per block (Triton's metadata);
+* ``resident_warps``: warps resident on one SM of the target, from ``regs``, ``shared`` and
+  ``num_warps`` (the occupancy model of :data:`SM_LIMITS`: NVIDIA's occupancy calculator);
+* ``load_bytes_per_thread``: bytes one thread loads per hot-loop iteration before its first
+  use of a loaded register (:func:`bytes_before_first_use`): what it has in flight when it
+  first waits for memory;
+* ``bytes_in_flight``: ``resident_warps * 32 * load_bytes_per_thread``: the bytes of
+  gradient loads one SM has in flight (issue 18 puts the floor that saturates HBM at
+  ~32 KiB per SM).
 
 It exits with status 1, after writing everything, when a grad kernel has no 128-bit load,
-a scale or zero kernel no 128-bit store, anything spills, or a stats kernel runs more than
-:data:`STATS_BUDGET` instructions per element (or has no steady-state loop). The stats
-variant with the histogram (:data:`HIST_VARIANT`, ``grad_stats(histogram=True)``) is
-reported but outside that budget: binning costs shared-memory atomics per element.
+a scale or zero kernel no 128-bit store, anything spills, a stats kernel runs more than
+:data:`STATS_BUDGET` instructions per element (or has no steady-state loop) or has fewer
+than :data:`IN_FLIGHT_BUDGET` bytes in flight per SM, or the stats variant with the
+histogram (:data:`HIST_VARIANT`, ``grad_stats(histogram=True)``) uses more than
+:data:`HIST_REGS_BUDGET` registers. That variant is outside the instruction and in-flight
+budgets: binning costs shared-memory atomics per element.
 
 Triton must not be in interpreter mode for this: when ``TRITON_INTERPRET`` is set the
 command re-runs itself in a child process without it. Compiled kernels land in Triton's
@@ -44,7 +56,9 @@ from pathlib import Path
 from typing import Any
 
 STATS_BUDGET = 10.0  # SASS instructions per element, stats kernel, steady state
-HIST_VARIANT = "p2-stats-hist"  # stats + histogram: reported, outside the stats budget
+IN_FLIGHT_BUDGET = 40 * 1024  # least bytes of gradient loads in flight per SM, stats kernel
+HIST_REGS_BUDGET = 64  # most registers per thread of the stats variant with the histogram
+HIST_VARIANT = "p2-stats-hist"  # stats + histogram: outside the stats and in-flight budgets
 TARGETS = {"sm_90": 90, "sm_80": 80}
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -54,6 +68,21 @@ _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 _LDG = re.compile(r"\bLDG\.E(?:\.(\d+|U8|S8|U16|S16|64|128))?")
 _LDG_BYTES = {None: 4, "U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+_REG = re.compile(r"\bR(\d+)(\.64)?\b")
+_DEST = re.compile(r"^(?:R\d+|RZ|U?P\d+|U?PT|UR\d+|URZ)(?:\.\w+)*$")
+
+# Per-SM limits of the occupancy model: NVIDIA's occupancy calculator (cuda_occupancy.h,
+# cudaOccMaxBlocksPerSMRegsLimit with partitioned global caching off: registers are
+# allocated per warp in units of 256 from 4 sub-partitions of the register file, so warps
+# by registers = floor(65536 / 4 / roundup(regs * 32, 256)) * 4), and the CUDA C++
+# Programming Guide's table of compute capabilities (64K registers, 64 warps and 32 blocks
+# per SM; 228 KiB of shared memory per SM on 9.0, 164 KiB on 8.0; 1 KiB of it reserved per
+# block, allocated in 128-byte units).
+SM_LIMITS = {
+    target: {"regs": 65536, "sub_partitions": 4, "reg_unit": 256, "warps": 64, "blocks": 32,
+             "shared": shared_kib * 1024, "shared_reserved": 1024, "shared_unit": 128}
+    for target, shared_kib in (("sm_90", 228), ("sm_80", 164))
+}  # fmt: skip
 
 
 def _nvidia_bin(tool: str) -> str:
@@ -139,6 +168,17 @@ def _short(dtype_name: str) -> str:
 
 def hot_loop(sass: str) -> tuple[int, int] | None:
     """(instructions, bytes loaded per thread) of the hot loop of a SASS listing."""
+    body = hot_loop_body(sass)
+    if body is None:
+        return None
+    return len(body), sum(_LDG_BYTES.get(m.group(1), 4) for t in body if (m := _LDG.search(t)))
+
+
+def hot_loop_body(sass: str) -> list[str] | None:
+    """The instructions of the hot loop of a SASS listing, in address order (None: no loop).
+
+    The hot loop is the innermost backward branch whose body loads the most bytes (``LDG``).
+    """
     code = []
     for line in sass.splitlines():
         m = _SASS_LINE.match(line)
@@ -160,8 +200,67 @@ def hot_loop(sass: str) -> tuple[int, int] | None:
             if m:
                 loaded += _LDG_BYTES.get(m.group(1), 4)
         if loaded and (best is None or loaded > best[1]):
-            best = (len(body), loaded)
-    return best
+            best = (body, loaded)
+    return None if best is None else best[0]
+
+
+def _registers(operand: str) -> set[int]:
+    """General registers an operand names (``R4``, ``R4.reuse``, the pair ``R2.64``)."""
+    regs = set()
+    for m in _REG.finditer(operand):
+        n = int(m.group(1))
+        regs.update((n, n + 1) if m.group(2) else (n,))
+    return regs
+
+
+def bytes_before_first_use(body: list[str]) -> int:
+    """Bytes one thread has in flight per loop iteration: the widths of the ``LDG``
+    instructions of ``body`` issued before the first instruction that reads a register one
+    of them writes (where the warp must wait for memory). Loads of the next iteration that
+    ptxas hoists above the back edge are not seen: a lower bound."""
+    pending: set[int] = set()  # registers written by loads not yet read
+    issued = 0
+    for text in body:
+        text = re.sub(r"^@!?U?P\w+\s+", "", text)  # the predicate guard
+        opcode, _, rest = text.partition(" ")
+        operands = [o.strip() for o in rest.split(",")] if rest else []
+        m = _LDG.match(opcode)
+        if m:
+            dest = _registers(operands[0]) if operands else set()
+            if any(_registers(o) & pending for o in operands[1:]):
+                break  # an address computed from loaded data
+            width = _LDG_BYTES.get(m.group(1), 4)
+            first = min(dest) if dest else 0
+            pending.update(range(first, first + max(width // 4, 1)))
+            issued += width
+            continue
+        first_is_dest = bool(operands) and _DEST.match(operands[0]) is not None
+        sources = operands[1:] if first_is_dest else operands
+        if any(_registers(o) & pending for o in sources):
+            break
+        if first_is_dest:
+            pending -= _registers(operands[0])  # overwritten unread: no longer waited on
+    return issued
+
+
+def resident_warps(regs: int, shared: int, num_warps: int, target: str) -> int:
+    """Warps of a kernel resident on one SM of ``target`` (the occupancy model of
+    :data:`SM_LIMITS`: the least of the register, shared-memory, warp and block limits)."""
+    sm = SM_LIMITS[target]
+    regs_per_warp = max(-(-regs * 32 // sm["reg_unit"]), 1) * sm["reg_unit"]
+    partitions = sm["sub_partitions"]
+    # a block's warps are spread over the sub-partitions, each with its own register file
+    warps_by_regs = (sm["regs"] // partitions // regs_per_warp) * partitions
+    if regs_per_warp * -(-num_warps // partitions) * partitions > sm["regs"]:
+        return 0  # the hardware's per-block check
+    shared_per_block = -(-shared // sm["shared_unit"]) * sm["shared_unit"] + sm["shared_reserved"]
+    blocks = min(
+        warps_by_regs // num_warps,
+        sm["shared"] // shared_per_block,
+        sm["warps"] // num_warps,
+        sm["blocks"],
+    )
+    return blocks * num_warps
 
 
 def _ptxas_stats(ptx_path: Path, arch: str, capability: int) -> tuple[int, int]:
@@ -204,10 +303,14 @@ def compile_one(spec: dict[str, Any], target: str, out_dir: Path) -> dict[str, A
         sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", cubin.name],
                               capture_output=True, text=True, check=True).stdout  # fmt: skip
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[spec["dtype"]]
-    loop = hot_loop(sass) if spec["role"] == "grad" else None
+    body = hot_loop_body(sass) if spec["role"] == "grad" else None
+    loop = hot_loop(sass) if body is not None else None
     per_element = None
     if loop is not None:
         per_element = round(loop[0] / (loop[1] / itemsize), 3)
+    shared = compiled.metadata.shared
+    warps = resident_warps(regs, shared, num_warps, target)
+    per_thread = bytes_before_first_use(body) if body is not None else None
     return {
         "kernel": spec["kernel"],
         "variant": spec["variant"],
@@ -224,6 +327,10 @@ def compile_one(spec: dict[str, Any], target: str, out_dir: Path) -> dict[str, A
         "sass_per_element": per_element,
         "loop_instructions": loop[0] if loop else None,
         "loop_elements": loop[1] // itemsize if loop else None,
+        "shared": shared,
+        "resident_warps": warps,
+        "load_bytes_per_thread": per_thread,
+        "bytes_in_flight": None if per_thread is None else warps * 32 * per_thread,
     }
 
 
@@ -244,6 +351,13 @@ def failures(entries: list[dict[str, Any]]) -> list[str]:
                 bad.append(f"{where}: no steady-state loop found in the SASS")
             elif spe > STATS_BUDGET:
                 bad.append(f"{where}: {spe} SASS instructions per element > {STATS_BUDGET}")
+            flight = e.get("bytes_in_flight")
+            if flight is not None and flight < IN_FLIGHT_BUDGET:
+                bad.append(f"{where}: {flight} bytes of loads in flight per SM "
+                           f"< {IN_FLIGHT_BUDGET}")  # fmt: skip
+        hist = e["kernel"] == "stats_kernel" and e["variant"] == HIST_VARIANT
+        if hist and e["regs"] > HIST_REGS_BUDGET:
+            bad.append(f"{where}: {e['regs']} registers > {HIST_REGS_BUDGET}")
     return bad
 
 
@@ -261,6 +375,8 @@ def run(out_dir: Path, targets: list[str], log=sys.stderr) -> dict[str, Any]:
         "triton": triton.__version__,
         "seconds": round(time.perf_counter() - start, 1),
         "stats_budget": STATS_BUDGET,
+        "in_flight_budget": IN_FLIGHT_BUDGET,
+        "hist_regs_budget": HIST_REGS_BUDGET,
         "entries": entries,
         "failures": failures(entries),
     }
@@ -270,13 +386,18 @@ def run(out_dir: Path, targets: list[str], log=sys.stderr) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'kernel':<18}{'variant':<15}{'dtype':<10}{'target':<7}{'regs':>5}{'spill':>6}"
-             f"{'ld.v4':>6}{'st.v4':>6}{'sass/elem':>10}"]  # fmt: skip
+             f"{'ld.v4':>6}{'st.v4':>6}{'sass/elem':>10}{'warps':>6}{'B/thr':>6}"
+             f"{'KiB/SM':>7}"]  # fmt: skip
     for e in report["entries"]:
         spe = "-" if e["sass_per_element"] is None else f"{e['sass_per_element']:.2f}"
+        per_thread = e.get("load_bytes_per_thread")
+        flight = e.get("bytes_in_flight")
         lines.append(
             f"{e['kernel']:<18}{e['variant']:<15}{e['dtype']:<10}{e['target']:<7}"
             f"{e['regs']:>5}{e['spills']:>6}{e['vector_loads']:>6}{e['vector_stores']:>6}"
-            f"{spe:>10}"
+            f"{spe:>10}{e.get('resident_warps', '-'):>6}"
+            f"{'-' if per_thread is None else per_thread:>6}"
+            f"{'-' if flight is None else f'{flight / 1024:g}':>7}"
         )
     verdict = "OK" if not report["failures"] else "FAIL:\n  " + "\n  ".join(report["failures"])
     lines.append(f"{len(report['entries'])} kernels compiled in {report['seconds']} s: {verdict}")
@@ -300,4 +421,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report["failures"] else 0
 
 
-__all__ = ["HIST_VARIANT", "STATS_BUDGET", "failures", "hot_loop", "kernel_specs", "main", "run"]
+__all__ = [
+    "HIST_REGS_BUDGET",
+    "HIST_VARIANT",
+    "IN_FLIGHT_BUDGET",
+    "SM_LIMITS",
+    "STATS_BUDGET",
+    "bytes_before_first_use",
+    "failures",
+    "hot_loop",
+    "hot_loop_body",
+    "kernel_specs",
+    "main",
+    "resident_warps",
+    "run",
+]

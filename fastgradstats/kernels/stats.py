@@ -6,9 +6,10 @@ Two stages, deterministic (fixed reduction order, no float atomics in any result
    ``BLOCK`` elements of one tensor and loops over it ``TILE`` elements at a time (two
    16-byte loads per thread), accumulating in registers: the p-partial (sum g^2, sum |g|
    or max |g|) and, for full statistics, max |g| (NaN-propagating). The block's reductions
-   happen once, after the loop. NaN/Inf are counted only in a block whose max |g| is not
-   finite (a second read of that block alone): the steady-state loop does 2 floating
-   point operations per element. With the ``HISTOGRAM`` constexpr (``grad_stats(...,
+   happen once, after the loop (16-bit: one sum and one max per 16-byte vector, so that
+   few registers are live; see ``_accumulate``). NaN/Inf are counted only in a block whose
+   max |g| is not finite (a second read of that block alone): the steady-state loop does 2
+   floating point operations per element. With the ``HISTOGRAM`` constexpr (``grad_stats(...,
    histogram=True)``) the same loop also bins each tile's raw bits (:mod:`.binning`) and
    counts exact zeros; each block then adds its counts to the per-tensor int64 outputs with
    integer atomics (order-independent, so deterministic). With it off, the code of every
@@ -103,13 +104,37 @@ def block_location(table_ptr, b, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def _accumulate(x, acc, big, NORM: tl.constexpr, STATS: tl.constexpr):
+def _accumulate(x, acc, big, NORM: tl.constexpr, STATS: tl.constexpr, VEC: tl.constexpr,
+                FOLD: tl.constexpr):  # fmt: skip
+    """Add one float32 tile ``x`` [TILE] to the loop-carried accumulators.
+
+    Registers decide how many warps an SM keeps resident, hence how many bytes of loads it
+    has in flight (``benchmarks codegen`` reports both). A 16-bit tile's two 16-byte loads
+    per thread hold 16 elements: per-element float32 accumulators took 32 registers, 2 per
+    loaded register (55 in all: 32 warps, 32 KiB in flight per SM on sm_90). So, 16-bit
+    (``VEC`` = 8 elements, one 16-byte load; ``FOLD``):
+
+    * ``big`` holds one max |g| per vector ([TILE // VEC]): the thread reduces its vector in
+      its own registers first. Exact: max does not depend on order (NaN propagates).
+    * ``acc`` (with ``FOLD``) holds one sum per vector: each vector is summed (a pairwise
+      tree) before it is added, a float32 summation order of its own.
+
+    float32 keeps ``VEC`` = 1 and per-element sums: its code is unchanged (4 elements per
+    load; it already has 80 KiB in flight, and folding costs instructions).
+    """
+    rows = tl.reshape(x, [x.shape[0] // VEC, VEC])  # a thread's vector is one row
     if NORM == 2:
-        acc += x * x
+        if FOLD:
+            acc += tl.sum(rows * rows, axis=1)
+        else:
+            acc += x * x
     elif NORM == 1:
-        acc += tl.abs(x)
+        if FOLD:
+            acc += tl.sum(tl.abs(rows), axis=1)
+        else:
+            acc += tl.abs(x)
     if STATS or NORM == 0:
-        big = max_nan(big, tl.abs(x))
+        big = max_nan(big, tl.reduce(tl.abs(rows), 1, max_nan))
     return acc, big
 
 
@@ -132,27 +157,29 @@ def stats_kernel(
     SUBNORMALS: tl.constexpr,  # inputs can be fp32 subnormals (fp32, bf16); False for fp16
     NUM_BINS: tl.constexpr,  # histogram bins (fastgradstats.histogram.NUM_BINS)
     HIST_BINS: tl.constexpr,  # power of two >= NUM_BINS (tl.histogram's size)
+    VEC: tl.constexpr,  # elements per 16-byte load (capped at TILE): one max |g| per vector
+    FOLD: tl.constexpr,  # sum each vector before accumulating (see _accumulate)
 ):
     n_tensors = wide(n_tensors)
     num_blocks = wide(num_blocks)
     b = wide(block_lo) + tl.program_id(0).to(tl.int64)
     base, count = block_location(table_ptr, b, n_tensors, DTYPE, BLOCK, ALIGNED)
     lanes = tl.arange(0, TILE)
-    acc = tl.zeros([TILE], dtype=tl.float32)
-    big = tl.zeros([TILE], dtype=tl.float32)
+    acc = tl.zeros([TILE // VEC if FOLD else TILE], dtype=tl.float32)
+    big = tl.zeros([TILE // VEC], dtype=tl.float32)
     if HISTOGRAM:  # compile-time: the other variants do not see these lines
         hist = tl.zeros([HIST_BINS], dtype=tl.int32)  # a block holds <= 2**24 elements
     full = count // TILE
     for i in range(full):  # the steady state: unmasked, contiguous, aligned -> 128-bit loads
         raw = tl.load(base + i * TILE + lanes)
-        acc, big = _accumulate(raw.to(tl.float32), acc, big, NORM, STATS)
+        acc, big = _accumulate(raw.to(tl.float32), acc, big, NORM, STATS, VEC, FOLD)
         if HISTOGRAM:  # bits of the raw load: exact for bf16 subnormals (see binning)
             hist = bin_tile(abs_bits_of(raw, DTYPE), hist, DTYPE, SUBNORMALS, NUM_BINS,
                             HIST_BINS)  # fmt: skip
     rest = count - full * TILE
     if rest > 0:
         raw = tl.load(base + full * TILE + lanes, mask=lanes < rest, other=0.0)
-        acc, big = _accumulate(raw.to(tl.float32), acc, big, NORM, STATS)
+        acc, big = _accumulate(raw.to(tl.float32), acc, big, NORM, STATS, VEC, FOLD)
         if HISTOGRAM:  # lanes past the end read 0.0: make them non-finite (no bin, no zero)
             u = tl.where(lanes < rest, abs_bits_of(raw, DTYPE), 0x7F800000)
             hist = bin_tile(u, hist, DTYPE, SUBNORMALS, NUM_BINS, HIST_BINS)
@@ -302,10 +329,11 @@ def stats_config(
 ) -> dict:
     """The constexprs and ``num_warps`` :func:`stats_kernel` is launched with (also what
     ``benchmarks codegen`` compiles)."""
+    tile = tile_size(dtype, block)
     return {
         "DTYPE": triton_dtype(dtype),
         "BLOCK": block,
-        "TILE": tile_size(dtype, block),
+        "TILE": tile,
         "ALIGNED": aligned,
         "NORM": NORM_CODES[float(norm_type)],
         "STATS": stats,
@@ -314,8 +342,16 @@ def stats_config(
         "SUBNORMALS": dtype != torch.float16,
         "NUM_BINS": NUM_BINS,
         "HIST_BINS": HIST_BINS,
+        **_accumulator_config(dtype, tile),
         "num_warps": settings.NUM_WARPS,
     }
+
+
+def _accumulator_config(dtype: torch.dtype, tile: int) -> dict:
+    """VEC and FOLD of :func:`stats_kernel` (see ``_accumulate``): 16-bit dtypes fold."""
+    if dtype.itemsize != 2:
+        return {"VEC": 1, "FOLD": False}  # fp32: per-element accumulators, as before
+    return {"VEC": min(settings.VECTOR_BYTES // 2, tile), "FOLD": True}
 
 
 def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dtype) -> dict:

@@ -82,6 +82,26 @@ def test_gradient_access_is_128_bit_and_stats_within_budget(report):
     assert "ld.global.v4.b32" in ptx
 
 
+def test_16_bit_stats_keep_enough_loads_in_flight(report):
+    """Issue 18 item 5: the 16-bit full-stats programs took 54-56 registers on sm_90 (32
+    resident warps, 32 KiB of loads in flight per SM) and the fused histogram variant 88-103
+    (16 KiB): now >= 40 KiB and <= 64 registers, and fp32 no worse than it was."""
+    _, data, _ = report
+    by_key = {(e["kernel"], e["variant"], e["dtype"], e["target"]): e for e in data["entries"]}
+    for dtype in ("bfloat16", "float16"):
+        for variant in ("p2-stats", "p1-stats", "pinf-stats"):
+            e = by_key["stats_kernel", variant, dtype, "sm_90"]
+            assert e["bytes_in_flight"] >= 40 * 1024, e
+            assert e["resident_warps"] == codegen.resident_warps(e["regs"], e["shared"], 8,
+                                                                 "sm_90")  # fmt: skip
+            assert e["bytes_in_flight"] == e["resident_warps"] * 32 * e["load_bytes_per_thread"]
+    for dtype in ("float32", "bfloat16", "float16"):
+        for target in ("sm_90", "sm_80"):
+            assert by_key["stats_kernel", codegen.HIST_VARIANT, dtype, target]["regs"] <= 64
+    # fp32 (unchanged kernels): 44 registers, 40 warps, 64 bytes per thread
+    assert by_key["stats_kernel", "p2-stats", "float32", "sm_90"]["bytes_in_flight"] >= 80 * 1024
+
+
 def test_report_fails_without_vector_loads_or_with_spills():
     """The budget check itself can fail (so a green report means something)."""
     good = {"kernel": "stats_kernel", "variant": "v", "dtype": "float32", "target": "sm_90",
@@ -94,6 +114,60 @@ def test_report_fails_without_vector_loads_or_with_spills():
     assert codegen.failures([{**good, "sass_per_element": None}])
     scale = {**good, "kernel": "scale_kernel", "sass_per_element": None}
     assert codegen.failures([scale])  # no 128-bit store
+    flight = {**good, "regs": 55, "resident_warps": 32, "load_bytes_per_thread": 32}
+    assert codegen.failures([{**flight, "bytes_in_flight": 40 * 1024}]) == []
+    assert codegen.failures([{**flight, "bytes_in_flight": 32 * 1024}])  # < 40 KiB per SM
+    hist = {**good, "variant": codegen.HIST_VARIANT, "sass_per_element": 20.0, "regs": 64}
+    assert codegen.failures([hist]) == []  # outside the instruction budget
+    assert codegen.failures([{**hist, "regs": 88}])  # > 64 registers
+
+
+def test_resident_warps_follow_the_occupancy_calculator():
+    """Registers per warp rounded up to 256, a quarter of the 64K register file per
+    sub-partition; 64 warps, 32 blocks and 228 KiB of shared memory per SM (sm_90)."""
+    warps = {regs: codegen.resident_warps(regs, 32, 8, "sm_90") for regs in
+             (24, 32, 33, 40, 48, 54, 55, 56, 64, 88, 103, 128, 255)}  # fmt: skip
+    assert warps == {24: 64, 32: 64, 33: 48, 40: 48, 48: 40, 54: 32, 55: 32, 56: 32, 64: 32,
+                     88: 16, 103: 16, 128: 16, 255: 8}  # fmt: skip
+    # 4 warps per block: 88 registers -> 5 warps per sub-partition -> 20 warps, 5 blocks
+    assert codegen.resident_warps(88, 32, 4, "sm_90") == 20
+    # shared memory: 100 KiB per block (+1 KiB reserved) -> 2 blocks on sm_90, 1 on sm_80
+    assert codegen.resident_warps(32, 100 * 1024, 8, "sm_90") == 16
+    assert codegen.resident_warps(32, 100 * 1024, 8, "sm_80") == 8
+    # 1024 threads of 255 registers do not fit the register file at all
+    assert codegen.resident_warps(255, 0, 32, "sm_90") == 0
+
+
+def _sass(lines):
+    return "\n".join(f"        /*{16 * i:04x}*/       {t} ;" for i, t in enumerate(lines))
+
+
+def test_bytes_before_first_use_counts_loads_until_the_first_wait():
+    both_first = [
+        "IMAD.MOV.U32 R3, RZ, RZ, R47",
+        "LDG.E.128 R4, desc[UR12][R2.64]",
+        "LDG.E.128 R8, desc[UR12][R2.64+0x2000]",
+        "IADD3 R47, P2, R47, 0x2000, RZ",  # address arithmetic: not a use
+        "@P0 LDG.E.64 R14, desc[UR12][R16.64]",  # predicated load: still issued
+        "PRMT R50, R4.reuse, 0x7632, R50",  # first use of R4: the warp waits here
+        "LDG.E.128 R20, desc[UR12][R2.64+0x4000]",
+        "FFMA R40, R21, R21, R40",
+        "@P1 BRA 0x0",
+    ]
+    body = codegen.hot_loop_body(_sass(both_first))
+    assert body is not None and len(body) == 9
+    assert codegen.bytes_before_first_use(body) == 40
+    # a use of the upper half of a 128-bit load, or of a pair, counts
+    assert codegen.bytes_before_first_use(["LDG.E.128 R4, desc[UR4][R2.64]",
+                                           "FMNMX.NAN R9, |R7|, R9, !PT"]) == 16  # fmt: skip
+    assert codegen.bytes_before_first_use(["LDG.E.64 R4, desc[UR4][R2.64]",
+                                           "LDG.E.128 R8, desc[UR4][R2.64+0x10]",
+                                           "DADD R12, R4.64, R12.64"]) == 24  # fmt: skip
+    # a register overwritten before it is read is not waited on; a store reads its operands
+    assert codegen.bytes_before_first_use(["LDG.E R4, desc[UR4][R2.64]",
+                                           "MOV R4, RZ",
+                                           "LDG.E R5, desc[UR4][R2.64+0x4]",
+                                           "STG.E desc[UR4][R6.64], R5"]) == 8  # fmt: skip
 
 
 def test_hot_loop_counts_the_innermost_loop_per_loaded_element():
