@@ -1,0 +1,450 @@
+"""Gradient statistics measured DURING backward, so that after backward only a finalize
+remains (issue 18, the parameter-hook source on the torch path).
+
+:func:`backward_stats` registers a post-accumulate-grad hook on every parameter that
+requires grad. Parameters are grouped into buckets (about 25 MB, in reverse registration
+order: the order backward produces them); when every tensor of a bucket has fired, the
+bucket is measured once (:func:`_measure_bucket`, ONE call per bucket) and the results are
+written into per-tensor slots on the device (``index_copy_``, no host sync). Buckets left
+incomplete when backward ends (parameters that got no gradient in this backward) are
+measured by an end-of-backward callback, for the tensors that fired.
+
+A tensor measured again (gradient accumulation) overwrites its slot, so the last firing
+wins. :meth:`BackwardStats.finalize` checks, for each gradient, that its slot is fresh:
+measured since the last finalize, from the same gradient tensor (identity) at the same
+version counter. Anything else (never measured, rescaled in place, replaced) is measured
+again there ("catch-up", counted in ``GradStats.catchup_tensors``).
+
+The seam to the measurement is :func:`_measure_bucket` alone: it takes a bucket's
+gradients and returns their :class:`~fastgradstats.torch_backend.GroupStats`; everything
+else here is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import core, handoff
+from .stats import GradStats, empty_stats
+from .torch_backend import GroupStats, acc_dtype, host_to_device
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+# warn when more than half of the tensors are caught up on this many consecutive steps
+CATCHUP_WARN_STEPS = 3
+
+
+def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
+    """Per-tensor norm, max |g|, NaN and Inf counts of one bucket's gradients (the seam).
+
+    Today the torch path: the same ``core.per_tensor_stats`` the after-backward path runs,
+    so each tensor's results are bit-identical to it (every statistic is per tensor).
+    Results are [len(grads)], accumulation dtype, on ``grads[0]``'s device.
+    """
+    groups = core.group(grads)
+    return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
+
+
+def _refuse_distributed(model: torch.nn.Module) -> None:
+    """Refuse the models whose post-accumulate hooks do not see the final gradient."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError(
+            "backward_stats(model): model is a DistributedDataParallel; the parameter hooks "
+            "would see each rank's unreduced gradient (the all-reduce runs after them), and "
+            "gradient_as_bucket_view=True writes through views without bumping version "
+            "counters. The comm-hook source for DDP is not implemented yet: call "
+            "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+        )
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return
+    if isinstance(model, FullyShardedDataParallel):
+        raise ValueError(
+            "backward_stats(model): model is a FullyShardedDataParallel (FSDP1); its flat "
+            "parameters' hooks do not see the reduced, unflattened gradients. Call "
+            "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+        )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+class BackwardStats:
+    """Statistics of a model's gradients measured during backward; see :func:`backward_stats`.
+
+    Use as a context manager (or call :meth:`remove`) to unregister the hooks.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        norm_type: float | str = 2.0,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _refuse_distributed(model)
+        self.norm_type = core.check_norm_type(norm_type)
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
+            raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for name, p in named:
+            if _is_dtensor(p):
+                raise ValueError(
+                    f"backward_stats(model): parameter {name!r} is a DTensor (FSDP2 / tensor "
+                    "parallel); the sharded-gradient source is not implemented yet: call "
+                    "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+                )
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.bucket_bytes = bucket_bytes
+        n = len(self.params)
+        # buckets in reverse registration order: backward produces the last layers first
+        self._buckets: list[list[int]] = []
+        size = 0
+        for i in reversed(range(n)):
+            nbytes = self.params[i].numel() * self.params[i].element_size()
+            if not self._buckets or size + nbytes > bucket_bytes:
+                self._buckets.append([])
+                size = 0
+            self._buckets[-1].append(i)
+            size += nbytes
+        self._bucket_of = [0] * n
+        for b, members in enumerate(self._buckets):
+            for i in members:
+                self._bucket_of[i] = b
+        # the slots: per-tensor results on the first parameter's device, in the accumulation
+        # dtype of the whole model (as the after-backward path accumulates)
+        self._device = self.params[0].device if n else torch.device("cpu")
+        self._acc = (
+            torch.float64
+            if any(acc_dtype(p.dtype) == torch.float64 for p in self.params)
+            else torch.float32
+        )
+        self._bucket_index = [
+            host_to_device(members, torch.int64, self._device) for members in self._buckets
+        ]
+        self._new_slots()
+        # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
+        self._fresh = [False] * n
+        self._ref: list[Any] = [None] * n
+        self._version = [0] * n
+        # firing: which tensors fired since their bucket was last measured
+        self._fired = [False] * n
+        self._left = [len(members) for members in self._buckets]
+        self._callback_queued = False
+        self._skipping = False
+        self._bad_steps = 0
+        self._warned = False
+        self._handles = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+            for i, p in enumerate(self.params)
+        ]
+
+    # --- during backward -------------------------------------------------------------
+
+    def _new_slots(self) -> None:
+        n, device, acc = len(self.params), self._device, self._acc
+        self._norms = torch.zeros(n, dtype=acc, device=device)
+        self._max_abs = torch.zeros(n, dtype=acc, device=device)
+        self._nan = torch.zeros(n, dtype=torch.int64, device=device)
+        self._inf = torch.zeros(n, dtype=torch.int64, device=device)
+
+    def _on_grad(self, index: int, param: Tensor) -> None:
+        # the per-tensor cost of the handle during backward: keep it to a few attribute reads
+        if self._skipping:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self._fired[index]:
+            return  # already waiting in its bucket, which will read the newest gradient
+        self._fired[index] = True
+        b = self._bucket_of[index]
+        left = self._left[b] - 1
+        self._left[b] = left
+        if left == 0:
+            self._measure(self._buckets[b], self._bucket_index[b])
+            self._left[b] = len(self._buckets[b])
+
+    def _end_of_backward(self) -> None:
+        """Measure what fired in buckets that did not complete (parameters without a
+        gradient in this backward)."""
+        self._callback_queued = False
+        for b, members in enumerate(self._buckets):
+            if self._left[b] == len(members):
+                continue
+            fired = [i for i in members if self._fired[i]]
+            self._measure(fired, host_to_device(fired, torch.int64, self._device))
+            self._left[b] = len(members)
+
+    @torch.no_grad()
+    def _measure(self, indices: list[int], index: Tensor) -> None:
+        """Measure the gradients of ``indices`` (all not None) into their slots."""
+        params = self.params
+        grads = [params[i].grad for i in indices]
+        if not all(g.layout == torch.strided for g in grads):
+            # sparse gradients: left unmeasured, finalize refuses them with a clear error
+            # (raising here would abort the user's backward)
+            keep = [k for k, g in enumerate(grads) if g.layout == torch.strided]
+            indices, grads = [indices[k] for k in keep], [grads[k] for k in keep]
+            if not grads:
+                return
+            index = host_to_device(indices, torch.int64, self._device)
+        result = _measure_bucket(grads, self.norm_type)
+        self._write(index, result)
+        fresh, ref, version, fired = self._fresh, self._ref, self._version, self._fired
+        for i, g in zip(indices, grads):
+            fresh[i] = True
+            ref[i] = weakref.ref(g)  # weak: a zero_grad(set_to_none) must free the gradient
+            version[i] = g._version
+            fired[i] = False
+
+    def _write(self, index: Tensor, result: GroupStats) -> None:
+        self._norms.index_copy_(0, index, result.norms.to(self._norms))
+        self._max_abs.index_copy_(0, index, result.max_abs.to(self._max_abs))
+        self._nan.index_copy_(0, index, result.nan_count.to(self._device))
+        self._inf.index_copy_(0, index, result.inf_count.to(self._device))
+
+    @contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Backward passes inside this block accumulate: measure nothing (an optimisation;
+        the next backward outside it measures, and finalize catches up the tensors whose
+        gradient changed without being measured again)."""
+        previous = self._skipping
+        self._skipping = True
+        try:
+            yield
+        finally:
+            self._skipping = previous
+
+    # --- after backward ----------------------------------------------------------------
+
+    def _is_fresh(self, i: int, g: Tensor) -> bool:
+        if not self._fresh[i]:
+            return False
+        ref = self._ref[i]
+        return ref() is g and g._version == self._version[i]
+
+    @torch.no_grad()
+    def unscale_(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        """``scaler.unscale_(optimizer)``, keeping the measured slots valid.
+
+        torch's unscale (``_amp_foreach_non_finite_check_and_unscale_``) does not bump the
+        gradients' version counters, so a plain ``scaler.unscale_(optimizer)`` between
+        backward and finalize is invisible to the freshness check: call this instead. The
+        slots of the optimizer's gradients are multiplied by the same ``1 / scale`` (exact
+        for the power-of-two scales GradScaler uses, unless a value underflows to a
+        subnormal); NaN/Inf counts are unchanged. No catch-up.
+        """
+        fresh = set()
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+        ids = {id(p) for group in groups for p in group["params"]}
+        for i, p in enumerate(self.params):
+            if id(p) in ids and p.grad is not None and self._is_fresh(i, p.grad):
+                fresh.add(i)
+        scaler.unscale_(optimizer)  # raises (nothing changed here) when already unscaled
+        if not scaler.is_enabled() or not fresh:
+            return
+        inv_scale = scaler._scale.double().reciprocal().float()  # GradScaler's own rounding
+        indices = sorted(fresh)
+        index = host_to_device(indices, torch.int64, self._device)
+        factor = inv_scale.to(self._device, self._acc)
+        for slots in (self._norms, self._max_abs):
+            slots.index_copy_(0, index, slots.index_select(0, index) * factor)
+        for i in indices:  # a device kernel that does bump the counter stays fresh too
+            self._version[i] = self.params[i].grad._version
+
+    @torch.no_grad()
+    def finalize(self) -> GradStats:
+        """The :class:`GradStats` of the current gradients, from the slots.
+
+        Tensors whose slot is not fresh are measured here (``catchup_tensors`` counts
+        them); ``None`` gradients are left out, as ``grad_stats`` leaves them out. Every
+        slot is stale afterwards: the next finalize needs a new backward (or catches up).
+        """
+        self._callback_queued = False
+        names, grads, listed, stale = [], [], [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            core.check_grad(g, self.names[i])
+            names.append(self.names[i])
+            grads.append(g)
+            listed.append(i)
+            if not self._is_fresh(i, g):
+                stale.append(i)
+        if stale:
+            self._measure(stale, host_to_device(stale, torch.int64, self._device))
+        p = self.norm_type
+        if not grads:
+            stats = empty_stats(p)
+            stats.catchup_tensors = 0
+            self._reset_slots()
+            return stats
+        self._count_catchup(len(stale), len(grads))
+        groups = core.group(grads)
+        norms, max_abs, nan, inf = self._norms, self._max_abs, self._nan, self._inf
+        if len(listed) < len(self.params):
+            index = host_to_device(listed, torch.int64, self._device)
+            norms, max_abs = norms.index_select(0, index), max_abs.index_select(0, index)
+            nan, inf = nan.index_select(0, index), inf.index_select(0, index)
+        device = grads[0].device
+        # the after-backward path's dtype and device: accumulation dtype of these grads,
+        # first gradient's device (the slots are handed over: new ones are made below)
+        norms, max_abs = norms.to(device, groups.acc), max_abs.to(device, groups.acc)
+        stats = GradStats(
+            names=names,
+            norms=norms,
+            max_abs=max_abs,
+            nan_count=nan.to(device),
+            inf_count=inf.to(device),
+            total_norm=core.total_norm(norms, p),
+            norm_type=p,
+            numels=[g.numel() for g in grads],
+            catchup_tensors=len(stale),
+        )
+        self._last_groups = groups
+        self._last_grads = core.GradList(names, [self.params[i] for i in listed], grads)
+        self._reset_slots()
+        return stats
+
+    def _reset_slots(self) -> None:
+        # the returned stats own the slot tensors: the next backward writes new ones
+        self._new_slots()
+        n = len(self.params)
+        self._fresh = [False] * n
+        self._ref = [None] * n
+
+    def _count_catchup(self, caught: int, total: int) -> None:
+        self._bad_steps = self._bad_steps + 1 if 2 * caught > total else 0
+        if self._bad_steps >= CATCHUP_WARN_STEPS and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"backward_stats: more than half of the gradients ({caught} of {total}) were "
+                f"measured again after backward on {self._bad_steps} consecutive steps "
+                "(catch-up), so measuring during backward saves nothing. Causes: gradients "
+                "changed in place after backward (scaling, clipping, a GradScaler unscale_ "
+                "not done through BackwardStats.unscale_), replaced (p.grad = ...), or "
+                "backward passes inside accumulating()",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        optimizer: Any = None,
+        *,
+        error_if_nonfinite: bool = False,
+    ) -> tuple[Tensor, GradStats]:
+        """Finalize, then clip the gradients to ``max_norm`` like
+        ``fastgradstats.clip_grad_norm_`` (the same total, coefficient and scaling).
+
+        ``optimizer``: a fused optimizer over exactly these parameters takes the coefficient
+        as ``grad_scale`` (see :mod:`fastgradstats.handoff`); otherwise the gradients are
+        scaled in place (not written when no clipping is needed, on the CPU).
+
+        Returns ``(total_norm, stats)``: the total as ``torch.nn.utils.clip_grad_norm_``
+        returns it (promoted gradient dtype) and the statistics before clipping, with
+        ``clip_coef`` set.
+        """
+        max_norm = core.check_max_norm(max_norm)
+        stats = self.finalize()
+        if not stats.names:
+            return torch.tensor(0.0), stats
+        grads, groups = self._last_grads, self._last_groups
+        total = core.finish_total(groups, stats.norms, self.norm_type)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            per_tensor = GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
+            raise RuntimeError(
+                f"The total norm of order {self.norm_type} for gradients from `parameters` is "
+                f"non-finite, so it cannot be clipped: "
+                f"{core.nonfinite_report(grads.names, per_tensor)}. No gradient was modified. "
+                "To scale the gradients by the non-finite norm anyway, set "
+                "`error_if_nonfinite=False`"
+            )
+        coef = core.clip_coefficient(max_norm, total)
+        core.check_writable(grads)
+        if not handoff.hand_off_(optimizer, grads.params, coef):
+            core.scale_groups_(core.group(grads.grads), coef, "torch", None)
+        stats.clip_coef = coef
+        return total, stats
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every measurement and pending firing (e.g. after an interrupted backward)."""
+        n = len(self.params)
+        self._fired = [False] * n
+        self._left = [len(members) for members in self._buckets]
+        self._callback_queued = False
+        self._reset_slots()
+
+    def remove(self) -> None:
+        """Unregister every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> BackwardStats:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @property
+    def num_buckets(self) -> int:
+        """How many buckets the parameters were grouped into."""
+        return len(self._buckets)
+
+    def __repr__(self) -> str:
+        return (
+            f"BackwardStats(tensors={len(self.params)}, buckets={len(self._buckets)}, "
+            f"norm_type={self.norm_type}, hooks={'on' if self._handles else 'removed'})"
+        )
+
+
+def backward_stats(
+    model: torch.nn.Module,
+    norm_type: float | str = 2.0,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> BackwardStats:
+    """Measure per-tensor gradient statistics during backward; finalize after it.
+
+    Registers a post-accumulate-grad hook on every parameter of ``model`` that requires
+    grad; each bucket of about ``bucket_bytes`` is measured once when all its gradients
+    are final. Then ``handle.finalize()`` returns the same :class:`GradStats` as
+    ``grad_stats(model.named_parameters(), backend="torch")`` (bit for bit), and
+    ``handle.clip_grad_norm_(max_norm, optimizer=opt)`` clips like ``clip_grad_norm_``.
+
+    Refused (``ValueError``): ``DistributedDataParallel`` and FSDP models and DTensor
+    parameters, whose hooks do not see the final, reduced gradient.
+    """
+    return BackwardStats(model, norm_type, bucket_bytes=bucket_bytes)
+
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "BackwardStats", "backward_stats"]
