@@ -23,6 +23,8 @@ else here is bookkeeping.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -39,6 +41,21 @@ from .torch_backend import GroupStats, acc_dtype, host_to_device
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 # warn when more than half of the tensors are caught up on this many consecutive steps
 CATCHUP_WARN_STEPS = 3
+
+# C-level per-tensor accessors: the walks below cost a map() per field, not a Python loop
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_LAYOUT = operator.attrgetter("layout")
+_DEREF = weakref.ref.__call__
+_DTYPE = operator.attrgetter("dtype")
+_STRIDED = {torch.strided}
+
+
+class _Gone:
+    pass
+
+
+_DEAD = weakref.ref(_Gone())  # a reference that is dead already: "never measured"
 
 
 def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
@@ -117,16 +134,21 @@ class BackwardStats:
         self.params = [p for _, p in named]
         self.bucket_bytes = bucket_bytes
         n = len(self.params)
-        # buckets in reverse registration order: backward produces the last layers first
-        self._buckets: list[list[int]] = []
-        size = 0
+        self._numels = [p.numel() for p in self.params]  # torch keeps .grad the param's shape
+        # buckets in reverse registration order: backward produces the last layers first.
+        # Each bucket is a contiguous range [lo, hi) of parameter indices, so its slots'
+        # bookkeeping is a few slice assignments.
+        self._ranges: list[tuple[int, int]] = []
+        size, hi = 0, n
         for i in reversed(range(n)):
             nbytes = self.params[i].numel() * self.params[i].element_size()
-            if not self._buckets or size + nbytes > bucket_bytes:
-                self._buckets.append([])
-                size = 0
-            self._buckets[-1].append(i)
+            if i < n - 1 and size + nbytes > bucket_bytes:
+                self._ranges.append((i + 1, hi))
+                size, hi = 0, i + 1
             size += nbytes
+        if n:
+            self._ranges.append((0, hi))
+        self._buckets = [list(range(lo, hi)) for lo, hi in self._ranges]
         self._bucket_of = [0] * n
         for b, members in enumerate(self._buckets):
             for i in members:
@@ -144,9 +166,9 @@ class BackwardStats:
         ]
         self._new_slots()
         # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
-        self._fresh = [False] * n
-        self._ref: list[Any] = [None] * n
-        self._version = [0] * n
+        # (_DEAD and -1: never measured since the last finalize)
+        self._ref: list[Any] = [_DEAD] * n
+        self._version = [-1] * n
         # firing: which tensors fired since their bucket was last measured
         self._fired = [False] * n
         self._left = [len(members) for members in self._buckets]
@@ -162,11 +184,10 @@ class BackwardStats:
     # --- during backward -------------------------------------------------------------
 
     def _new_slots(self) -> None:
-        n, device, acc = len(self.params), self._device, self._acc
-        self._norms = torch.zeros(n, dtype=acc, device=device)
-        self._max_abs = torch.zeros(n, dtype=acc, device=device)
-        self._nan = torch.zeros(n, dtype=torch.int64, device=device)
-        self._inf = torch.zeros(n, dtype=torch.int64, device=device)
+        # empty: finalize reads only slots written since (measured, or caught up there)
+        n, device = len(self.params), self._device
+        self._floats = torch.empty((2, n), dtype=self._acc, device=device)  # norm, max |g|
+        self._counts = torch.empty((2, n), dtype=torch.int64, device=device)  # NaN, Inf
 
     def _on_grad(self, index: int, param: Tensor) -> None:
         # the per-tensor cost of the handle during backward: keep it to a few attribute reads
@@ -182,8 +203,7 @@ class BackwardStats:
         left = self._left[b] - 1
         self._left[b] = left
         if left == 0:
-            self._measure(self._buckets[b], self._bucket_index[b])
-            self._left[b] = len(self._buckets[b])
+            self._measure_range(b)
 
     def _end_of_backward(self) -> None:
         """Measure what fired in buckets that did not complete (parameters without a
@@ -197,9 +217,26 @@ class BackwardStats:
             self._left[b] = len(members)
 
     @torch.no_grad()
+    def _measure_range(self, b: int) -> None:
+        """Measure the complete bucket ``b`` into its slots (the steady state)."""
+        lo, hi = self._ranges[b]
+        grads = list(map(_GRAD, self.params[lo:hi]))
+        self._left[b] = hi - lo
+        if set(map(_LAYOUT, grads)) != _STRIDED:
+            self._measure(self._buckets[b], self._bucket_index[b])
+            return
+        self._write(self._bucket_index[b], _measure_bucket(grads, self.norm_type))
+        # weak references: a zero_grad(set_to_none) must free the gradients
+        self._ref[lo:hi] = map(weakref.ref, grads)
+        self._version[lo:hi] = map(_VERSION, grads)
+        self._fired[lo:hi] = itertools.repeat(False, hi - lo)
+
+    @torch.no_grad()
     def _measure(self, indices: list[int], index: Tensor) -> None:
         """Measure the gradients of ``indices`` (all not None) into their slots."""
-        params = self.params
+        params, fired = self.params, self._fired
+        for i in indices:
+            fired[i] = False
         grads = [params[i].grad for i in indices]
         if not all(g.layout == torch.strided for g in grads):
             # sparse gradients: left unmeasured, finalize refuses them with a clear error
@@ -211,18 +248,17 @@ class BackwardStats:
             index = host_to_device(indices, torch.int64, self._device)
         result = _measure_bucket(grads, self.norm_type)
         self._write(index, result)
-        fresh, ref, version, fired = self._fresh, self._ref, self._version, self._fired
+        ref, version = self._ref, self._version
         for i, g in zip(indices, grads):
-            fresh[i] = True
             ref[i] = weakref.ref(g)  # weak: a zero_grad(set_to_none) must free the gradient
             version[i] = g._version
-            fired[i] = False
 
     def _write(self, index: Tensor, result: GroupStats) -> None:
-        self._norms.index_copy_(0, index, result.norms.to(self._norms))
-        self._max_abs.index_copy_(0, index, result.max_abs.to(self._max_abs))
-        self._nan.index_copy_(0, index, result.nan_count.to(self._device))
-        self._inf.index_copy_(0, index, result.inf_count.to(self._device))
+        floats, counts = self._floats, self._counts
+        floats[0].index_copy_(0, index, result.norms.to(floats))
+        floats[1].index_copy_(0, index, result.max_abs.to(floats))
+        counts[0].index_copy_(0, index, result.nan_count.to(self._device))
+        counts[1].index_copy_(0, index, result.inf_count.to(self._device))
 
     @contextmanager
     def accumulating(self) -> Iterator[None]:
@@ -239,10 +275,7 @@ class BackwardStats:
     # --- after backward ----------------------------------------------------------------
 
     def _is_fresh(self, i: int, g: Tensor) -> bool:
-        if not self._fresh[i]:
-            return False
-        ref = self._ref[i]
-        return ref() is g and g._version == self._version[i]
+        return self._ref[i]() is g and g._version == self._version[i]
 
     @torch.no_grad()
     def unscale_(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -270,13 +303,12 @@ class BackwardStats:
         indices = sorted(fresh)
         index = host_to_device(indices, torch.int64, self._device)
         factor = inv_scale.to(self._device, self._acc)
-        for slots in (self._norms, self._max_abs):
-            slots.index_copy_(0, index, slots.index_select(0, index) * factor)
+        floats = self._floats
+        floats.index_copy_(1, index, floats.index_select(1, index) * factor)
         for i in indices:  # a device kernel that does bump the counter stays fresh too
             self._version[i] = self.params[i].grad._version
 
-    @torch.no_grad()
-    def finalize(self) -> GradStats:
+    def finalize(self) -> GradStats:  # no_grad not needed: only the slots are touched
         """The :class:`GradStats` of the current gradients, from the slots.
 
         Tensors whose slot is not fresh are measured here (``catchup_tensors`` counts
@@ -284,17 +316,24 @@ class BackwardStats:
         slot is stale afterwards: the next finalize needs a new backward (or catches up).
         """
         self._callback_queued = False
-        names, grads, listed, stale = [], [], [], []
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                continue
-            core.check_grad(g, self.names[i])
-            names.append(self.names[i])
-            grads.append(g)
-            listed.append(i)
-            if not self._is_fresh(i, g):
-                stale.append(i)
+        grads = list(map(_GRAD, self.params))
+        try:
+            versions = list(map(_VERSION, grads))  # AttributeError: a None gradient
+        except AttributeError:
+            versions = None
+        if versions is not None:
+            names, listed = self.names, None  # every parameter listed: the common case
+            if versions == self._version and all(map(operator.is_, map(_DEREF, self._ref), grads)):
+                stale = []
+            else:
+                stale = [i for i, g in enumerate(grads) if not self._is_fresh(i, g)]
+        else:
+            listed = [i for i, g in enumerate(grads) if g is not None]
+            names = [self.names[i] for i in listed]
+            stale = [i for i in listed if not self._is_fresh(i, grads[i])]
+            grads = [grads[i] for i in listed]
+        for i in stale:  # fresh slots were measured, so their gradients are valid
+            core.check_grad(self.params[i].grad, self.names[i])
         if stale:
             self._measure(stale, host_to_device(stale, torch.int64, self._device))
         p = self.norm_type
@@ -304,29 +343,35 @@ class BackwardStats:
             self._reset_slots()
             return stats
         self._count_catchup(len(stale), len(grads))
-        groups = core.group(grads)
-        norms, max_abs, nan, inf = self._norms, self._max_abs, self._nan, self._inf
-        if len(listed) < len(self.params):
+        floats, counts = self._floats, self._counts
+        if listed is None:
+            params, acc, device = self.params, self._acc, self._device
+        else:
             index = host_to_device(listed, torch.int64, self._device)
-            norms, max_abs = norms.index_select(0, index), max_abs.index_select(0, index)
-            nan, inf = nan.index_select(0, index), inf.index_select(0, index)
-        device = grads[0].device
-        # the after-backward path's dtype and device: accumulation dtype of these grads,
-        # first gradient's device (the slots are handed over: new ones are made below)
-        norms, max_abs = norms.to(device, groups.acc), max_abs.to(device, groups.acc)
+            floats, counts = floats.index_select(1, index), counts.index_select(1, index)
+            params = [self.params[i] for i in listed]
+            # the after-backward path's dtype and device: accumulation dtype of these
+            # grads, first gradient's device
+            acc = (
+                torch.float64
+                if torch.float64 in map(acc_dtype, map(_DTYPE, grads))
+                else (torch.float32)
+            )
+            device = grads[0].device
+            floats, counts = floats.to(device, acc), counts.to(device)
+        # the slots are handed over to the stats: the next backward writes new ones
         stats = GradStats(
-            names=names,
-            norms=norms,
-            max_abs=max_abs,
-            nan_count=nan.to(device),
-            inf_count=inf.to(device),
-            total_norm=core.total_norm(norms, p),
+            names=list(names),
+            norms=floats[0],
+            max_abs=floats[1],
+            nan_count=counts[0],
+            inf_count=counts[1],
+            total_norm=core.total_norm(floats[0], p),
             norm_type=p,
-            numels=[g.numel() for g in grads],
+            numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],
             catchup_tensors=len(stale),
         )
-        self._last_groups = groups
-        self._last_grads = core.GradList(names, [self.params[i] for i in listed], grads)
+        self._last_grads = core.GradList(stats.names, params, grads)
         self._reset_slots()
         return stats
 
@@ -334,8 +379,8 @@ class BackwardStats:
         # the returned stats own the slot tensors: the next backward writes new ones
         self._new_slots()
         n = len(self.params)
-        self._fresh = [False] * n
-        self._ref = [None] * n
+        self._ref = [_DEAD] * n
+        self._version = [-1] * n
 
     def _count_catchup(self, caught: int, total: int) -> None:
         self._bad_steps = self._bad_steps + 1 if 2 * caught > total else 0
@@ -375,8 +420,8 @@ class BackwardStats:
         stats = self.finalize()
         if not stats.names:
             return torch.tensor(0.0), stats
-        grads, groups = self._last_grads, self._last_groups
-        total = core.finish_total(groups, stats.norms, self.norm_type)
+        grads = self._last_grads
+        total = core.finish_total(core.group(grads.grads), stats.norms, self.norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             per_tensor = GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
             raise RuntimeError(

