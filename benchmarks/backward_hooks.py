@@ -44,7 +44,7 @@ class _Tiny(torch.nn.Module):
 def _stub_measure() -> Any:
     cache: dict[int, GroupStats] = {}
 
-    def measure(grads: list[torch.Tensor], norm_type: float) -> GroupStats:
+    def stub(grads: list[torch.Tensor], norm_type: float) -> GroupStats:
         n = len(grads)
         if n not in cache:
             z = torch.zeros(n)
@@ -52,7 +52,7 @@ def _stub_measure() -> Any:
             cache[n] = GroupStats(z, z.clone(), c, c.clone())
         return cache[n]
 
-    return measure
+    return stub
 
 
 def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dict[str, Any]:
@@ -63,62 +63,61 @@ def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dic
     real = bwd._measure_bucket
     if stubbed:
         bwd._measure_bucket = _stub_measure()
+
+    def timed(fn: Any) -> float:
+        start = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        return (time.perf_counter() - start) / batch
+
+    def backward() -> None:
+        model().backward()
+
     try:
         handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
-        handle.remove()
-
-        def plain() -> None:
-            model().backward()
-
-        def hooked() -> None:
-            model().backward()
-
-        def finalize() -> None:
-            model().backward()
-            t0 = time.perf_counter()
-            handle.finalize()
-            finalize.spent += time.perf_counter() - t0  # type: ignore[attr-defined]
-
-        def floor() -> None:
-            model().backward()
-            t0 = time.perf_counter()
-            hash(tuple(g.data_ptr() for g in [p.grad for p in params]))
-            floor.spent += time.perf_counter() - t0  # type: ignore[attr-defined]
-
-        per_tensor, fin, flo, ratios = [], [], [], []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(batch):
-                plain()
-            without = (time.perf_counter() - start) / batch
-            handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
-            start = time.perf_counter()
-            for _ in range(batch):
-                hooked()
-            with_hooks = (time.perf_counter() - start) / batch
-            per_tensor.append((with_hooks - without) / n * 1e6)
-            finalize.spent = 0.0  # type: ignore[attr-defined]
-            for _ in range(batch):
-                finalize()
-            handle.remove()
-            floor.spent = 0.0  # type: ignore[attr-defined]
-            for _ in range(batch):
-                floor()
-            fin.append(finalize.spent / batch * 1e6)  # type: ignore[attr-defined]
-            flo.append(floor.spent / batch * 1e6)  # type: ignore[attr-defined]
-            ratios.append(fin[-1] / flo[-1])
         num_buckets = handle.num_buckets
+        handle.remove()
+        noop, hooked, fin, flo, ratios = [], [], [], [], []
+        for _ in range(rounds):
+            # interleaved: plain backward, no-op hooks (any hook's floor), the handle
+            without = timed(backward)
+            removable = [p.register_post_accumulate_grad_hook(_noop) for p in params]
+            noop.append((timed(backward) - without) / n * 1e6)
+            for r in removable:
+                r.remove()
+            handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+            hooked.append((timed(backward) - without) / n * 1e6)
+            # after backward: finalize against the one-pass floor, on the same gradients
+            f_sum = floor_sum = 0.0
+            for _ in range(batch):
+                backward()
+                t0 = time.perf_counter()
+                hash(tuple(g.data_ptr() for g in [p.grad for p in params]))
+                t1 = time.perf_counter()
+                handle.finalize()
+                t2 = time.perf_counter()
+                floor_sum += t1 - t0
+                f_sum += t2 - t1
+            handle.remove()
+            fin.append(f_sum / batch * 1e6)
+            flo.append(floor_sum / batch * 1e6)
+            ratios.append(f_sum / floor_sum)
     finally:
         bwd._measure_bucket = real
     return {
         "tensors": n,
         "buckets": num_buckets,
         "measure": "stubbed" if stubbed else "torch",
-        "hook_us_per_tensor": round(statistics.median(per_tensor), 3),
+        "noop_hook_us_per_tensor": round(statistics.median(noop), 3),
+        "hook_us_per_tensor": round(statistics.median(hooked), 3),
         "finalize_us": round(statistics.median(fin), 1),
         "floor_us": round(statistics.median(flo), 1),
         "finalize_x_floor": round(statistics.median(ratios), 2),
     }
+
+
+def _noop(param: torch.Tensor) -> None:
+    return None
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -135,12 +134,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'tensors':>8}{'buckets':>8}  {'measure':<8}{'hook us/tensor':>15}"
+        print(f"{'tensors':>8}{'buckets':>8}  {'measure':<8}{'no-op hook':>11}"
+              f"{'hook us/tensor':>15}"
               f"{'finalize us':>13}{'floor us':>10}{'x floor':>9}")  # fmt: skip
         for r in rows:
             print(f"{r['tensors']:>8}{r['buckets']:>8}  {r['measure']:<8}"
-                  f"{r['hook_us_per_tensor']:>15.2f}{r['finalize_us']:>13.1f}"
-                  f"{r['floor_us']:>10.1f}{r['finalize_x_floor']:>9.2f}")  # fmt: skip
+                  f"{r['noop_hook_us_per_tensor']:>11.2f}{r['hook_us_per_tensor']:>15.2f}"
+                  f"{r['finalize_us']:>13.1f}{r['floor_us']:>10.1f}"
+                  f"{r['finalize_x_floor']:>9.2f}")  # fmt: skip
     return rows
 
 

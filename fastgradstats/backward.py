@@ -113,6 +113,7 @@ class BackwardStats:
         norm_type: float | str = 2.0,
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,6 +134,10 @@ class BackwardStats:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.bucket_bytes = bucket_bytes
+        if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler
+        self._unscaled_here: set[int] = set()  # id(optimizer) unscaled through unscale_
         n = len(self.params)
         self._numels = [p.numel() for p in self.params]  # torch keeps .grad the param's shape
         # buckets in reverse registration order: backward produces the last layers first.
@@ -297,6 +302,7 @@ class BackwardStats:
             if id(p) in ids and p.grad is not None and self._is_fresh(i, p.grad):
                 fresh.add(i)
         scaler.unscale_(optimizer)  # raises (nothing changed here) when already unscaled
+        self._unscaled_here.add(id(optimizer))
         if not scaler.is_enabled() or not fresh:
             return
         inv_scale = scaler._scale.double().reciprocal().float()  # GradScaler's own rounding
@@ -332,6 +338,8 @@ class BackwardStats:
             names = [self.names[i] for i in listed]
             stale = [i for i in listed if not self._is_fresh(i, grads[i])]
             grads = [grads[i] for i in listed]
+        if self._unscaled_elsewhere():  # the unscale bumped no counter: trust no slot
+            stale = list(range(len(self.params))) if listed is None else list(listed)
         for i in stale:  # fresh slots were measured, so their gradients are valid
             core.check_grad(self.params[i].grad, self.names[i])
         if stale:
@@ -375,12 +383,26 @@ class BackwardStats:
         self._reset_slots()
         return stats
 
+    def _unscaled_elsewhere(self) -> bool:
+        """Did ``self.scaler`` unscale an optimizer's gradients not through :meth:`unscale_`
+        since the last finalize (which leaves the slots holding the scaled values)?"""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return False
+        from torch.amp.grad_scaler import OptState
+
+        return any(
+            state.get("stage") is OptState.UNSCALED and key not in self._unscaled_here
+            for key, state in scaler._per_optimizer_states.items()
+        )
+
     def _reset_slots(self) -> None:
         # the returned stats own the slot tensors: the next backward writes new ones
         self._new_slots()
         n = len(self.params)
         self._ref = [_DEAD] * n
         self._version = [-1] * n
+        self._unscaled_here = set()
 
     def _count_catchup(self, caught: int, total: int) -> None:
         self._bad_steps = self._bad_steps + 1 if 2 * caught > total else 0
@@ -477,6 +499,7 @@ def backward_stats(
     norm_type: float | str = 2.0,
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    scaler: Any = None,
 ) -> BackwardStats:
     """Measure per-tensor gradient statistics during backward; finalize after it.
 
@@ -486,10 +509,15 @@ def backward_stats(
     ``grad_stats(model.named_parameters(), backend="torch")`` (bit for bit), and
     ``handle.clip_grad_norm_(max_norm, optimizer=opt)`` clips like ``clip_grad_norm_``.
 
+    GradScaler: call ``handle.unscale_(scaler, optimizer)`` instead of
+    ``scaler.unscale_(optimizer)`` (torch's unscale bumps no version counter, so the slots
+    cannot see it). With ``scaler=`` given, a direct ``scaler.unscale_`` is detected at
+    finalize and every tensor is measured again there (correct, counted as catch-up).
+
     Refused (``ValueError``): ``DistributedDataParallel`` and FSDP models and DTensor
     parameters, whose hooks do not see the final, reduced gradient.
     """
-    return BackwardStats(model, norm_type, bucket_bytes=bucket_bytes)
+    return BackwardStats(model, norm_type, bucket_bytes=bucket_bytes, scaler=scaler)
 
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "BackwardStats", "backward_stats"]

@@ -412,6 +412,26 @@ def test_gradscaler_unscale_through_the_handle_needs_no_catchup(monkeypatch):
         scaler.update()
 
 
+@pytest.mark.parametrize("through_handle", [True, False])
+def test_gradscaler_given_detects_a_direct_unscale(through_handle):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    handle = fgs.backward_stats(model, bucket_bytes=300, scaler=scaler)
+    for _ in range(2):
+        opt.zero_grad()
+        scaler.scale(_loss(model)).backward()
+        if through_handle:
+            handle.unscale_(scaler, opt)
+        else:
+            scaler.unscale_(opt)  # invisible to the slots: finalize measures everything again
+        stats = handle.finalize()
+        assert stats.catchup_tensors == (0 if through_handle else len(stats))
+        assert_same_stats(stats, _reference(model))
+        scaler.step(opt)
+        scaler.update()
+
+
 def test_plain_scaler_unscale_is_invisible_to_version_counters():
     # why BackwardStats.unscale_ exists: torch's unscale kernel bumps no version counter
     g = torch.randn(4)
@@ -439,6 +459,8 @@ def test_bad_arguments():
         fgs.backward_stats(model, bucket_bytes=2.5)
     with pytest.raises(ValueError, match="norm_type"):
         fgs.backward_stats(model, "fro")
+    with pytest.raises(TypeError, match="scaler"):
+        fgs.backward_stats(model, scaler=object())
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     handle = fgs.backward_stats(model)
     _loss(model).backward()
