@@ -314,13 +314,18 @@ class BackwardStats:
         for i in indices:  # a device kernel that does bump the counter stays fresh too
             self._version[i] = self.params[i].grad._version
 
-    def finalize(self) -> GradStats:  # no_grad not needed: only the slots are touched
+    def finalize(self) -> GradStats:
         """The :class:`GradStats` of the current gradients, from the slots.
 
         Tensors whose slot is not fresh are measured here (``catchup_tensors`` counts
         them); ``None`` gradients are left out, as ``grad_stats`` leaves them out. Every
         slot is stale afterwards: the next finalize needs a new backward (or catches up).
         """
+        return self._finalize()[0]
+
+    def _finalize(self) -> tuple[GradStats, core.GradList]:
+        """:meth:`finalize`, also returning the gradients listed (for the clip). No
+        ``torch.no_grad()`` (a few us): only the slots are read; catch-ups run in one."""
         self._callback_queued = False
         grads = list(map(_GRAD, self.params))
         try:
@@ -349,7 +354,7 @@ class BackwardStats:
             stats = empty_stats(p)
             stats.catchup_tensors = 0
             self._reset_slots()
-            return stats
+            return stats, core.GradList([], [], [])
         self._count_catchup(len(stale), len(grads))
         floats, counts = self._floats, self._counts
         if listed is None:
@@ -379,9 +384,9 @@ class BackwardStats:
             numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],
             catchup_tensors=len(stale),
         )
-        self._last_grads = core.GradList(stats.names, params, grads)
         self._reset_slots()
-        return stats
+        # not kept on self: a zero_grad(set_to_none=True) must free the gradients
+        return stats, core.GradList(stats.names, params, grads)
 
     def _unscaled_elsewhere(self) -> bool:
         """Did ``self.scaler`` unscale an optimizer's gradients not through :meth:`unscale_`
@@ -439,10 +444,9 @@ class BackwardStats:
         ``clip_coef`` set.
         """
         max_norm = core.check_max_norm(max_norm)
-        stats = self.finalize()
+        stats, grads = self._finalize()
         if not stats.names:
             return torch.tensor(0.0), stats
-        grads = self._last_grads
         total = core.finish_total(core.group(grads.grads), stats.norms, self.norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             per_tensor = GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)

@@ -480,3 +480,19 @@ def test_ddp_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="unreduced"):
         fgs.backward_stats(ddp)
     assert all(not p._post_accumulate_grad_hooks for p in ddp.module.parameters())
+
+
+@pytest.mark.parametrize("finalize", [True, False])
+def test_the_handle_keeps_no_gradient_alive(finalize):
+    import gc
+    import weakref
+
+    model = _mlp()
+    handle = fgs.backward_stats(model)
+    _loss(model).backward()
+    if finalize:
+        _total, stats = handle.clip_grad_norm_(1.0)
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
