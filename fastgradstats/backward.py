@@ -230,7 +230,14 @@ class BackwardStats:
         if set(map(_LAYOUT, grads)) != _STRIDED:
             self._measure(self._buckets[b], self._bucket_index[b])
             return
-        self._write(self._bucket_index[b], _measure_bucket(grads, self.norm_type))
+        result = _measure_bucket(grads, self.norm_type)
+        floats, counts = self._floats, self._counts
+        if result.norms.device != floats.device:  # a model on several devices
+            result = GroupStats(*(t.to(floats.device) for t in result))
+        # a bucket is a contiguous range of slots: one write per slot block (a stack into
+        # the block's view, converting to the slots' dtype), not one per field
+        torch.stack((result.norms, result.max_abs), out=floats[:, lo:hi])
+        torch.stack((result.nan_count, result.inf_count), out=counts[:, lo:hi])
         # weak references: a zero_grad(set_to_none) must free the gradients
         self._ref[lo:hi] = map(weakref.ref, grads)
         self._version[lo:hi] = map(_VERSION, grads)
@@ -260,10 +267,8 @@ class BackwardStats:
 
     def _write(self, index: Tensor, result: GroupStats) -> None:
         floats, counts = self._floats, self._counts
-        floats[0].index_copy_(0, index, result.norms.to(floats))
-        floats[1].index_copy_(0, index, result.max_abs.to(floats))
-        counts[0].index_copy_(0, index, result.nan_count.to(self._device))
-        counts[1].index_copy_(0, index, result.inf_count.to(self._device))
+        floats.index_copy_(1, index, torch.stack((result.norms, result.max_abs)).to(floats))
+        counts.index_copy_(1, index, torch.stack((result.nan_count, result.inf_count)).to(counts))
 
     @contextmanager
     def accumulating(self) -> Iterator[None]:
@@ -380,6 +385,7 @@ class BackwardStats:
             nan_count=counts[0],
             inf_count=counts[1],
             total_norm=core.total_norm(floats[0], p),
+            _packed=(floats, counts),  # [2, n] blocks, as the fused path hands them over
             norm_type=p,
             numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],
             catchup_tensors=len(stale),
