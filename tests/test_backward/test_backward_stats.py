@@ -496,3 +496,23 @@ def test_the_handle_keeps_no_gradient_alive(finalize):
     model.zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.slow  # torch.compile: seconds of tracing and C++ compiling on 2 cores
+def test_compiled_model_needs_no_catchup():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        model = torch.compile(_mlp())
+        handle = fgs.backward_stats(model, bucket_bytes=300)
+        for seed in range(2):
+            model.zero_grad()
+            _loss(model, seed=seed).backward()
+            stats = handle.finalize()
+            # the hooks live on the parameters' AccumulateGrad nodes, outside the graph
+            assert stats.catchup_tensors == 0
+            assert stats.names[0] == "_orig_mod.0.weight"
+            assert_same_stats(stats, _reference(model))
+    finally:
+        torch._dynamo.reset()
