@@ -69,17 +69,26 @@ def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
     return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
 
 
-def _refuse_distributed(model: torch.nn.Module) -> None:
-    """Refuse the models whose post-accumulate hooks do not see the final gradient."""
+def _is_ddp(model: torch.nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel):
+    return isinstance(model, DistributedDataParallel)
+
+
+def _refuse_distributed(model: torch.nn.Module, source: str) -> None:
+    """Refuse the models whose post-accumulate hooks do not see the final gradient."""
+    if _is_ddp(model) and source == "params":
         raise ValueError(
-            "backward_stats(model): model is a DistributedDataParallel; the parameter hooks "
-            "would see each rank's unreduced gradient (the all-reduce runs after them), and "
-            "gradient_as_bucket_view=True writes through views without bumping version "
-            "counters. The comm-hook source for DDP is not implemented yet: call "
-            "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+            "backward_stats(model, source='params'): model is a DistributedDataParallel; the "
+            "parameter hooks would see each rank's unreduced gradient (the all-reduce runs "
+            "after them), and gradient_as_bucket_view=True writes through views without "
+            "bumping version counters. Use source='comm_hook' (the default for DDP): the "
+            "statistics are then measured on each all-reduced bucket"
+        )
+    if not _is_ddp(model) and source == "comm_hook":
+        raise ValueError(
+            f"backward_stats(model, source='comm_hook') needs a DistributedDataParallel "
+            f"model, got {type(model).__name__}"
         )
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -114,10 +123,28 @@ class BackwardStats:
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         scaler: Any = None,
+        source: str = "auto",
+        comm_hook: Any = None,
+        comm_state: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _refuse_distributed(model)
+        if source not in ("auto", "params", "comm_hook"):
+            raise ValueError(f"source must be 'auto', 'params' or 'comm_hook', got {source!r}")
+        if source == "auto":
+            source = "comm_hook" if _is_ddp(model) else "params"
+        _refuse_distributed(model, source)
+        if comm_hook is not None and source != "comm_hook":
+            raise ValueError("comm_hook= is for a DistributedDataParallel model only")
+        if comm_hook is not None and not callable(comm_hook):
+            raise TypeError(f"comm_hook must be callable, got {type(comm_hook).__name__}")
+        if source == "comm_hook" and model._comm_hooks:
+            raise ValueError(
+                "backward_stats(ddp): this DDP model has a comm hook registered already, and "
+                "DDP takes one; pass yours instead, as backward_stats(ddp, "
+                "comm_hook=hook, comm_state=state): it runs first, then the measurement"
+            )
+        self.source = source
         self.norm_type = core.check_norm_type(norm_type)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
             raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
@@ -181,10 +208,85 @@ class BackwardStats:
         self._skipping = False
         self._bad_steps = 0
         self._warned = False
-        self._handles = [
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
-            for i, p in enumerate(self.params)
-        ]
+        self._removed = False
+        if source == "comm_hook":
+            self._handles = []
+            self._install_comm_hook(model, comm_hook, comm_state)
+        else:
+            self._handles = [
+                p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                for i, p in enumerate(self.params)
+            ]
+
+    # --- the DDP source: measure each all-reduced bucket -------------------------------
+
+    def _install_comm_hook(self, ddp: torch.nn.Module, hook: Any, state: Any) -> None:
+        """Register a comm hook on ``ddp`` that all-reduces each bucket (the user's hook, or
+        torch's ``allreduce_hook``) and measures the reduced bucket in the future's
+        callback, before DDP copies it into the gradients."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        inner = hook if hook is not None else allreduce_hook
+        inner_state = state if hook is not None else ddp.process_group
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        self._comm_measured: list[int] = []
+        stats = self
+
+        # no annotations: DDP inspects them (and, postponed, they are strings it refuses)
+        def fastgradstats_comm_hook(_state, bucket):
+            fut = inner(inner_state, bucket)
+            if stats._skipping or stats._removed:
+                return fut
+            buffer = bucket.buffer()
+            views = bucket.gradients()
+            indices = [index_of[id(p)] for p in bucket.parameters()]
+            layout = [
+                (v.size(), v.stride(), v.storage_offset() - buffer.storage_offset()) for v in views
+            ]
+            stats._queue_comm_callback()
+
+            def measure(done: Any) -> Tensor:
+                reduced = done.value()
+                if isinstance(reduced, (list, tuple)):
+                    reduced = reduced[0]
+                base = reduced.storage_offset()
+                grads = [
+                    reduced.as_strided(size, stride, base + off) for size, stride, off in layout
+                ]
+                with torch.no_grad():
+                    result = _measure_bucket(grads, stats.norm_type)
+                    index = host_to_device(indices, torch.int64, stats._device)
+                    stats._write(index, result)
+                stats._comm_measured.extend(indices)
+                return reduced
+
+            return fut.then(measure)
+
+        ddp.register_comm_hook(state=None, hook=fastgradstats_comm_hook)
+
+    def _queue_comm_callback(self) -> None:
+        if self._callback_queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_comm)
+        except RuntimeError:  # not inside backward: nothing recorded, finalize catches up
+            return
+        self._callback_queued = True
+
+    def _after_comm(self) -> None:
+        # DDP queues the callback that copies the reduced buckets into .grad after the
+        # first bucket is ready; record the gradients in a callback queued after it
+        torch.autograd.Variable._execution_engine.queue_callback(self._record_comm)
+
+    def _record_comm(self) -> None:
+        self._callback_queued = False
+        measured, self._comm_measured = self._comm_measured, []
+        params, ref, version = self.params, self._ref, self._version
+        for i in measured:
+            g = params[i].grad
+            if g is not None:
+                ref[i] = weakref.ref(g)
+                version[i] = g._version
 
     # --- during backward -------------------------------------------------------------
 
@@ -481,10 +583,12 @@ class BackwardStats:
         self._reset_slots()
 
     def remove(self) -> None:
-        """Unregister every hook (idempotent)."""
+        """Unregister every hook (idempotent). DDP cannot unregister a comm hook: the DDP
+        source's hook then only all-reduces (finalize catches everything up)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._removed = True
 
     def __enter__(self) -> BackwardStats:
         return self
@@ -500,7 +604,8 @@ class BackwardStats:
     def __repr__(self) -> str:
         return (
             f"BackwardStats(tensors={len(self.params)}, buckets={len(self._buckets)}, "
-            f"norm_type={self.norm_type}, hooks={'on' if self._handles else 'removed'})"
+            f"norm_type={self.norm_type}, source={self.source!r}, "
+            f"hooks={'removed' if self._removed else 'on'})"
         )
 
 
@@ -510,6 +615,9 @@ def backward_stats(
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     scaler: Any = None,
+    source: str = "auto",
+    comm_hook: Any = None,
+    comm_state: Any = None,
 ) -> BackwardStats:
     """Measure per-tensor gradient statistics during backward; finalize after it.
 
@@ -524,10 +632,25 @@ def backward_stats(
     cannot see it). With ``scaler=`` given, a direct ``scaler.unscale_`` is detected at
     finalize and every tensor is measured again there (correct, counted as catch-up).
 
-    Refused (``ValueError``): ``DistributedDataParallel`` and FSDP models and DTensor
-    parameters, whose hooks do not see the final, reduced gradient.
+    ``DistributedDataParallel`` (``source="auto"`` picks ``"comm_hook"``): the parameter
+    hooks would see the unreduced gradients (``source="params"`` is refused), so the
+    handle registers DDP's comm hook instead: each bucket is all-reduced (by
+    ``comm_hook(comm_state, bucket)`` when given, the user's hook, else torch's
+    ``allreduce_hook``) and the reduced bucket is measured in the future's callback.
+    Micro-steps under ``ddp.no_sync()`` measure nothing (DDP calls no comm hook).
+
+    Refused (``ValueError``): FSDP1 models and DTensor parameters, whose hooks do not see
+    the final, reduced gradient, and a DDP model with a comm hook registered already.
     """
-    return BackwardStats(model, norm_type, bucket_bytes=bucket_bytes, scaler=scaler)
+    return BackwardStats(
+        model,
+        norm_type,
+        bucket_bytes=bucket_bytes,
+        scaler=scaler,
+        source=source,
+        comm_hook=comm_hook,
+        comm_state=comm_state,
+    )
 
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "BackwardStats", "backward_stats"]

@@ -478,7 +478,11 @@ def test_ddp_is_refused_with_the_reason():
     torch.nn.Module.__init__(ddp)
     ddp.module = _mlp()
     with pytest.raises(ValueError, match="unreduced"):
-        fgs.backward_stats(ddp)
+        fgs.backward_stats(ddp, source="params")
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        fgs.backward_stats(_mlp(), source="comm_hook")
+    with pytest.raises(ValueError, match="source"):
+        fgs.backward_stats(_mlp(), source="grads")
     assert all(not p._post_accumulate_grad_hooks for p in ddp.module.parameters())
 
 
@@ -491,7 +495,7 @@ def test_the_handle_keeps_no_gradient_alive(finalize):
     handle = fgs.backward_stats(model)
     _loss(model).backward()
     if finalize:
-        _total, stats = handle.clip_grad_norm_(1.0)
+        _total, _stats = handle.clip_grad_norm_(1.0)
     refs = [weakref.ref(p.grad) for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     gc.collect()
