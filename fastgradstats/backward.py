@@ -15,6 +15,12 @@ measured since the last finalize, from the same gradient tensor (identity) at th
 version counter. Anything else (never measured, rescaled in place, replaced) is measured
 again there ("catch-up", counted in ``GradStats.catchup_tensors``).
 
+``DistributedDataParallel`` models take another source of "this gradient is final": the
+handle registers DDP's comm hook, which all-reduces each bucket (torch's ``allreduce_hook``
+or the user's hook) and measures the reduced bucket in the future's callback; the
+gradients are recorded for the freshness check by a callback queued after DDP's own
+end-of-backward callback (the one that copies the buckets into ``.grad``).
+
 The seam to the measurement is :func:`_measure_bucket` alone: it takes a bucket's
 gradients and returns their :class:`~fastgradstats.torch_backend.GroupStats`; everything
 else here is bookkeeping.
@@ -598,7 +604,8 @@ class BackwardStats:
 
     @property
     def num_buckets(self) -> int:
-        """How many buckets the parameters were grouped into."""
+        """How many buckets the parameters were grouped into (parameter-hook source; DDP
+        uses its own buckets)."""
         return len(self._buckets)
 
     def __repr__(self) -> str:
