@@ -297,10 +297,16 @@ class BackwardStats:
     # --- during backward -------------------------------------------------------------
 
     def _new_slots(self) -> None:
-        # empty: finalize reads only slots written since (measured, or caught up there)
+        # empty: finalize reads only slots written since (measured, or caught up there).
+        # Persistent (finalize hands copies over), so each bucket's four slot views are
+        # made once: a bucket is then written with ONE _foreach_copy_.
         n, device = len(self.params), self._device
         self._floats = torch.empty((2, n), dtype=self._acc, device=device)  # norm, max |g|
         self._counts = torch.empty((2, n), dtype=torch.int64, device=device)  # NaN, Inf
+        f, c = self._floats, self._counts
+        self._bucket_views = [
+            [f[0, lo:hi], f[1, lo:hi], c[0, lo:hi], c[1, lo:hi]] for lo, hi in self._ranges
+        ]
 
     def _on_grad(self, index: int, param: Tensor) -> None:
         # the per-tensor cost of the handle during backward: keep it to a few attribute reads
@@ -339,13 +345,11 @@ class BackwardStats:
             self._measure(self._buckets[b], self._bucket_index[b])
             return
         result = _measure_bucket(grads, self.norm_type)
-        floats, counts = self._floats, self._counts
-        if result.norms.device != floats.device:  # a model on several devices
-            result = GroupStats(*(t.to(floats.device) for t in result))
-        # a bucket is a contiguous range of slots: one write per slot block (a stack into
-        # the block's view, converting to the slots' dtype), not one per field
-        torch.stack((result.norms, result.max_abs), out=floats[:, lo:hi])
-        torch.stack((result.nan_count, result.inf_count), out=counts[:, lo:hi])
+        if result.norms.device != self._device:  # a model on several devices
+            result = GroupStats(*(t.to(self._device) for t in result))
+        # a bucket is a contiguous range of slots: one copy into its four slot views
+        # (converting to the slots' dtype), not one op per field
+        torch._foreach_copy_(self._bucket_views[b], list(result))
         # weak references: a zero_grad(set_to_none) must free the gradients
         self._ref[lo:hi] = map(weakref.ref, grads)
         self._version[lo:hi] = map(_VERSION, grads)
@@ -472,6 +476,7 @@ class BackwardStats:
         floats, counts = self._floats, self._counts
         if listed is None:
             params, acc, device = self.params, self._acc, self._device
+            floats, counts = floats.clone(), counts.clone()  # the slots stay the handle's
         else:
             index = host_to_device(listed, torch.int64, self._device)
             floats, counts = floats.index_select(1, index), counts.index_select(1, index)
@@ -485,7 +490,6 @@ class BackwardStats:
             )
             device = grads[0].device
             floats, counts = floats.to(device, acc), counts.to(device)
-        # the slots are handed over to the stats: the next backward writes new ones
         stats = GradStats(
             names=list(names),
             norms=floats[0],
@@ -516,8 +520,6 @@ class BackwardStats:
         )
 
     def _reset_slots(self) -> None:
-        # the returned stats own the slot tensors: the next backward writes new ones
-        self._new_slots()
         n = len(self.params)
         self._ref = [_DEAD] * n
         self._version = [-1] * n
