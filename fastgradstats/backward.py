@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -75,10 +76,17 @@ def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
     return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
 
 
-def _is_ddp(model: torch.nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
+def _loaded_class(module: str, name: str) -> type | None:
+    """``module.name`` when that module is imported already, else ``None``: an instance
+    of a class whose module nobody imported cannot exist, and importing torch.distributed
+    modules here would cost seconds on a handle's first use."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None) if loaded is not None else None
 
-    return isinstance(model, DistributedDataParallel)
+
+def _is_ddp(model: torch.nn.Module) -> bool:
+    ddp = _loaded_class("torch.nn.parallel.distributed", "DistributedDataParallel")
+    return ddp is not None and isinstance(model, ddp)
 
 
 def _refuse_distributed(model: torch.nn.Module, source: str) -> None:
@@ -96,11 +104,10 @@ def _refuse_distributed(model: torch.nn.Module, source: str) -> None:
             f"backward_stats(model, source='comm_hook') needs a DistributedDataParallel "
             f"model, got {type(model).__name__}"
         )
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # torch built without distributed
-        return
-    if isinstance(model, FullyShardedDataParallel):
+    fsdp = _loaded_class(
+        "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
+    )
+    if fsdp is not None and isinstance(model, fsdp):
         raise ValueError(
             "backward_stats(model): model is a FullyShardedDataParallel (FSDP1); its flat "
             "parameters' hooks do not see the reduced, unflattened gradients. Call "
@@ -109,11 +116,8 @@ def _refuse_distributed(model: torch.nn.Module, source: str) -> None:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 class BackwardStats:

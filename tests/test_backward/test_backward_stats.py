@@ -520,3 +520,14 @@ def test_compiled_model_needs_no_catchup():
             assert_same_stats(stats, _reference(model))
     finally:
         torch._dynamo.reset()
+
+
+def test_fsdp1_is_refused():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(fsdp)
+    fsdp.inner = _mlp()
+    with pytest.raises(ValueError, match="FSDP1"):
+        fgs.backward_stats(fsdp)
+    assert all(not p._post_accumulate_grad_hooks for p in fsdp.inner.parameters())
