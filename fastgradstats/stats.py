@@ -42,6 +42,9 @@ class GradStats:
             ``grad_stats(..., histogram=True)``, else ``None``.
         histogram_edges: float64 [B + 1] on the device: 0, 2^-133, 2^-132, ..., 2^17, inf.
         zero_count: int64 [n], exact zeros (also counted in bin 0).
+        catchup_tensors: from :meth:`fastgradstats.BackwardStats.finalize`, how many
+            tensors were measured after backward because their slot was not fresh; else
+            ``None``.
     """
 
     names: list[str]
@@ -56,6 +59,7 @@ class GradStats:
     histogram: Tensor | None = None
     histogram_edges: Tensor | None = None
     zero_count: Tensor | None = None
+    catchup_tensors: int | None = None
     # the fused pass's float [2, n] (norms, max_abs) and int64 [2, n] (NaN, Inf) results,
     # which the per-tensor fields are rows of (GradMonitor copies them in two ops)
     _packed: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)

@@ -1,0 +1,156 @@
+"""``python -m benchmarks.backward_hooks``: host cost of ``fgs.backward_stats``'s hooks.
+
+Issue 18's target: at most 3 us of Python per tensor during backward (launches stubbed),
+and the after-backward step (``finalize``) at most 1.5x the one-pass floor
+``hash(tuple(g.data_ptr() for g in [p.grad for p in params]))``.
+
+The model is ``n`` tiny parameters (4 elements each) feeding one sum, so backward itself is
+cheap and the difference is the hooks. Each round times a batch of backward passes
+without the handle, then with it (interleaved: machine load hits both alike); the cost per
+tensor is the median over rounds of (with - without) / n. "stubbed": the measurement seam
+``fastgradstats.backward._measure_bucket`` returns preallocated results (a GPU would only
+enqueue its launches); "torch": the real torch-path measurement on the CPU. ``--buckets``
+sets how many buckets the tensors are split into (GPT-2 124M at 25 MB: about 20).
+
+Times are the CPU time of the calling thread (``time.thread_time``; the CPU autograd
+engine runs backward and its hooks there), so the load of other processes mostly stays out
+of them. Not a test: numbers depend on the machine. No exit status verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+import fastgradstats as fgs
+from fastgradstats import backward as bwd
+from fastgradstats.torch_backend import GroupStats
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.ps = torch.nn.ParameterList(torch.nn.Parameter(torch.ones(4)) for _ in range(n))
+
+    def forward(self) -> torch.Tensor:
+        # one stacked sum: the graph has n AccumulateGrad nodes and little else
+        return torch.stack(list(self.ps)).sum()
+
+
+def _stub_measure() -> Any:
+    cache: dict[int, GroupStats] = {}
+
+    def stub(grads: list[torch.Tensor], norm_type: float) -> GroupStats:
+        n = len(grads)
+        if n not in cache:
+            z = torch.zeros(n)
+            c = torch.zeros(n, dtype=torch.int64)
+            cache[n] = GroupStats(z, z.clone(), c, c.clone())
+        return cache[n]
+
+    return stub
+
+
+# CPU time of this thread (the CPU autograd engine runs backward, hooks included, on the
+# calling thread): on a shared, loaded machine, wall-clock time mostly measures the waiting
+_clock = time.thread_time
+
+
+def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dict[str, Any]:
+    """Host us per tensor of the hooks during backward, and of finalize vs the floor."""
+    model = _Tiny(n)
+    params = list(model.parameters())
+    bucket_bytes = max(1, (n * 16) // buckets)
+    real = bwd._measure_bucket
+    if stubbed:
+        bwd._measure_bucket = _stub_measure()
+
+    def timed(fn: Any) -> float:
+        start = _clock()
+        for _ in range(batch):
+            fn()
+        return (_clock() - start) / batch
+
+    def backward() -> None:
+        model().backward()
+
+    try:
+        handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+        num_buckets = handle.num_buckets
+        handle.remove()
+        noop, hooked, fin, flo, ratios = [], [], [], [], []
+        for _ in range(rounds):
+            # interleaved: plain backward, no-op hooks (any hook's floor), the handle
+            without = timed(backward)
+            removable = [p.register_post_accumulate_grad_hook(_noop) for p in params]
+            noop.append((timed(backward) - without) / n * 1e6)
+            for r in removable:
+                r.remove()
+            handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+            hooked.append((timed(backward) - without) / n * 1e6)
+            # after backward: finalize against the one-pass floor, on the same gradients
+            f_sum = floor_sum = 0.0
+            for _ in range(batch):
+                backward()
+                t0 = _clock()
+                hash(tuple(g.data_ptr() for g in [p.grad for p in params]))
+                t1 = _clock()
+                handle.finalize()
+                t2 = _clock()
+                floor_sum += t1 - t0
+                f_sum += t2 - t1
+            handle.remove()
+            fin.append(f_sum / batch * 1e6)
+            flo.append(floor_sum / batch * 1e6)
+            ratios.append(f_sum / floor_sum)
+    finally:
+        bwd._measure_bucket = real
+    return {
+        "tensors": n,
+        "buckets": num_buckets,
+        "measure": "stubbed" if stubbed else "torch",
+        "noop_hook_us_per_tensor": round(statistics.median(noop), 3),
+        "hook_us_per_tensor": round(statistics.median(hooked), 3),
+        "finalize_us": round(statistics.median(fin), 1),
+        "floor_us": round(statistics.median(flo), 1),
+        "finalize_x_floor": round(statistics.median(ratios), 2),
+    }
+
+
+def _noop(param: torch.Tensor) -> None:
+    return None
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.backward_hooks")
+    parser.add_argument("--quick", action="store_true", help="a few rounds (smoke run)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rounds, batch = (2, 2) if args.quick else (21, 10)
+    torch.set_num_threads(1)
+    rows = []
+    for n, buckets in ((148, 20), (10_000, 20), (10_000, 1)):
+        for stubbed in (True, False):
+            rows.append(measure(n, buckets, rounds, batch if n < 1000 else 2, stubbed))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'tensors':>8}{'buckets':>8}  {'measure':<8}{'no-op hook':>11}"
+              f"{'hook us/tensor':>15}"
+              f"{'finalize us':>13}{'floor us':>10}{'x floor':>9}")  # fmt: skip
+        for r in rows:
+            print(f"{r['tensors']:>8}{r['buckets']:>8}  {r['measure']:<8}"
+                  f"{r['noop_hook_us_per_tensor']:>11.2f}{r['hook_us_per_tensor']:>15.2f}"
+                  f"{r['finalize_us']:>13.1f}{r['floor_us']:>10.1f}"
+                  f"{r['finalize_x_floor']:>9.2f}")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,669 @@
+"""Gradient statistics measured DURING backward, so that after backward only a finalize
+remains (issue 18, the parameter-hook source on the torch path).
+
+:func:`backward_stats` registers a post-accumulate-grad hook on every parameter that
+requires grad. Parameters are grouped into buckets (about 25 MB, in reverse registration
+order: the order backward produces them); when every tensor of a bucket has fired, the
+bucket is measured once (:func:`_measure_bucket`, ONE call per bucket) and the results are
+written into per-tensor slots on the device (``index_copy_``, no host sync). Buckets left
+incomplete when backward ends (parameters that got no gradient in this backward) are
+measured by an end-of-backward callback, for the tensors that fired.
+
+A tensor measured again (gradient accumulation) overwrites its slot, so the last firing
+wins. :meth:`BackwardStats.finalize` checks, for each gradient, that its slot is fresh:
+measured since the last finalize, from the same gradient tensor (identity) at the same
+version counter. Anything else (never measured, rescaled in place, replaced) is measured
+again there ("catch-up", counted in ``GradStats.catchup_tensors``).
+
+``DistributedDataParallel`` models take another source of "this gradient is final": the
+handle registers DDP's comm hook, which all-reduces each bucket (torch's ``allreduce_hook``
+or the user's hook) and measures the reduced bucket in the future's callback; the
+gradients are recorded for the freshness check by a callback queued after DDP's own
+end-of-backward callback (the one that copies the buckets into ``.grad``).
+
+The seam to the measurement is :func:`_measure_bucket` alone: it takes a bucket's
+gradients and returns their :class:`~fastgradstats.torch_backend.GroupStats`; everything
+else here is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import operator
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import core, handoff
+from .stats import GradStats, empty_stats
+from .torch_backend import GroupStats, acc_dtype, host_to_device
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+# warn when more than half of the tensors are caught up on this many consecutive steps
+CATCHUP_WARN_STEPS = 3
+
+# C-level per-tensor accessors: the walks below cost a map() per field, not a Python loop
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_LAYOUT = operator.attrgetter("layout")
+_DEREF = weakref.ref.__call__
+_DTYPE = operator.attrgetter("dtype")
+_STRIDED = {torch.strided}
+
+
+class _Gone:
+    pass
+
+
+_DEAD = weakref.ref(_Gone())  # a reference that is dead already: "never measured"
+
+
+def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
+    """Per-tensor norm, max |g|, NaN and Inf counts of one bucket's gradients (the seam).
+
+    Today the torch path: the same ``core.per_tensor_stats`` the after-backward path runs,
+    so each tensor's results are bit-identical to it (every statistic is per tensor).
+    Results are [len(grads)], accumulation dtype, on ``grads[0]``'s device.
+    """
+    groups = core.group(grads)
+    return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """``module.name`` when that module is imported already, else ``None``: an instance
+    of a class whose module nobody imported cannot exist, and importing torch.distributed
+    modules here would cost seconds on a handle's first use."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None) if loaded is not None else None
+
+
+def _is_ddp(model: torch.nn.Module) -> bool:
+    ddp = _loaded_class("torch.nn.parallel.distributed", "DistributedDataParallel")
+    return ddp is not None and isinstance(model, ddp)
+
+
+def _refuse_distributed(model: torch.nn.Module, source: str) -> None:
+    """Refuse the models whose post-accumulate hooks do not see the final gradient."""
+    if _is_ddp(model) and source == "params":
+        raise ValueError(
+            "backward_stats(model, source='params'): model is a DistributedDataParallel; the "
+            "parameter hooks would see each rank's unreduced gradient (the all-reduce runs "
+            "after them), and gradient_as_bucket_view=True writes through views without "
+            "bumping version counters. Use source='comm_hook' (the default for DDP): the "
+            "statistics are then measured on each all-reduced bucket"
+        )
+    if not _is_ddp(model) and source == "comm_hook":
+        raise ValueError(
+            f"backward_stats(model, source='comm_hook') needs a DistributedDataParallel "
+            f"model, got {type(model).__name__}"
+        )
+    fsdp = _loaded_class(
+        "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
+    )
+    if fsdp is not None and isinstance(model, fsdp):
+        raise ValueError(
+            "backward_stats(model): model is a FullyShardedDataParallel (FSDP1); its flat "
+            "parameters' hooks do not see the reduced, unflattened gradients. Call "
+            "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+        )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+class BackwardStats:
+    """Statistics of a model's gradients measured during backward; see :func:`backward_stats`.
+
+    Use as a context manager (or call :meth:`remove`) to unregister the hooks.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        norm_type: float | str = 2.0,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        scaler: Any = None,
+        source: str = "auto",
+        comm_hook: Any = None,
+        comm_state: Any = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if source not in ("auto", "params", "comm_hook"):
+            raise ValueError(f"source must be 'auto', 'params' or 'comm_hook', got {source!r}")
+        if source == "auto":
+            source = "comm_hook" if _is_ddp(model) else "params"
+        _refuse_distributed(model, source)
+        if comm_hook is not None and source != "comm_hook":
+            raise ValueError("comm_hook= is for a DistributedDataParallel model only")
+        if comm_hook is not None and not callable(comm_hook):
+            raise TypeError(f"comm_hook must be callable, got {type(comm_hook).__name__}")
+        if source == "comm_hook" and model._comm_hooks:
+            raise ValueError(
+                "backward_stats(ddp): this DDP model has a comm hook registered already, and "
+                "DDP takes one; pass yours instead, as backward_stats(ddp, "
+                "comm_hook=hook, comm_state=state): it runs first, then the measurement"
+            )
+        self.source = source
+        self.norm_type = core.check_norm_type(norm_type)
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
+            raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for name, p in named:
+            if _is_dtensor(p):
+                raise ValueError(
+                    f"backward_stats(model): parameter {name!r} is a DTensor (FSDP2 / tensor "
+                    "parallel); the sharded-gradient source is not implemented yet: call "
+                    "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+                )
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.bucket_bytes = bucket_bytes
+        if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler
+        self._unscaled_here: set[int] = set()  # id(optimizer) unscaled through unscale_
+        n = len(self.params)
+        self._numels = [p.numel() for p in self.params]  # torch keeps .grad the param's shape
+        # buckets in reverse registration order: backward produces the last layers first.
+        # Each bucket is a contiguous range [lo, hi) of parameter indices, so its slots'
+        # bookkeeping is a few slice assignments.
+        self._ranges: list[tuple[int, int]] = []
+        size, hi = 0, n
+        for i in reversed(range(n)):
+            nbytes = self.params[i].numel() * self.params[i].element_size()
+            if i < n - 1 and size + nbytes > bucket_bytes:
+                self._ranges.append((i + 1, hi))
+                size, hi = 0, i + 1
+            size += nbytes
+        if n:
+            self._ranges.append((0, hi))
+        self._buckets = [list(range(lo, hi)) for lo, hi in self._ranges]
+        self._bucket_of = [0] * n
+        for b, members in enumerate(self._buckets):
+            for i in members:
+                self._bucket_of[i] = b
+        # the slots: per-tensor results on the first parameter's device, in the accumulation
+        # dtype of the whole model (as the after-backward path accumulates)
+        self._device = self.params[0].device if n else torch.device("cpu")
+        self._acc = (
+            torch.float64
+            if any(acc_dtype(p.dtype) == torch.float64 for p in self.params)
+            else torch.float32
+        )
+        self._bucket_index = [
+            host_to_device(members, torch.int64, self._device) for members in self._buckets
+        ]
+        self._new_slots()
+        # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
+        # (_DEAD and -1: never measured since the last finalize)
+        self._ref: list[Any] = [_DEAD] * n
+        self._version = [-1] * n
+        # firing: which tensors fired since their bucket was last measured
+        self._fired = [False] * n
+        self._left = [len(members) for members in self._buckets]
+        self._callback_queued = False
+        self._skipping = False
+        self._bad_steps = 0
+        self._warned = False
+        self._removed = False
+        if source == "comm_hook":
+            self._handles = []
+            self._install_comm_hook(model, comm_hook, comm_state)
+        else:
+            self._handles = [
+                p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                for i, p in enumerate(self.params)
+            ]
+
+    # --- the DDP source: measure each all-reduced bucket -------------------------------
+
+    def _install_comm_hook(self, ddp: torch.nn.Module, hook: Any, state: Any) -> None:
+        """Register a comm hook on ``ddp`` that all-reduces each bucket (the user's hook, or
+        torch's ``allreduce_hook``) and measures the reduced bucket in the future's
+        callback, before DDP copies it into the gradients."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        inner = hook if hook is not None else allreduce_hook
+        inner_state = state if hook is not None else ddp.process_group
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        self._comm_measured: list[int] = []
+        stats = self
+
+        # no annotations: DDP inspects them (and, postponed, they are strings it refuses)
+        def fastgradstats_comm_hook(_state, bucket):
+            fut = inner(inner_state, bucket)
+            if stats._skipping or stats._removed:
+                return fut
+            buffer = bucket.buffer()
+            views = bucket.gradients()
+            indices = [index_of[id(p)] for p in bucket.parameters()]
+            layout = [
+                (v.size(), v.stride(), v.storage_offset() - buffer.storage_offset()) for v in views
+            ]
+            stats._queue_comm_callback()
+
+            def measure(done: Any) -> Tensor:
+                reduced = done.value()
+                if isinstance(reduced, (list, tuple)):
+                    reduced = reduced[0]
+                base = reduced.storage_offset()
+                grads = [
+                    reduced.as_strided(size, stride, base + off) for size, stride, off in layout
+                ]
+                with torch.no_grad():
+                    result = _measure_bucket(grads, stats.norm_type)
+                    index = host_to_device(indices, torch.int64, stats._device)
+                    stats._write(index, result)
+                stats._comm_measured.extend(indices)
+                return reduced
+
+            return fut.then(measure)
+
+        ddp.register_comm_hook(state=None, hook=fastgradstats_comm_hook)
+
+    def _queue_comm_callback(self) -> None:
+        if self._callback_queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_comm)
+        except RuntimeError:  # not inside backward: nothing recorded, finalize catches up
+            return
+        self._callback_queued = True
+
+    def _after_comm(self) -> None:
+        # DDP queues the callback that copies the reduced buckets into .grad after the
+        # first bucket is ready; record the gradients in a callback queued after it
+        torch.autograd.Variable._execution_engine.queue_callback(self._record_comm)
+
+    def _record_comm(self) -> None:
+        self._callback_queued = False
+        measured, self._comm_measured = self._comm_measured, []
+        params, ref, version = self.params, self._ref, self._version
+        for i in measured:
+            g = params[i].grad
+            if g is not None:
+                ref[i] = weakref.ref(g)
+                version[i] = g._version
+
+    # --- during backward -------------------------------------------------------------
+
+    def _new_slots(self) -> None:
+        # empty: finalize reads only slots written since (measured, or caught up there).
+        # Persistent (finalize hands copies over), so each bucket's four slot views are
+        # made once: a bucket is then written with ONE _foreach_copy_.
+        n, device = len(self.params), self._device
+        self._floats = torch.empty((2, n), dtype=self._acc, device=device)  # norm, max |g|
+        self._counts = torch.empty((2, n), dtype=torch.int64, device=device)  # NaN, Inf
+        f, c = self._floats, self._counts
+        self._bucket_views = [
+            [f[0, lo:hi], f[1, lo:hi], c[0, lo:hi], c[1, lo:hi]] for lo, hi in self._ranges
+        ]
+
+    def _on_grad(self, index: int, param: Tensor) -> None:
+        # the per-tensor cost of the handle during backward: keep it to a few attribute reads
+        if self._skipping:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self._fired[index]:
+            return  # already waiting in its bucket, which will read the newest gradient
+        self._fired[index] = True
+        b = self._bucket_of[index]
+        left = self._left[b] - 1
+        self._left[b] = left
+        if left == 0:
+            self._measure_range(b)
+
+    def _end_of_backward(self) -> None:
+        """Measure what fired in buckets that did not complete (parameters without a
+        gradient in this backward)."""
+        self._callback_queued = False
+        for b, members in enumerate(self._buckets):
+            if self._left[b] == len(members):
+                continue
+            fired = [i for i in members if self._fired[i]]
+            self._measure(fired, host_to_device(fired, torch.int64, self._device))
+            self._left[b] = len(members)
+
+    @torch.no_grad()
+    def _measure_range(self, b: int) -> None:
+        """Measure the complete bucket ``b`` into its slots (the steady state)."""
+        lo, hi = self._ranges[b]
+        grads = list(map(_GRAD, self.params[lo:hi]))
+        self._left[b] = hi - lo
+        if set(map(_LAYOUT, grads)) != _STRIDED:
+            self._measure(self._buckets[b], self._bucket_index[b])
+            return
+        result = _measure_bucket(grads, self.norm_type)
+        if result.norms.device != self._device:  # a model on several devices
+            result = GroupStats(*(t.to(self._device) for t in result))
+        # a bucket is a contiguous range of slots: one copy into its four slot views
+        # (converting to the slots' dtype), not one op per field
+        torch._foreach_copy_(self._bucket_views[b], list(result))
+        # weak references: a zero_grad(set_to_none) must free the gradients
+        self._ref[lo:hi] = map(weakref.ref, grads)
+        self._version[lo:hi] = map(_VERSION, grads)
+        self._fired[lo:hi] = itertools.repeat(False, hi - lo)
+
+    @torch.no_grad()
+    def _measure(self, indices: list[int], index: Tensor) -> None:
+        """Measure the gradients of ``indices`` (all not None) into their slots."""
+        params, fired = self.params, self._fired
+        for i in indices:
+            fired[i] = False
+        grads = [params[i].grad for i in indices]
+        if not all(g.layout == torch.strided for g in grads):
+            # sparse gradients: left unmeasured, finalize refuses them with a clear error
+            # (raising here would abort the user's backward)
+            keep = [k for k, g in enumerate(grads) if g.layout == torch.strided]
+            indices, grads = [indices[k] for k in keep], [grads[k] for k in keep]
+            if not grads:
+                return
+            index = host_to_device(indices, torch.int64, self._device)
+        result = _measure_bucket(grads, self.norm_type)
+        self._write(index, result)
+        ref, version = self._ref, self._version
+        for i, g in zip(indices, grads):
+            ref[i] = weakref.ref(g)  # weak: a zero_grad(set_to_none) must free the gradient
+            version[i] = g._version
+
+    def _write(self, index: Tensor, result: GroupStats) -> None:
+        floats, counts = self._floats, self._counts
+        floats.index_copy_(1, index, torch.stack((result.norms, result.max_abs)).to(floats))
+        counts.index_copy_(1, index, torch.stack((result.nan_count, result.inf_count)).to(counts))
+
+    @contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Backward passes inside this block accumulate: measure nothing (an optimisation;
+        the next backward outside it measures, and finalize catches up the tensors whose
+        gradient changed without being measured again)."""
+        previous = self._skipping
+        self._skipping = True
+        try:
+            yield
+        finally:
+            self._skipping = previous
+
+    # --- after backward ----------------------------------------------------------------
+
+    def _is_fresh(self, i: int, g: Tensor) -> bool:
+        return self._ref[i]() is g and g._version == self._version[i]
+
+    @torch.no_grad()
+    def unscale_(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        """``scaler.unscale_(optimizer)``, keeping the measured slots valid.
+
+        torch's unscale (``_amp_foreach_non_finite_check_and_unscale_``) does not bump the
+        gradients' version counters, so a plain ``scaler.unscale_(optimizer)`` between
+        backward and finalize is invisible to the freshness check: call this instead. The
+        slots of the optimizer's gradients are multiplied by the same ``1 / scale`` (exact
+        for the power-of-two scales GradScaler uses, unless a value underflows to a
+        subnormal); NaN/Inf counts are unchanged. No catch-up.
+        """
+        fresh = set()
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+        ids = {id(p) for group in groups for p in group["params"]}
+        for i, p in enumerate(self.params):
+            if id(p) in ids and p.grad is not None and self._is_fresh(i, p.grad):
+                fresh.add(i)
+        scaler.unscale_(optimizer)  # raises (nothing changed here) when already unscaled
+        self._unscaled_here.add(id(optimizer))
+        if not scaler.is_enabled() or not fresh:
+            return
+        inv_scale = scaler._scale.double().reciprocal().float()  # GradScaler's own rounding
+        indices = sorted(fresh)
+        index = host_to_device(indices, torch.int64, self._device)
+        factor = inv_scale.to(self._device, self._acc)
+        floats = self._floats
+        floats.index_copy_(1, index, floats.index_select(1, index) * factor)
+        for i in indices:  # a device kernel that does bump the counter stays fresh too
+            self._version[i] = self.params[i].grad._version
+
+    def finalize(self) -> GradStats:
+        """The :class:`GradStats` of the current gradients, from the slots.
+
+        Tensors whose slot is not fresh are measured here (``catchup_tensors`` counts
+        them); ``None`` gradients are left out, as ``grad_stats`` leaves them out. Every
+        slot is stale afterwards: the next finalize needs a new backward (or catches up).
+        """
+        return self._finalize()[0]
+
+    def _finalize(self) -> tuple[GradStats, core.GradList]:
+        """:meth:`finalize`, also returning the gradients listed (for the clip). No
+        ``torch.no_grad()`` (a few us): only the slots are read; catch-ups run in one."""
+        self._callback_queued = False
+        grads = list(map(_GRAD, self.params))
+        try:
+            versions = list(map(_VERSION, grads))  # AttributeError: a None gradient
+        except AttributeError:
+            versions = None
+        if versions is not None:
+            names, listed = self.names, None  # every parameter listed: the common case
+            if versions == self._version and all(map(operator.is_, map(_DEREF, self._ref), grads)):
+                stale = []
+            else:
+                stale = [i for i, g in enumerate(grads) if not self._is_fresh(i, g)]
+        else:
+            listed = [i for i, g in enumerate(grads) if g is not None]
+            names = [self.names[i] for i in listed]
+            stale = [i for i in listed if not self._is_fresh(i, grads[i])]
+            grads = [grads[i] for i in listed]
+        if self._unscaled_elsewhere():  # the unscale bumped no counter: trust no slot
+            stale = list(range(len(self.params))) if listed is None else list(listed)
+        for i in stale:  # fresh slots were measured, so their gradients are valid
+            core.check_grad(self.params[i].grad, self.names[i])
+        if stale:
+            self._measure(stale, host_to_device(stale, torch.int64, self._device))
+        p = self.norm_type
+        if not grads:
+            stats = empty_stats(p)
+            stats.catchup_tensors = 0
+            self._reset_slots()
+            return stats, core.GradList([], [], [])
+        self._count_catchup(len(stale), len(grads))
+        floats, counts = self._floats, self._counts
+        if listed is None:
+            params, acc, device = self.params, self._acc, self._device
+            floats, counts = floats.clone(), counts.clone()  # the slots stay the handle's
+        else:
+            index = host_to_device(listed, torch.int64, self._device)
+            floats, counts = floats.index_select(1, index), counts.index_select(1, index)
+            params = [self.params[i] for i in listed]
+            # the after-backward path's dtype and device: accumulation dtype of these
+            # grads, first gradient's device
+            acc = (
+                torch.float64
+                if torch.float64 in map(acc_dtype, map(_DTYPE, grads))
+                else (torch.float32)
+            )
+            device = grads[0].device
+            floats, counts = floats.to(device, acc), counts.to(device)
+        stats = GradStats(
+            names=list(names),
+            norms=floats[0],
+            max_abs=floats[1],
+            nan_count=counts[0],
+            inf_count=counts[1],
+            total_norm=core.total_norm(floats[0], p),
+            _packed=(floats, counts),  # [2, n] blocks, as the fused path hands them over
+            norm_type=p,
+            numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],
+            catchup_tensors=len(stale),
+        )
+        self._reset_slots()
+        # not kept on self: a zero_grad(set_to_none=True) must free the gradients
+        return stats, core.GradList(stats.names, params, grads)
+
+    def _unscaled_elsewhere(self) -> bool:
+        """Did ``self.scaler`` unscale an optimizer's gradients not through :meth:`unscale_`
+        since the last finalize (which leaves the slots holding the scaled values)?"""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return False
+        from torch.amp.grad_scaler import OptState
+
+        return any(
+            state.get("stage") is OptState.UNSCALED and key not in self._unscaled_here
+            for key, state in scaler._per_optimizer_states.items()
+        )
+
+    def _reset_slots(self) -> None:
+        n = len(self.params)
+        self._ref = [_DEAD] * n
+        self._version = [-1] * n
+        self._unscaled_here = set()
+
+    def _count_catchup(self, caught: int, total: int) -> None:
+        self._bad_steps = self._bad_steps + 1 if 2 * caught > total else 0
+        if self._bad_steps >= CATCHUP_WARN_STEPS and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"backward_stats: more than half of the gradients ({caught} of {total}) were "
+                f"measured again after backward on {self._bad_steps} consecutive steps "
+                "(catch-up), so measuring during backward saves nothing. Causes: gradients "
+                "changed in place after backward (scaling, clipping, a GradScaler unscale_ "
+                "not done through BackwardStats.unscale_), replaced (p.grad = ...), or "
+                "backward passes inside accumulating()",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        optimizer: Any = None,
+        *,
+        error_if_nonfinite: bool = False,
+    ) -> tuple[Tensor, GradStats]:
+        """Finalize, then clip the gradients to ``max_norm`` like
+        ``fastgradstats.clip_grad_norm_`` (the same total, coefficient and scaling).
+
+        ``optimizer``: a fused optimizer over exactly these parameters takes the coefficient
+        as ``grad_scale`` (see :mod:`fastgradstats.handoff`); otherwise the gradients are
+        scaled in place (not written when no clipping is needed, on the CPU).
+
+        Returns ``(total_norm, stats)``: the total as ``torch.nn.utils.clip_grad_norm_``
+        returns it (promoted gradient dtype) and the statistics before clipping, with
+        ``clip_coef`` set.
+        """
+        max_norm = core.check_max_norm(max_norm)
+        stats, grads = self._finalize()
+        if not stats.names:
+            return torch.tensor(0.0), stats
+        total = core.finish_total(core.group(grads.grads), stats.norms, self.norm_type)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            per_tensor = GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
+            raise RuntimeError(
+                f"The total norm of order {self.norm_type} for gradients from `parameters` is "
+                f"non-finite, so it cannot be clipped: "
+                f"{core.nonfinite_report(grads.names, per_tensor)}. No gradient was modified. "
+                "To scale the gradients by the non-finite norm anyway, set "
+                "`error_if_nonfinite=False`"
+            )
+        coef = core.clip_coefficient(max_norm, total)
+        core.check_writable(grads)
+        if not handoff.hand_off_(optimizer, grads.params, coef):
+            core.scale_groups_(core.group(grads.grads), coef, "torch", None)
+        stats.clip_coef = coef
+        return total, stats
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every measurement and pending firing (e.g. after an interrupted backward)."""
+        n = len(self.params)
+        self._fired = [False] * n
+        self._left = [len(members) for members in self._buckets]
+        self._callback_queued = False
+        self._reset_slots()
+
+    def remove(self) -> None:
+        """Unregister every hook (idempotent). DDP cannot unregister a comm hook: the DDP
+        source's hook then only all-reduces (finalize catches everything up)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._removed = True
+
+    def __enter__(self) -> BackwardStats:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @property
+    def num_buckets(self) -> int:
+        """How many buckets the parameters were grouped into (parameter-hook source; DDP
+        uses its own buckets)."""
+        return len(self._buckets)
+
+    def __repr__(self) -> str:
+        return (
+            f"BackwardStats(tensors={len(self.params)}, buckets={len(self._buckets)}, "
+            f"norm_type={self.norm_type}, source={self.source!r}, "
+            f"hooks={'removed' if self._removed else 'on'})"
+        )
+
+
+def backward_stats(
+    model: torch.nn.Module,
+    norm_type: float | str = 2.0,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    scaler: Any = None,
+    source: str = "auto",
+    comm_hook: Any = None,
+    comm_state: Any = None,
+) -> BackwardStats:
+    """Measure per-tensor gradient statistics during backward; finalize after it.
+
+    Registers a post-accumulate-grad hook on every parameter of ``model`` that requires
+    grad; each bucket of about ``bucket_bytes`` is measured once when all its gradients
+    are final. Then ``handle.finalize()`` returns the same :class:`GradStats` as
+    ``grad_stats(model.named_parameters(), backend="torch")`` (bit for bit), and
+    ``handle.clip_grad_norm_(max_norm, optimizer=opt)`` clips like ``clip_grad_norm_``.
+
+    GradScaler: call ``handle.unscale_(scaler, optimizer)`` instead of
+    ``scaler.unscale_(optimizer)`` (torch's unscale bumps no version counter, so the slots
+    cannot see it). With ``scaler=`` given, a direct ``scaler.unscale_`` is detected at
+    finalize and every tensor is measured again there (correct, counted as catch-up).
+
+    ``DistributedDataParallel`` (``source="auto"`` picks ``"comm_hook"``): the parameter
+    hooks would see the unreduced gradients (``source="params"`` is refused), so the
+    handle registers DDP's comm hook instead: each bucket is all-reduced (by
+    ``comm_hook(comm_state, bucket)`` when given, the user's hook, else torch's
+    ``allreduce_hook``) and the reduced bucket is measured in the future's callback.
+    Micro-steps under ``ddp.no_sync()`` measure nothing (DDP calls no comm hook).
+
+    Refused (``ValueError``): FSDP1 models and DTensor parameters, whose hooks do not see
+    the final, reduced gradient, and a DDP model with a comm hook registered already.
+    """
+    return BackwardStats(
+        model,
+        norm_type,
+        bucket_bytes=bucket_bytes,
+        scaler=scaler,
+        source=source,
+        comm_hook=comm_hook,
+        comm_state=comm_state,
+    )
+
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "BackwardStats", "backward_stats"]
