@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, handoff
+from . import core, engine, inputs
 from .stats import GradStats, empty_stats
 from .torch_backend import GroupStats, acc_dtype, host_to_device
 
@@ -120,6 +120,57 @@ def _is_dtensor(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
+def _check_source(model: Any, source: str, comm_hook: Any) -> str:
+    """The gradient source for ``model`` (``auto`` resolved), refusing what cannot work."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if source not in ("auto", "params", "comm_hook"):
+        raise ValueError(f"source must be 'auto', 'params' or 'comm_hook', got {source!r}")
+    if source == "auto":
+        source = "comm_hook" if _is_ddp(model) else "params"
+    _refuse_distributed(model, source)
+    if comm_hook is not None and source != "comm_hook":
+        raise ValueError("comm_hook= is for a DistributedDataParallel model only")
+    if comm_hook is not None and not callable(comm_hook):
+        raise TypeError(f"comm_hook must be callable, got {type(comm_hook).__name__}")
+    if source == "comm_hook" and model._comm_hooks:
+        raise ValueError(
+            "backward_stats(ddp): this DDP model has a comm hook registered already, and "
+            "DDP takes one; pass yours instead, as backward_stats(ddp, "
+            "comm_hook=hook, comm_state=state): it runs first, then the measurement"
+        )
+    return source
+
+
+def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` of every parameter that requires grad (DTensors refused)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for name, p in named:
+        if _is_dtensor(p):
+            raise ValueError(
+                f"backward_stats(model): parameter {name!r} is a DTensor (FSDP2 / tensor "
+                "parallel); the sharded-gradient source is not implemented yet: call "
+                "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
+            )
+    return named
+
+
+def _bucket_ranges(params: list[Tensor], bucket_bytes: int) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` index ranges of about ``bucket_bytes`` each, last first."""
+    n = len(params)
+    ranges: list[tuple[int, int]] = []
+    size, hi = 0, n
+    for i in reversed(range(n)):
+        nbytes = params[i].numel() * params[i].element_size()
+        if i < n - 1 and size + nbytes > bucket_bytes:
+            ranges.append((i + 1, hi))
+            size, hi = 0, i + 1
+        size += nbytes
+    if n:
+        ranges.append((0, hi))
+    return ranges
+
+
 class BackwardStats:
     """Statistics of a model's gradients measured during backward; see :func:`backward_stats`.
 
@@ -137,37 +188,14 @@ class BackwardStats:
         comm_hook: Any = None,
         comm_state: Any = None,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if source not in ("auto", "params", "comm_hook"):
-            raise ValueError(f"source must be 'auto', 'params' or 'comm_hook', got {source!r}")
-        if source == "auto":
-            source = "comm_hook" if _is_ddp(model) else "params"
-        _refuse_distributed(model, source)
-        if comm_hook is not None and source != "comm_hook":
-            raise ValueError("comm_hook= is for a DistributedDataParallel model only")
-        if comm_hook is not None and not callable(comm_hook):
-            raise TypeError(f"comm_hook must be callable, got {type(comm_hook).__name__}")
-        if source == "comm_hook" and model._comm_hooks:
-            raise ValueError(
-                "backward_stats(ddp): this DDP model has a comm hook registered already, and "
-                "DDP takes one; pass yours instead, as backward_stats(ddp, "
-                "comm_hook=hook, comm_state=state): it runs first, then the measurement"
-            )
+        source = _check_source(model, source, comm_hook)
         self.source = source
-        self.norm_type = core.check_norm_type(norm_type)
+        self.norm_type = inputs.check_norm_type(norm_type)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
             raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        for name, p in named:
-            if _is_dtensor(p):
-                raise ValueError(
-                    f"backward_stats(model): parameter {name!r} is a DTensor (FSDP2 / tensor "
-                    "parallel); the sharded-gradient source is not implemented yet: call "
-                    "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
-                )
+        named = _trainable_parameters(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.bucket_bytes = bucket_bytes
@@ -180,16 +208,7 @@ class BackwardStats:
         # buckets in reverse registration order: backward produces the last layers first.
         # Each bucket is a contiguous range [lo, hi) of parameter indices, so its slots'
         # bookkeeping is a few slice assignments.
-        self._ranges: list[tuple[int, int]] = []
-        size, hi = 0, n
-        for i in reversed(range(n)):
-            nbytes = self.params[i].numel() * self.params[i].element_size()
-            if i < n - 1 and size + nbytes > bucket_bytes:
-                self._ranges.append((i + 1, hi))
-                size, hi = 0, i + 1
-            size += nbytes
-        if n:
-            self._ranges.append((0, hi))
+        self._ranges = _bucket_ranges(self.params, bucket_bytes)
         self._buckets = [list(range(lo, hi)) for lo, hi in self._ranges]
         self._bucket_of = [0] * n
         for b, members in enumerate(self._buckets):
@@ -444,7 +463,7 @@ class BackwardStats:
         """
         return self._finalize()[0]
 
-    def _finalize(self) -> tuple[GradStats, core.GradList]:
+    def _finalize(self) -> tuple[GradStats, inputs.GradList]:
         """:meth:`finalize`, also returning the gradients listed (for the clip). No
         ``torch.no_grad()`` (a few us): only the slots are read; catch-ups run in one."""
         self._callback_queued = False
@@ -467,7 +486,7 @@ class BackwardStats:
         if self._unscaled_elsewhere():  # the unscale bumped no counter: trust no slot
             stale = list(range(len(self.params))) if listed is None else list(listed)
         for i in stale:  # fresh slots were measured, so their gradients are valid
-            core.check_grad(self.params[i].grad, self.names[i])
+            inputs.check_grad(self.params[i].grad, self.names[i])
         if stale:
             self._measure(stale, host_to_device(stale, torch.int64, self._device))
         p = self.norm_type
@@ -475,7 +494,7 @@ class BackwardStats:
             stats = empty_stats(p)
             stats.catchup_tensors = 0
             self._reset_slots()
-            return stats, core.GradList([], [], [])
+            return stats, inputs.GradList([], [], [])
         self._count_catchup(len(stale), len(grads))
         floats, counts = self._floats, self._counts
         if listed is None:
@@ -508,7 +527,7 @@ class BackwardStats:
         )
         self._reset_slots()
         # not kept on self: a zero_grad(set_to_none=True) must free the gradients
-        return stats, core.GradList(stats.names, params, grads)
+        return stats, inputs.GradList(stats.names, params, grads)
 
     def _unscaled_elsewhere(self) -> bool:
         """Did ``self.scaler`` unscale an optimizer's gradients not through :meth:`unscale_`
@@ -563,26 +582,19 @@ class BackwardStats:
         returns it (promoted gradient dtype) and the statistics before clipping, with
         ``clip_coef`` set.
         """
-        max_norm = core.check_max_norm(max_norm)
+        request = engine.Request(
+            self.norm_type, stats=True, counts=True, max_norm=inputs.check_max_norm(max_norm),
+            backend="torch",
+        )  # fmt: skip
         stats, grads = self._finalize()
         if not stats.names:
             return torch.tensor(0.0), stats
-        total = core.finish_total(core.group(grads.grads), stats.norms, self.norm_type)
-        if error_if_nonfinite and not bool(torch.isfinite(total)):
-            per_tensor = GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
-            raise RuntimeError(
-                f"The total norm of order {self.norm_type} for gradients from `parameters` is "
-                f"non-finite, so it cannot be clipped: "
-                f"{core.nonfinite_report(grads.names, per_tensor)}. No gradient was modified. "
-                "To scale the gradients by the non-finite norm anyway, set "
-                "`error_if_nonfinite=False`"
-            )
-        coef = core.clip_coefficient(max_norm, total)
-        core.check_writable(grads)
-        if not handoff.hand_off_(optimizer, grads.params, coef):
-            core.scale_groups_(core.group(grads.grads), coef, "torch", None)
-        stats.clip_coef = coef
-        return total, stats
+        measured = engine.finished(grads, stats, request)
+        if error_if_nonfinite:
+            measured.raise_if_nonfinite()
+        assert measured.coef is not None
+        measured.apply_(measured.coef, optimizer)
+        return measured.total, stats
 
     # --- lifetime ------------------------------------------------------------------------
 

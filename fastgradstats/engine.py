@@ -220,6 +220,20 @@ def _grouped_pass(grads: inputs.GradList, shards: sharding.Sharding | None, req:
                 grads=grads, groups=groups)  # fmt: skip
 
 
+def finished(grads: inputs.GradList, stats: GradStats, request: Request) -> Pass:
+    """The :class:`Pass` of per-tensor statistics measured elsewhere (during backward, see
+    :mod:`fastgradstats.backward`): only the finish (torch's total, the fixed rule's
+    coefficient) and the grouped plan's apply remain. ``grads`` must be non-empty."""
+    groups = core.group(grads.grads)
+    total = core.finish_total(groups, stats.norms, request.norm_type)
+    per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
+    coef = None
+    if request.max_norm is not None:
+        coef = stats.clip_coef = core.clip_coefficient(request.max_norm, total)
+    return Pass(request, total, stats.total_norm, grads.names, stats, per_tensor, coef,
+                grads=grads, groups=groups)  # fmt: skip
+
+
 def writable_grads(items: Any) -> inputs.GradList:
     """The local gradients of ``items`` for an element-wise write (scale by a given
     norm, clamp, zero), refused before anything is written when one cannot be written in
@@ -241,4 +255,4 @@ def zero_where_(params: list[Tensor], items: Any, flag: Tensor, backend: str | N
         core.zero_groups_where_(core.group(grads.grads), flag, backend)
 
 
-__all__ = ["Pass", "Request", "run", "writable_grads", "zero_where_"]
+__all__ = ["Pass", "Request", "finished", "run", "writable_grads", "zero_where_"]
