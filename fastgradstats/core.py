@@ -52,7 +52,8 @@ class Groups:
     tensors: list[list[Tensor]]
     indices: list[list[int]]
     device: torch.device  # the first gradient's device: where combined results live
-    acc: torch.dtype
+    acc: torch.dtype  # of the per-tensor results: float64 when a group is fp64, else fp32
+    result: torch.dtype  # of the total torch returns: the promoted gradient dtype
 
     @property
     def in_order(self) -> bool:
@@ -68,7 +69,7 @@ def group(grads: list[Tensor]) -> Groups:
         tensors.append(group_tensors)
         indices.append(group_indices)
     acc = torch.float64 if any(acc_dtype(k[1]) == torch.float64 for k in keys) else torch.float32
-    return Groups(keys, tensors, indices, grads[0].device, acc)
+    return Groups(keys, tensors, indices, grads[0].device, acc, result_dtype(grads))
 
 
 def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
@@ -79,7 +80,7 @@ def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
     flat = torch.cat([p.to(parts[0].dtype) for p in parts])
     order = [i for idx in groups.indices for i in idx]
     order = torch_backend.host_to_device(order, torch.int64, groups.device)
-    out = torch.empty(n, dtype=flat.dtype, device=groups.device)
+    out = torch.empty((n, *flat.shape[1:]), dtype=flat.dtype, device=groups.device)
     out[order] = flat
     return out
 
@@ -108,6 +109,18 @@ def per_tensor_stats(
         fields[2].append(stats.nan_count)
         fields[3].append(stats.inf_count)
     return GroupStats(*(_merge(groups, parts, n) for parts in fields))
+
+
+def per_tensor_histograms(groups: Groups, n: int, backend: str | None) -> tuple[Tensor, Tensor]:
+    """Per-tensor |g| histograms int64 [n, NUM_BINS] and zero counts int64 [n], input
+    order, first device: each group on its backend (a read of its own)."""
+    counts, zeros = [], []
+    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
+        impl = backend_for(device, dtype, 2.0, backend)
+        group_counts, group_zeros = impl.group_histogram(tensors)
+        counts.append(group_counts)
+        zeros.append(group_zeros)
+    return _merge(groups, counts, n), _merge(groups, zeros, n)
 
 
 def total_norm(norms: Tensor, norm_type: float) -> Tensor:
@@ -310,6 +323,7 @@ __all__ = [
     "finish_total",
     "fused",
     "group",
+    "per_tensor_histograms",
     "per_tensor_norms",
     "per_tensor_stats",
     "result_dtype",

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import core, handoff, inputs, sharding
-from .stats import GradStats, add_histograms, empty_stats, fused_stats
+from .stats import GradStats, empty_stats, fused_stats
 
 
 @dataclass(slots=True)
@@ -194,28 +194,26 @@ def _grouped_pass(grads: inputs.GradList, shards: sharding.Sharding | None, req:
     per_tensor = stats = None
     if req.stats or req.counts:
         per_tensor = core.per_tensor_stats(groups, n, p, req.backend, req.foreach)
+        bins = core.per_tensor_histograms(groups, n, req.backend) if req.histogram else None
         numels = [g.numel() for g in grads.grads]
         if shards is not None:  # sharded grads: combine the partials across ranks
             per_tensor, numels = shards.reduce_stats(per_tensor, p)
+            bins = shards.reduce_histograms(*bins) if bins is not None else None
         norms = per_tensor.norms
     else:
         norms = core.per_tensor_norms(groups, n, p, req.backend, req.foreach)
         if shards is not None:
             norms = shards.reduce_norms(norms, p)
     total_acc = core.total_norm(norms, p)
-    if shards is None:
-        total = core.finish_total(groups, norms, p)
-    else:  # global per-tensor norms already: the total in the promoted dtype
-        total = total_acc.to(core.result_dtype(grads.grads))
+    # torch's roundings; sharded: global per-tensor norms already, so the promoted dtype
+    total = core.finish_total(groups, norms, p) if shards is None else total_acc.to(groups.result)
+    coef = core.clip_coefficient(req.max_norm, total) if req.max_norm is not None else None
     if req.stats:
         assert per_tensor is not None
         stats = GradStats(grads.names, *per_tensor, total_norm=total_acc, norm_type=p,
-                          numels=numels)  # fmt: skip
-        if req.histogram:
-            add_histograms(stats, grads.grads, req.backend, shards)
-    coef = core.clip_coefficient(req.max_norm, total) if req.max_norm is not None else None
-    if stats is not None:
-        stats.clip_coef = coef
+                          clip_coef=coef, numels=numels)  # fmt: skip
+        if bins is not None:
+            stats.add_histograms(*bins)
     return Pass(req, total, total_acc, grads.names, stats, per_tensor, coef, shards,
                 grads=grads, groups=groups)  # fmt: skip
 

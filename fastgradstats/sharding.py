@@ -195,6 +195,14 @@ class Sharding:
         counts = sums[:2].round().to(torch.int64)
         return GroupStats(norms, max_abs, counts[0], counts[1]), numels
 
+    def reduce_histograms(self, counts: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+        """Local per-shard histograms int64 [n, B] and zero counts [n] -> those of the
+        full parameters: one SUM all-reduce, replicas counted once (like NaN counts)."""
+        if not self.groups:
+            return counts, zeros
+        summed = self._sum(torch.cat([counts.t(), zeros[None]]))
+        return summed[:-1].t().contiguous(), summed[-1].contiguous()
+
 
 # Set on the placeholder tensors made by fsdp1_grads / deepspeed_zero_grads: (element count
 # of the full parameter, whether every rank holds the whole gradient).

@@ -10,13 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, torch_backend
+from . import core
 from .constants import NUM_BINS
-from .dispatch import backend_for
 from .histogram import SUPPORTED_DTYPES as HISTOGRAM_DTYPES
-from .histogram import edges_on, group_histogram
+from .histogram import edges_on
 from .precision import PrecisionReport, precision_report
-from .sharding import Sharding
 from .torch_backend import host_to_device
 
 
@@ -63,6 +61,14 @@ class GradStats:
     # the fused pass's float [2, n] (norms, max_abs) and int64 [2, n] (NaN, Inf) results,
     # which the per-tensor fields are rows of (GradMonitor copies them in two ops)
     _packed: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def add_histograms(self, counts: Tensor, zeros: Tensor) -> None:
+        """Set ``histogram`` (int64 [n, B]), ``zero_count`` (int64 [n]) and the edges, on
+        the stats' device."""
+        device = self.norms.device
+        self.histogram = counts.to(device)
+        self.zero_count = zeros.to(device)
+        self.histogram_edges = edges_on(device).clone()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -268,7 +274,7 @@ def empty_stats(norm_type: float, histogram: bool = False) -> GradStats:
         [], zeros, zeros.clone(), counts, counts.clone(), torch.tensor(0.0), norm_type
     )
     if histogram:
-        add_histograms(stats, [], None)
+        stats.add_histograms(torch.zeros((0, NUM_BINS), dtype=torch.int64), counts.clone())
     return stats
 
 
@@ -288,77 +294,17 @@ def fused_stats(call: core.Fused, names: list[str], norm_type: float) -> GradSta
         _packed=(call.floats, call.counts),
     )
     if call.histogram is not None and call.zero_count is not None:
-        # binned by the stats launches themselves: no second read
-        stats.histogram = call.histogram
-        stats.zero_count = call.zero_count
-        stats.histogram_edges = edges_on(call.histogram.device).clone()
+        stats.add_histograms(call.histogram, call.zero_count)  # binned by the same read
     return stats
-
-
-def add_histograms(
-    stats: GradStats,
-    grads: list[Tensor],
-    backend: str | None,
-    sharding: Sharding | None = None,
-) -> None:
-    """Fill the histogram fields of ``stats`` with a read of their own (the generic path:
-    torch backend, sharded or traced gradients; the fused Triton path bins in its stats
-    launches instead, see :func:`fused_stats`).
-
-    Sharded gradients: the local shards' counts are SUM-reduced over the ranks (one
-    all-reduce of int64 ``[B + 1, n]``, replicas counted once), like the NaN/Inf counts.
-    """
-    device = stats.norms.device
-    counts, zeros = histograms(grads, backend, sharding, device)
-    stats.histogram = counts.to(device)
-    stats.zero_count = zeros.to(device)
-    stats.histogram_edges = edges_on(device).clone()
-
-
-def histograms(
-    grads: list[Tensor],
-    backend: str | None,
-    sharding: Sharding | None,
-    device: torch.device,
-) -> tuple[Tensor, Tensor]:
-    """Per-tensor histograms and zero counts of (localized) ``grads`` on ``device``; with
-    ``sharding``, those of the full parameters (one SUM all-reduce). No host sync."""
-    counts, zeros = histograms_for(grads, backend)
-    if sharding is not None and sharding.groups:
-        rows = torch.cat([counts.to(device).t(), zeros.to(device)[None]])
-        summed = sharding._sum(rows)  # replicas are counted once, like the NaN counts
-        return summed[:-1].t().contiguous(), summed[-1].contiguous()
-    return counts.to(device), zeros.to(device)
-
-
-def _group_histogram_on_triton(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """One Triton launch for a same-device, same-dtype group (dense layouts read in place)."""
-    from . import kernels
-    from .kernels import tables
-    from .kernels.histogram import group_histogram_triton
-
-    dense = [g if tables.is_dense(g) else g.contiguous() for g in tensors]
-    cacheable = all(d is g for d, g in zip(dense, tensors))
-    device = tensors[0].device
-    table = tables.table_for(dense, kernels.block_size(), cache=cacheable)
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # Triton launches on the current device
-            return group_histogram_triton(table)
-    return group_histogram_triton(table)
 
 
 @torch.no_grad()
 def histograms_for(grads: Sequence[Tensor], backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """Per-tensor histograms of ``grads`` on the backend in force: the ONE dispatch point.
-
-    Groups ``grads`` by (device, dtype) itself; each group goes to the Triton kernel
-    (:func:`fastgradstats.kernels.histogram.group_histogram_triton`, one launch per table
-    segment) when
-    :func:`fastgradstats.dispatch.backend_for` picks Triton for it, else to the torch
-    reference :func:`group_histogram`. This is a read of its own, for the generic path
-    (torch backend, several devices, sharded gradients); ``grad_stats``,
-    ``clip_grad_norm_`` and ``GradMonitor`` with histograms on the fused Triton path bin in
-    the stats launch instead (``stats_kernel`` with ``HISTOGRAM``).
+    """Per-tensor |g| histograms of ``grads`` with a read of their own, each (device,
+    dtype) group on its backend (``group_histogram`` of the torch reference, or Triton's
+    histogram kernel, one launch per table segment). ``grad_stats``, ``clip_grad_norm_``
+    and ``GradMonitor`` with histograms on the fused Triton path bin in the stats launch
+    instead (``stats_kernel`` with ``HISTOGRAM``).
 
     Returns:
         ``(counts, zeros)``: int64 ``[n, NUM_BINS]`` and int64 ``[n]`` on ``grads[0]``'s
@@ -375,35 +321,11 @@ def histograms_for(grads: Sequence[Tensor], backend: str | None = None) -> tuple
             )
     if not grads:
         return torch.zeros((0, NUM_BINS), dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault((g.device, g.dtype), []).append(i)
-    first = grads[0].device
-    if len(groups) == 1:
-        ((device, dtype),) = groups
-        return _one_group(grads, device, dtype, backend)
-    counts = torch.empty((len(grads), NUM_BINS), dtype=torch.int64, device=first)
-    zeros = torch.empty(len(grads), dtype=torch.int64, device=first)
-    for (device, dtype), indices in groups.items():
-        part_counts, part_zeros = _one_group([grads[i] for i in indices], device, dtype, backend)
-        index = host_to_device(indices, torch.int64, first)
-        counts.index_copy_(0, index, part_counts.to(first))
-        zeros.index_copy_(0, index, part_zeros.to(first))
-    return counts, zeros
-
-
-def _one_group(
-    tensors: list[Tensor], device: torch.device, dtype: torch.dtype, backend: str | None
-) -> tuple[Tensor, Tensor]:
-    impl = backend_for(device, dtype, 2.0, backend)
-    if impl is not torch_backend:
-        return _group_histogram_on_triton(tensors)
-    return group_histogram(tensors)
+    return core.per_tensor_histograms(core.group(grads), len(grads), backend)
 
 
 __all__ = [
     "GradStats",
-    "add_histograms",
     "empty_stats",
     "fused_stats",
     "histograms_for",

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .histogram import group_histogram  # the backend contract's histogram: the reference
 from .overlap import overlap_rounds
 
 INF = math.inf
@@ -274,3 +275,17 @@ def zero_where_(grads: list[Tensor], flag: Tensor, foreach: bool | None = None) 
 def supports(device: torch.device, dtype: torch.dtype, norm_type: float) -> bool:
     """The torch backend handles every device, dtype and norm type torch does."""
     return True
+
+
+__all__ = [
+    "GroupStats",
+    "acc_dtype",
+    "clamp_",
+    "group_histogram",
+    "group_norms",
+    "group_stats",
+    "host_to_device",
+    "scale_",
+    "supports",
+    "zero_where_",
+]

@@ -231,6 +231,19 @@ def group_stats(grads: list[Tensor], norm_type: float, foreach: bool | None = No
     return GroupStats(floats[0], floats[1], counts[0], counts[1])
 
 
+def group_histogram(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-tensor |g| histograms of one group: a read of its own, one launch per table
+    segment (dense layouts read in place, others through a copy). Returns int64
+    ``[n, NUM_BINS]`` counts and int64 ``[n]`` zero counts."""
+    from .kernels.histogram import group_histogram_triton
+
+    dense = [g if tables.is_dense(g) else g.contiguous() for g in grads]
+    cacheable = all(d is g for d, g in zip(dense, grads))
+    table = tables.table_for(dense, kernels.block_size(), cache=cacheable)
+    with _on_device(grads[0].device):
+        return group_histogram_triton(table)
+
+
 def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
     """Multiply each gradient in place by the 0-d device tensor ``coef`` (float32 math).
 
