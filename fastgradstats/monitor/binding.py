@@ -2,7 +2,7 @@
 
 The parameter *names* are fixed when the monitor is made; the parameter *objects* are
 followed by name (:meth:`Binding.moved` notices replaced ones at the cost of one dict
-lookup per parameter, :meth:`Binding.attach` takes those of a new model object). The
+lookup per parameter, :meth:`Binding.follow` takes those of a new model object). The
 binding also keeps what is tied to the tracked objects: the previous weights of
 ``param_norms=True`` and the device index tensors of steps where some gradients are missing.
 """
@@ -121,7 +121,7 @@ WeightGroup = tuple[Any, list[Tensor], list[Tensor]]
 class Binding:
     """The monitored parameters, in ``names`` order, and how to find them in the model.
 
-    ``names`` never change; :meth:`bind` (at construction, :meth:`attach`, or when
+    ``names`` never change; :meth:`bind` (at construction, :meth:`follow`, or when
     :meth:`moved` says the model's parameters were replaced) sets ``params``, ``pairs``,
     ``numels``, ``ndims`` and forgets the previous weights of the old objects.
     """
@@ -162,7 +162,7 @@ class Binding:
         self.index_cache = LruCache(self.index_cache_size)
         self.no_grad_steps = 0  # consecutive step() calls without any gradient
 
-    def attach(self, model: nn.Module | Iterable[Any]) -> None:
+    def follow(self, model: nn.Module | Iterable[Any]) -> None:
         """Track the parameters of ``model`` with the monitored names (``ValueError`` when
         one is missing)."""
         current = dict(named_parameters(model))

@@ -64,7 +64,6 @@ from .arguments import (
 )
 from .binding import Binding, LruCache, named_parameters
 from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
-from .events import Events
 from .flush import HostLog
 from .history import Frame, HistogramHistory, History
 from .keys import Keys
@@ -290,14 +289,6 @@ class GradMonitor:
         """Dimensions of ``params``."""
         return self._binding.ndims
 
-    @property
-    def _model(self) -> nn.Module | None:
-        return self._binding.model
-
-    @property
-    def _index_cache(self) -> LruCache:
-        return self._binding.index_cache
-
     def attach(self, model: nn.Module | Iterable[Any]) -> None:
         """Track the parameters of ``model`` (by name) from now on; the history is kept.
 
@@ -306,7 +297,7 @@ class GradMonitor:
         when the model object itself is new (unpickled or rebuilt). Raises ``ValueError``
         when ``model`` lacks a monitored name.
         """
-        self._binding.attach(model)
+        self._binding.follow(model)
 
     # -- the record: device rings (rings.py), host side (flush.py), state (state.py) -------
 
@@ -358,30 +349,6 @@ class GradMonitor:
         """Histogram steps overwritten in their device ring before a flush copied them."""
         return self._log.lost_histograms
 
-    @property
-    def _recorded(self) -> int:
-        return self._rings.recorded
-
-    @property
-    def _flushed(self) -> int:
-        return self._log.flushed
-
-    @property
-    def _hist_recorded(self) -> int:
-        return self._rings.hist_recorded
-
-    @property
-    def _hist_ring(self) -> HistogramRing | None:
-        return self._rings.hist
-
-    @property
-    def _spikes(self) -> SpikeDetector:
-        return self._log.spikes
-
-    @property
-    def _events(self) -> Events:
-        return self._log.events
-
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on as if never interrupted.
 
@@ -425,6 +392,37 @@ class GradMonitor:
             raise TypeError("writer must have a write(history) method")
         self._writers.append(writer)
         return writer
+
+    # Read-only views of the collaborators' counters under the names these attributes had
+    # before the split (tests and the integrations read them).
+
+    @property
+    def _model(self) -> nn.Module | None:
+        return self._binding.model
+
+    @property
+    def _index_cache(self) -> LruCache:
+        return self._binding.index_cache
+
+    @property
+    def _recorded(self) -> int:
+        return self._rings.recorded
+
+    @property
+    def _flushed(self) -> int:
+        return self._log.flushed
+
+    @property
+    def _hist_recorded(self) -> int:
+        return self._rings.hist_recorded
+
+    @property
+    def _hist_ring(self) -> HistogramRing | None:
+        return self._rings.hist
+
+    @property
+    def _spikes(self) -> SpikeDetector:
+        return self._log.spikes
 
     # -- the per-step path: no host sync below ------------------------------------------
 
