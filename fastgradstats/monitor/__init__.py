@@ -2,10 +2,17 @@
 
 One module per concern:
 
-* :mod:`.recorder` -- :class:`GradMonitor` (the per-step path: stats, clipping, skipping);
-* :mod:`.params` -- which tensors the monitor watches and how it finds them again;
-* :mod:`.history` -- the device ring buffers and the host :class:`History` (and its
-  :class:`HistogramHistory` with ``histograms=True``);
+* :mod:`.recorder` -- :class:`GradMonitor`: its arguments, the per-step path (measure and
+  clip, skip, write the rings) and the facades, composing the modules below;
+* :mod:`.arguments` -- checks of its constructor arguments (beside ``core.check_*``);
+* :mod:`.binding` -- which tensors the monitor watches and how it finds them again
+  (by name; replaced, unpickled, missing gradients);
+* :mod:`.rings` -- the device ring buffers and the per-step row writes (no host sync);
+* :mod:`.flush` -- copying the rings to the host, spike detection, the host history;
+* :mod:`.state` -- ``state_dict`` / ``load_state_dict`` (format versions 1 and 2);
+* :mod:`.report` -- the precision findings of ``report()`` and the dict of ``to_dict()``;
+* :mod:`.history` -- the host :class:`History` (and its :class:`HistogramHistory` with
+  ``histograms=True``);
 * :mod:`.spikes` -- the spike detector (log-norm EMA), run at flush on the host;
 * :mod:`.events` -- tallies that outlive the ring buffer;
 * :mod:`.diagnosis` -- :func:`diagnose` and :class:`Diagnosis`;

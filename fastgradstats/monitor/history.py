@@ -1,8 +1,8 @@
-"""Recorded steps: the device ring buffer the monitor writes to, and the host ``History``.
+"""Recorded steps on the host: :class:`History` (and :class:`HistogramHistory`), numpy arrays.
 
-The ring buffer (:class:`DeviceRing`) lives on the gradients' device and is written every
-recorded step without a host sync; :meth:`DeviceRing.gather` copies rows to the host in
-one transfer and returns them as a :class:`History` of numpy arrays.
+The device ring buffers the monitor writes every step are in :mod:`.rings`; their
+``gather`` copies rows here in one transfer, and :class:`Frame` makes a :class:`History`
+of those arrays for one monitor's parameters.
 """
 
 from __future__ import annotations
@@ -283,47 +283,6 @@ def empty_histogram_arrays(t: int, n: int) -> dict[str, np.ndarray]:
     }
 
 
-class HistogramRing:
-    """``capacity`` rows of per-layer histograms on the device, written without host syncs.
-
-    Memory: ``capacity * n * (152 + 1) * 8`` bytes of int64 counts (GPT-2's 148 tensors:
-    181 KB per row, 11.6 MB at the default 64 rows), plus ``max_abs`` and ``present``.
-    int64 keeps every count exact (a tensor can hold more than 2**31 elements).
-    """
-
-    def __init__(self, capacity: int, n: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.capacity, self.n = capacity, n
-        self.counts = torch.zeros(capacity, n, NUM_BINS, dtype=torch.int64, device=device)
-        self.zeros = torch.zeros(capacity, n, dtype=torch.int64, device=device)
-        self.max_abs = torch.zeros(capacity, n, dtype=dtype, device=device)
-        self.present = torch.zeros(capacity, n, dtype=torch.bool, device=device)
-        self.host_steps = np.full(capacity, -1, dtype=np.int64)
-
-    def gather(self, rows: list[int]) -> dict[str, np.ndarray]:
-        """The arrays of ``rows`` (ring row indices, in order) on the host: one copy."""
-        n, t = self.n, len(rows)
-        if not t:
-            return empty_histogram_arrays(0, n)
-        index = torch.tensor(rows, dtype=torch.int64).to(self.counts.device)
-        # int64 block (max_abs travels as its float64 bits): one device->host copy.
-        pieces = [
-            self.counts[index].reshape(t, -1),
-            self.zeros[index],
-            self.max_abs[index].to(torch.float64).view(torch.int64),
-            self.present[index].to(torch.int64),
-        ]
-        packed = torch.cat(pieces, dim=1).cpu().numpy()
-        bins = self.counts.shape[2]
-        cols = np.cumsum([0, n * bins, n, n, n])
-        return {
-            "steps": self.host_steps[rows].copy(),
-            "counts": packed[:, cols[0] : cols[1]].reshape(t, n, bins).copy(),
-            "zero_count": packed[:, cols[1] : cols[2]].copy(),
-            "max_abs": packed[:, cols[2] : cols[3]].copy().view(np.float64),
-            "present": packed[:, cols[3] : cols[4]].astype(bool),
-        }
-
-
 def empty_arrays(t: int, n: int) -> dict[str, np.ndarray]:
     """The arrays of a History of ``t`` blank rows (step -1, coefficient 1, all else 0)."""
     return {
@@ -342,101 +301,44 @@ def empty_arrays(t: int, n: int) -> dict[str, np.ndarray]:
     }
 
 
-class DeviceRing:
-    """``capacity`` rows of per-step statistics on the device, written without host syncs.
+@dataclass
+class Frame:
+    """What a monitor's histories share: its parameters and settings. Makes a
+    :class:`History` (or :class:`HistogramHistory`) of gathered arrays."""
 
-    Row ``r`` holds one recorded step; ``host_steps[r]`` is its step number (a Python
-    int the monitor knows, so it is kept on the host). Spikes are not on the device: the
-    monitor computes them from the gathered rows (:mod:`fastgradstats.monitor.spikes`).
-    """
+    names: list[str]
+    numels: list[int]
+    ndims: list[int]
+    norm_type: float
+    max_norm: float | None
+    keys: Keys | None
+    param_norms: bool
 
-    TENSORS = (
-        "norms",
-        "max_abs",
-        "nan",
-        "inf",
-        "present",
-        "total",
-        "coef",
-        "skipped",
-    )
+    def history(self, arrays: dict[str, np.ndarray]) -> History:
+        """A :class:`History` of ``arrays`` (``ARRAY_FIELDS``, and ``PARAM_FIELDS``)."""
+        return History(
+            names=list(self.names),
+            numels=list(self.numels),
+            ndims=list(self.ndims),
+            norm_type=self.norm_type,
+            max_norm=self.max_norm,
+            keys=self.keys,
+            **arrays,
+        )
 
-    def __init__(
-        self,
-        capacity: int,
-        n: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        param_norms: bool = False,
-    ) -> None:
-        h = capacity
-        self.capacity, self.n = capacity, n
-        # [h, 2, n] blocks, laid out as the fused pass hands its results back (p-norm and
-        # max |g|; NaN and Inf counts), so a step's row is two copies
-        self.floats = torch.zeros(h, 2, n, dtype=dtype, device=device)
-        self.counts = torch.zeros(h, 2, n, dtype=torch.int64, device=device)
-        self.norms, self.max_abs = self.floats[:, 0], self.floats[:, 1]
-        self.nan, self.inf = self.counts[:, 0], self.counts[:, 1]
-        self.present = torch.zeros(h, n, dtype=torch.bool, device=device)
-        self.total = torch.zeros(h, dtype=dtype, device=device)
-        self.coef = torch.ones(h, dtype=dtype, device=device)
-        self.skipped = torch.zeros(h, dtype=torch.bool, device=device)
-        self.host_steps = np.full(h, -1, dtype=np.int64)
-        # param_norms=True: [h, 2, n] of ||w|| and ||w - w_prev|| (the ratio is taken at
-        # flush, so blocks can combine the two norms before dividing)
-        self.params = torch.zeros(h, 2, n, dtype=dtype, device=device) if param_norms else None
+    def empty_arrays(self, t: int) -> dict[str, Any]:
+        """The arrays of ``t`` blank rows, with the weight norms of ``param_norms=True``."""
+        arrays: dict[str, Any] = empty_arrays(t, len(self.names))
+        if self.param_norms:
+            arrays.update(
+                param_norm=np.zeros((t, len(self.names))),
+                update_norm=np.zeros((t, len(self.names))),
+            )
+        return arrays
 
-    def tensors(self) -> tuple[str, ...]:
-        """The names of this ring's device tensors (its state)."""
-        return self.TENSORS + (("params",) if self.params is not None else ())
-
-    def gather(self, rows: list[int]) -> dict[str, np.ndarray]:
-        """The arrays of ``rows`` (ring row indices, in order) on the host: one sync."""
-        n, t = self.n, len(rows)
-        if not t:
-            out = empty_arrays(0, n)
-            if self.params is not None:
-                out.update(param_norm=np.zeros((0, n)), update_norm=np.zeros((0, n)))
-            return out
-        index = torch.tensor(rows, dtype=torch.int64).to(self.norms.device)
-        pieces = [
-            self.norms[index],
-            self.max_abs[index],
-            self.nan[index],
-            self.inf[index],
-            self.present[index],
-            self.total[index, None],
-            self.coef[index, None],
-            self.skipped[index, None],
-        ]
-        widths = [0, n, n, n, n, n, 1, 1, 1]
-        if self.params is not None:
-            pieces += [self.params[index, 0], self.params[index, 1]]
-            widths += [n, n]
-        # One float64 block, one device->host copy: the only sync of a flush.
-        packed = torch.cat([p.to(torch.float64) for p in pieces], dim=1).cpu().numpy()
-        cols = np.cumsum(widths)
-        part = [packed[:, cols[i] : cols[i + 1]] for i in range(len(cols) - 1)]
-        extra = {}
-        if self.params is not None:
-            extra = {"param_norm": part[8], "update_norm": part[9]}
-        return {
-            **extra,
-            "steps": self.host_steps[rows].copy(),
-            "norms": part[0],
-            "max_abs": part[1],
-            "nan_count": part[2].astype(np.int64),
-            "inf_count": part[3].astype(np.int64),
-            "present": part[4].astype(bool),
-            "total_norm": part[5][:, 0],
-            "clip_coef": part[6][:, 0],
-            # what step() acted on: a NaN/Inf count (any norm type; a 0-norm counts a NaN
-            # as a nonzero and stays finite) or a NaN/Inf float32 (float64) total
-            "nonfinite": ~np.isfinite(part[5][:, 0]) | (part[2] + part[3] > 0).any(axis=1),
-            "skipped": part[7][:, 0].astype(bool),
-            "spike_total": np.zeros(t, dtype=bool),  # filled by the monitor's detector
-            "spike_layer": np.zeros((t, n), dtype=bool),
-        }
+    def histograms(self, arrays: dict[str, np.ndarray]) -> HistogramHistory:
+        """A :class:`HistogramHistory` of ``arrays`` (``HISTOGRAM_FIELDS``)."""
+        return HistogramHistory(names=list(self.names), numels=list(self.numels), **arrays)
 
 
 __all__ = [
@@ -444,9 +346,8 @@ __all__ = [
     "HISTOGRAM_FIELDS",
     "PARAM_FIELDS",
     "TINY",
-    "DeviceRing",
+    "Frame",
     "HistogramHistory",
-    "HistogramRing",
     "History",
     "empty_arrays",
     "empty_histogram_arrays",

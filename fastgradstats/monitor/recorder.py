@@ -43,100 +43,35 @@ Design choices (the issue left them open):
 
 from __future__ import annotations
 
-import threading
-import warnings
-from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .. import core, engine, handoff, inputs
 from ..stats import GradStats
-from ..torch_backend import host_to_device
-from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
-from .events import Events
-from .history import (
-    ARRAY_FIELDS,
-    HISTOGRAM_FIELDS,
-    PARAM_FIELDS,
-    DeviceRing,
-    HistogramHistory,
-    HistogramRing,
-    History,
-    empty_arrays,
-    empty_histogram_arrays,
-)
-from .keys import Keys
-from .logspec import LogSpec
-from .params import (
+from . import state as state_format
+from .arguments import (
     check_max_norm,
-    find_owners,
-    named_parameters,
+    check_spike_beta,
+    check_spike_warmup,
+    histogram_targets,
     positive_float,
     positive_int,
 )
+from .binding import Binding, LruCache, named_parameters
+from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
+from .flush import HostLog
+from .history import Frame, HistogramHistory, History
+from .keys import Keys
+from .logspec import LogSpec
 from .plots import plot_histograms, plot_history
+from .report import latest_dict, precision_findings
+from .rings import HistogramRing, Rings
 from .spikes import SpikeDetector
 from .writers import CsvWriter, HistoryWriter, JsonlWriter, TensorBoardWriter, WandbWriter
-
-
-class LruCache:
-    """A small least-recently-used dict, safe to share between threads.
-
-    Under MoE routing the set of parameters with gradients can differ every step; an
-    unbounded cache keyed by that set would grow by one device tensor per step, forever.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:  # get + move_to_end must not interleave with another put
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"maxsize": self.maxsize, "_data": OrderedDict(self._data)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-
-_STATE_VERSION = 2  # 2: the spike EMA is host state, updated at flush
-# 1: same fields, but its EMA was updated at every recorded step (so it already holds the
-# rows not yet flushed) and each row's spike flags are in ring["spike"]: those rows keep
-# these flags and are not fed to the EMA again (see _spikes_ahead)
-_READABLE_VERSIONS = (1, 2)
-_STATE_KEYS = (
-    "names",
-    "norm_type",
-    "history",
-    "counters",
-    "ring",
-    "host_steps",
-    "ema",
-    "mirror",
-    "events",
-)
 
 
 def _nonfinite_counts(stats: GradStats) -> tuple[Tensor, ...]:
@@ -299,11 +234,8 @@ class GradMonitor:
             raise TypeError(f"param_norms must be a bool, got {param_norms!r}")
         self.param_norms = param_norms
         pairs = named_parameters(model)
-        self.names = [name for name, _ in pairs]
-        self._index = {name: j for j, name in enumerate(self.names)}
-        if len(self._index) != len(self.names):
-            raise ValueError("model has duplicate parameter names")
-        self._bind(model, pairs)
+        # the parameters, followed by name (see binding.py)
+        self._binding = Binding(model, pairs, self.index_cache_size)
         self.clipper: Any = max_norm if callable(getattr(max_norm, "compute_coef", None)) else None
         self.max_norm = None if self.clipper is not None else check_max_norm(max_norm)
         self.hand_off = bool(hand_off)
@@ -315,21 +247,17 @@ class GradMonitor:
         handoff.watch(optimizer)  # hooks before the first step: it may clip in step(closure)
         self.spike_threshold = positive_float(spike_threshold, "spike_threshold")
         self.spike_min_ratio = positive_float(spike_min_ratio, "spike_min_ratio")
-        if not 0.0 < float(spike_beta) < 1.0:
-            raise ValueError(f"spike_beta must be in (0, 1), got {spike_beta!r}")
-        self.spike_beta = float(spike_beta)
-        if isinstance(spike_warmup, bool) or not isinstance(spike_warmup, int) or spike_warmup < 0:
-            raise ValueError(f"spike_warmup must be a non-negative int, got {spike_warmup!r}")
-        self.spike_warmup = spike_warmup
+        self.spike_beta = check_spike_beta(spike_beta)
+        self.spike_warmup = check_spike_warmup(spike_warmup)
         self.keys = Keys(prefix, key_style, self.norm_type)
         self.backend = backend
         self.foreach = foreach
         self.histograms = bool(histograms)
         self.histogram_every = positive_int(histogram_every, "histogram_every")
         self.histogram_capacity = positive_int(histogram_history, "histogram_history")
-        self.histogram_dtypes = self._histogram_targets(pairs, histogram_dtypes)
+        self.histogram_dtypes = histogram_targets(pairs, self.histograms, histogram_dtypes)
 
-        self.device = self.params[0].device
+        self.device = self._binding.device
         self.dtype = (
             torch.float64
             if any(p.dtype in (torch.float64, torch.complex128) for p in self.params)
@@ -338,68 +266,27 @@ class GradMonitor:
         self._writers: list[HistoryWriter] = []
         self.reset()
 
-    def _histogram_targets(self, pairs: list[tuple[str, Tensor]], dtypes: Any) -> list[Any]:
-        from ..histogram import SUPPORTED_DTYPES
-        from ..precision import float_format
+    # -- the parameters (binding.py) -------------------------------------------------------
 
-        if self.histograms:
-            for name, p in pairs:
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(
-                        f"histograms=True: parameter {name!r} has dtype {p.dtype}; histograms "
-                        "support float32, bfloat16, float16 and float64"
-                    )
-        if dtypes is not None:
-            targets = [dtypes] if isinstance(dtypes, (torch.dtype, str)) else list(dtypes)
-            return [float_format(d).dtype for d in targets]  # ValueError names the argument
-        own = [d for d in (torch.float16, torch.bfloat16) if any(p.dtype == d for _, p in pairs)]
-        return own or [torch.float16, torch.float8_e4m3fn]
+    @property
+    def names(self) -> list[str]:
+        """The monitored parameter names, fixed at construction."""
+        return self._binding.names
 
-    # -- the parameters --------------------------------------------------------------------
+    @property
+    def params(self) -> list[Tensor]:
+        """The monitored parameter tensors, in ``names`` order (followed by name)."""
+        return self._binding.params
 
-    def _bind(self, model: Any, pairs: list[tuple[str, Tensor]]) -> None:
-        """Track ``pairs`` (in ``self.names`` order); remember how to find them in ``model``."""
-        self._model = model if isinstance(model, nn.Module) else None
-        self.params = [p for _, p in pairs]
-        # built once: 10k fresh tuples per step cost more (GC passes) than the fused read
-        self._pairs = list(zip(self.names, self.params))
-        self.numels = [p.numel() for p in self.params]
-        self.ndims = [p.dim() for p in self.params]
-        # fp16: the clip coefficient comes from the float32 total (see _clip_and_measure)
-        self._fp16 = any(p.dtype == torch.float16 for p in self.params)
-        self._owners = find_owners(model, pairs) if self._model is not None else None
-        # param_norms=True: the weights at the previous recorded step, by name (new
-        # parameter objects start over: their first ratio is NaN)
-        self._prev: dict[str, Tensor] = {}
-        self._param_plan_all: Any = None  # _param_plan of every parameter, once built
+    @property
+    def numels(self) -> list[int]:
+        """Element counts of ``params``."""
+        return self._binding.numels
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Unpickled (or deep-copied): the monitor now watches the copy of the model that
-        # was pickled with it. step() refuses while that copy has no gradient at all (the
-        # monitor was restored apart from its model: it would record 0 and clip nothing).
-        self.__dict__.update(state)
-        self._unpickled = True
-
-    def _check_unpickled(self) -> None:
-        if not self.__dict__.get("_unpickled"):
-            return
-        if any(p.grad is not None for p in self.params):  # host attributes: no sync
-            self._unpickled = False  # pickled with its model, which is the one training
-            return
-        raise RuntimeError(
-            "GradMonitor.step(): this monitor was unpickled (or deep-copied) and watches "
-            "the copy of the model that was pickled with it, whose parameters have no "
-            "gradients; nothing was recorded or clipped. Call monitor.attach(model) with "
-            "the model you train, then step() again"
-        )
-
-    def _params_moved(self) -> bool:
-        owners = self._owners
-        if owners is None:
-            return False
-        return any(
-            module._parameters.get(leaf) is not p for (module, leaf), p in zip(owners, self.params)
-        )
+    @property
+    def ndims(self) -> list[int]:
+        """Dimensions of ``params``."""
+        return self._binding.ndims
 
     def attach(self, model: nn.Module | Iterable[Any]) -> None:
         """Track the parameters of ``model`` (by name) from now on; the history is kept.
@@ -409,56 +296,57 @@ class GradMonitor:
         when the model object itself is new (unpickled or rebuilt). Raises ``ValueError``
         when ``model`` lacks a monitored name.
         """
-        current = dict(named_parameters(model))
-        missing = [name for name in self.names if name not in current]
-        if missing:
-            listed = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ValueError(
-                f"model lacks {len(missing)} monitored parameter(s): {listed}; "
-                "create a new GradMonitor for a model with different parameters"
-            )
-        self._bind(model, [(name, current[name]) for name in self.names])
-        self._unpickled = False
+        self._binding.follow(model)
 
-    # -- state ---------------------------------------------------------------------------
+    # -- the record: device rings (rings.py), host side (flush.py), state (state.py) -------
 
     def reset(self) -> None:
         """Forget everything recorded (buffers are reallocated and zeroed)."""
-        h, n, dev, dt = self.capacity, len(self.names), self.device, self.dtype
-        self._ring = DeviceRing(h, n, dev, dt, self.param_norms)
-        self._prev = {}
-        self._param_plan_all = None
-        self._spikes = SpikeDetector(
-            n, self.spike_threshold, self.spike_min_ratio, self.spike_beta, self.spike_warmup, dt
+        self._binding.forget()
+        histogram_capacity = self.histogram_capacity if self.histograms else None
+        self._rings = Rings(
+            self._binding,
+            self.capacity,
+            self.dtype,
+            self.norm_type,
+            self.param_norms,
+            histogram_capacity,
         )
-        # (first row, flags [k, n + 1]) of rows already in the spike EMA but not flushed
-        # (a version-1 state): flush() takes their flags from here, not from the detector
-        self._spikes_ahead: tuple[int, np.ndarray] | None = None
+        spikes = SpikeDetector(
+            len(self.names),
+            self.spike_threshold,
+            self.spike_min_ratio,
+            self.spike_beta,
+            self.spike_warmup,
+            self.dtype,
+        )
+        self._log = HostLog(spikes)
         self._calls = 0  # calls to step()
-        self._recorded = 0  # rows written to the ring
-        self._flushed = 0  # rows copied to the host
-        self._mirror: History | None = None  # host copy of the ring, filled by flush()
-        self._events = Events()
-        self.lost_rows = 0
         self._total_acc: Tensor | None = None  # the latest float32/float64 total
         self._counts: Any = None  # that pass's NaN/Inf counts (device tensors)
         self._found: Tensor | None = None  # counts or ~isfinite(_total_acc), when asked for
         self.last_stats: GradStats | None = None
-        self._index_cache = LruCache(self.index_cache_size)
-        self._no_grad_steps = 0  # consecutive step() calls without any gradient
-        self._reset_histograms()
 
-    def _reset_histograms(self) -> None:
-        n = len(self.names)
-        self._hist_ring = (
-            HistogramRing(self.histogram_capacity, n, self.device, self.dtype)
-            if self.histograms
-            else None
+    def _frame(self) -> Frame:
+        return Frame(
+            self.names,
+            self.numels,
+            self.ndims,
+            self.norm_type,
+            self.max_norm,
+            self.keys,
+            self.param_norms,
         )
-        self._hist_recorded = 0
-        self._hist_flushed = 0
-        self._hist_mirror: HistogramHistory | None = None
-        self.lost_histograms = 0
+
+    @property
+    def lost_rows(self) -> int:
+        """Recorded steps overwritten in the device ring before a flush copied them."""
+        return self._log.lost_rows
+
+    @property
+    def lost_histograms(self) -> int:
+        """Histogram steps overwritten in their device ring before a flush copied them."""
+        return self._log.lost_histograms
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on as if never interrupted.
@@ -473,68 +361,9 @@ class GradMonitor:
         loading a version-1 state and before the next flush, ``"ema_ahead"`` also holds
         the spike flags of the unflushed rows that EMA already includes.
         """
-        ring = self._ring
-        mirror = None
-        if self._mirror is not None:
-            mirror = {
-                name: torch.from_numpy(np.array(getattr(self._mirror, name)))
-                for name in ARRAY_FIELDS + PARAM_FIELDS
-                if getattr(self._mirror, name) is not None
-            }
-        return {
-            "version": _STATE_VERSION,
-            "names": list(self.names),
-            "norm_type": self.norm_type,
-            "history": self.capacity,
-            "counters": {
-                "calls": self._calls,
-                "recorded": self._recorded,
-                "flushed": self._flushed,
-                "lost_rows": self.lost_rows,
-                "no_grad_steps": self._no_grad_steps,
-            },
-            "ring": {name: getattr(ring, name).clone() for name in ring.tensors()},
-            "host_steps": torch.from_numpy(ring.host_steps.copy()),
-            "ema": self._spikes.state_dict(),  # as of the last flush (rows after it follow)
-            "mirror": mirror,
-            "events": self._events.state_dict(),
-            **self._spikes_ahead_state(),
-        }
-
-    def _spikes_ahead_state(self) -> dict[str, Any]:
-        # only after loading a version-1 state, until the next flush: the EMA is ahead of
-        # the flushed rows, and these are the flags of the rows it already holds
-        if self._spikes_ahead is None:
-            return {}
-        start, flags = self._spikes_ahead
-        return {"ema_ahead": {"start": start, "spikes": torch.from_numpy(flags.copy())}}
-
-    def _load_spikes_ahead(self, state: dict[str, Any]) -> tuple[int, np.ndarray] | None:
-        """The rows of ``state`` whose spike flags are known and already in its EMA."""
-        n, capacity = len(self.names), self.capacity
-        counters = state["counters"]
-        recorded, flushed = int(counters["recorded"]), int(counters["flushed"])
-        if state["version"] == 1:
-            # version 1 updated the EMA at every recorded step: every unflushed row still
-            # in the ring is in it, with its flags in ring["spike"] (all False if absent)
-            start = max(flushed, recorded - capacity)
-            if start >= recorded:
-                return None
-            spike = state["ring"].get("spike")
-            if spike is None:
-                return start, np.zeros((recorded - start, n + 1), dtype=bool)
-            if tuple(spike.shape) != (capacity, n + 1):
-                raise ValueError("state_dict ring field 'spike' has the wrong shape")
-            rows = [r % capacity for r in range(start, recorded)]
-            return start, spike.detach().cpu().numpy().astype(bool)[rows]
-        ahead = state.get("ema_ahead")
-        if ahead is None:
-            return None
-        start, flags = int(ahead["start"]), ahead["spikes"].detach().cpu().numpy().astype(bool)
-        fits = flags.ndim == 2 and flags.shape[1] == n + 1
-        if not fits or not flushed <= start <= start + len(flags) <= recorded:
-            raise ValueError("state_dict field 'ema_ahead' does not fit this monitor")
-        return start, flags
+        return state_format.state_dict(
+            self._calls, self._frame(), self._binding, self._rings, self._log
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a monitor of the same parameters.
@@ -542,57 +371,9 @@ class GradMonitor:
         Raises ``ValueError`` (and changes nothing) when the state was saved for other
         parameter names, another ``history`` length or another ``norm_type``.
         """
-        if not isinstance(state, dict) or state.get("version") not in _READABLE_VERSIONS:
-            raise ValueError("state is not a GradMonitor.state_dict() (or from an unknown version)")
-        missing_keys = [k for k in _STATE_KEYS if k not in state]
-        if missing_keys:
-            raise ValueError(f"state_dict lacks {missing_keys}")
-        if list(state["names"]) != self.names:
-            theirs = list(state["names"])
-            missing = [n for n in self.names if n not in theirs]
-            extra = [n for n in theirs if n not in self.names]
-            raise ValueError(
-                "state_dict was saved for other parameters: "
-                f"missing {missing[:5]}, unexpected {extra[:5]}"
-                + (" (same names, other order)" if not missing and not extra else "")
-            )
-        if int(state["history"]) != self.capacity:
-            raise ValueError(
-                f"state_dict has history={state['history']}, this monitor history={self.capacity}"
-            )
-        if float(state["norm_type"]) != self.norm_type:
-            raise ValueError(
-                f"state_dict has norm_type={state['norm_type']}, this monitor "
-                f"norm_type={self.norm_type}"
-            )
-        ring = self._ring
-        # a state saved without param_norms leaves this ring's weight norms at 0
-        names = [name for name in ring.tensors() if name != "params" or name in state["ring"]]
-        for name in names:  # check every shape before writing anything
-            if tuple(state["ring"][name].shape) != tuple(getattr(ring, name).shape):
-                raise ValueError(f"state_dict ring field {name!r} has the wrong shape")
-        events = Events.from_state_dict(state["events"])
-        spikes_ahead = self._load_spikes_ahead(state)  # checks shapes before writing
-        self._spikes.load_state_dict(state["ema"])  # checks its shapes before writing
-        self._spikes_ahead = spikes_ahead
-        for name in names:
-            getattr(ring, name).copy_(state["ring"][name])
-        ring.host_steps[:] = state["host_steps"].cpu().numpy()
-        self._mirror = None
-        if state["mirror"] is not None:
-            arrays = self._empty_arrays(self.capacity)
-            for name in ARRAY_FIELDS + PARAM_FIELDS:
-                if name in state["mirror"] and (name in ARRAY_FIELDS or self.param_norms):
-                    arrays[name] = state["mirror"][name].cpu().numpy().copy()
-            self._mirror = self._as_history(arrays)
-        counters = state["counters"]
-        self._calls = int(counters["calls"])
-        self._recorded = int(counters["recorded"])
-        self._flushed = int(counters["flushed"])
-        self.lost_rows = int(counters["lost_rows"])
-        self._no_grad_steps = int(counters["no_grad_steps"])
-        self._events = events
-        self._reset_histograms()  # histograms are not part of the state (see state_dict)
+        self._calls = state_format.load_state_dict(
+            state, self._frame(), self._binding, self._rings, self._log
+        )
 
     @property
     def total_key(self) -> str:
@@ -611,6 +392,37 @@ class GradMonitor:
         self._writers.append(writer)
         return writer
 
+    # Read-only views of the collaborators' counters under the names these attributes had
+    # before the split (tests and the integrations read them).
+
+    @property
+    def _model(self) -> nn.Module | None:
+        return self._binding.model
+
+    @property
+    def _index_cache(self) -> LruCache:
+        return self._binding.index_cache
+
+    @property
+    def _recorded(self) -> int:
+        return self._rings.recorded
+
+    @property
+    def _flushed(self) -> int:
+        return self._log.flushed
+
+    @property
+    def _hist_recorded(self) -> int:
+        return self._rings.hist_recorded
+
+    @property
+    def _hist_ring(self) -> HistogramRing | None:
+        return self._rings.hist
+
+    @property
+    def _spikes(self) -> SpikeDetector:
+        return self._log.spikes
+
     # -- the per-step path: no host sync below ------------------------------------------
 
     @torch.no_grad()
@@ -620,15 +432,15 @@ class GradMonitor:
         Returns the total gradient norm before clipping (0-d tensor on the device), or
         ``None`` on a step that is neither recorded nor needs a norm. Never syncs.
         """
-        self._check_unpickled()
-        if self._params_moved():
+        self._binding.check_unpickled()
+        if self._binding.moved():
             # Same model, new parameter objects (load_state_dict(assign=True), ...):
             # follow them by name instead of silently watching the old ones.
-            self.attach(self._model)
-        self._count_missing_grads()
+            self.attach(self._binding.model)
+        self._binding.count_missing_grads(self.no_grad_warn_steps)
         step_no = self._calls
         record = step_no % self.every == 0
-        hist_now = record and self.histograms and self._recorded % self.histogram_every == 0
+        hist_now = record and self.histograms and self._rings.recorded % self.histogram_every == 0
         optimizer = optimizer or self.optimizer
         # the histograms come from the same read as the norms, before clipping
         total, total32, stats = self._clip_and_measure(
@@ -641,50 +453,13 @@ class GradMonitor:
             self._suppress_update(self.found_inf, optimizer)
         if stats is not None and record:
             self.last_stats = stats
-            row = self._write_row(step_no, stats)
+            skipped = self.found_inf if self.skip_nonfinite else None
+            row = self._rings.write_row(step_no, stats, skipped)
             if self.param_norms:
-                self._write_param_norms(row, stats.names)
+                self._rings.write_param_norms(row, stats.names)
             if hist_now:
-                self._write_histogram(step_no, stats)
+                self._rings.write_histogram(step_no, stats)
         return total
-
-    def _write_histogram(self, step_no: int, stats: GradStats) -> None:
-        names, counts, zeros = stats.names, stats.histogram, stats.zero_count
-        assert counts is not None and zeros is not None  # measured with histogram=True
-        ring = self._hist_ring
-        row = self._hist_recorded % ring.capacity
-        self._hist_recorded += 1
-        ring.host_steps[row] = step_no
-        if len(names) == len(self.names):
-            ring.counts[row].copy_(counts)
-            ring.zeros[row].copy_(zeros)
-            ring.max_abs[row].copy_(stats.max_abs)
-            ring.present[row].fill_(True)
-            return
-        for buf in (ring.counts, ring.zeros, ring.max_abs, ring.present):
-            buf[row].zero_()
-        if names:
-            index = self._present_index(names)
-            ring.counts[row].index_copy_(0, index, counts.to(self.device))
-            ring.zeros[row].index_copy_(0, index, zeros.to(self.device))
-            ring.max_abs[row].index_copy_(0, index, stats.max_abs.to(self.device, self.dtype))
-            ring.present[row].index_fill_(0, index, True)
-
-    def _count_missing_grads(self) -> None:
-        if any(p.grad is not None for p in self.params):  # host attributes: no sync
-            self._no_grad_steps = 0
-            return
-        self._no_grad_steps += 1
-        if self._no_grad_steps == self.no_grad_warn_steps:
-            warnings.warn(
-                f"GradMonitor: no monitored parameter has had a gradient for "
-                f"{self._no_grad_steps} steps. Call step() after backward() and before "
-                "zero_grad(). If the model was reloaded or the monitor unpickled apart "
-                "from it, call monitor.attach(model); with DeepSpeed ZeRO the gradients "
-                "are not in .grad.",
-                RuntimeWarning,
-                stacklevel=4,  # the user's step() call (past torch.no_grad's wrapper)
-            )
 
     def _clip_and_measure(
         self, need_stats: bool, optimizer: Any = None, histogram: bool = False
@@ -701,7 +476,7 @@ class GradMonitor:
         # path). An adaptive clipper's rule, and max_norm for fp16 gradients, are decided
         # from the float32 total instead: torch's fp16 rounding of the total would give a
         # finite update whose total exceeds 65504 a coefficient of 0 (the update erased).
-        adaptive = self.clipper is not None or (self.max_norm is not None and self._fp16)
+        adaptive = self.clipper is not None or (self.max_norm is not None and self._binding.fp16)
         if not (need_stats or adaptive or self.max_norm is not None):
             return None, None, None
         fixed = None if adaptive else self.max_norm
@@ -709,7 +484,7 @@ class GradMonitor:
             self.norm_type, stats=need_stats, histogram=histogram, max_norm=fixed,
             backend=self.backend, foreach=self.foreach,
         )  # fmt: skip
-        measured = engine.run(self._pairs, request)
+        measured = engine.run(self._binding.pairs, request)
         if measured.empty and adaptive:
             return None, None, None
         coef, commit = measured.coef, None
@@ -742,7 +517,7 @@ class GradMonitor:
         # Other optimizers: the gradients are zeroed where found_inf is set, decided on
         # the device (Triton: nothing touched on a finite step; CPU: read for free). The
         # fused path reuses the stats pass's cached plan: no per-tensor checks per step.
-        engine.zero_where_(self.params, self._pairs, found_inf, self.backend)
+        engine.zero_where_(self._binding.params, self._binding.pairs, found_inf, self.backend)
 
     @property
     def found_inf(self) -> Tensor | None:
@@ -766,128 +541,6 @@ class GradMonitor:
             self._found = found
         return self._found
 
-    def _present_index(self, names: list[str]) -> Tensor:
-        key = tuple(self._index[name] for name in names)
-        index = self._index_cache.get(key)
-        if index is None:
-            # pinned, non-blocking: step() must not wait for the GPU
-            index = host_to_device(list(key), torch.int64, self.device)
-            self._index_cache.put(key, index)
-        return index
-
-    def _param_plan(self, names: list[str]) -> tuple[list[Any], list[str], list[str]]:
-        """``(groups, order, fresh)`` for the parameters ``names``: per (device, dtype)
-        group ``(acc dtype, weights, previous-weight copies)``, the names in group order,
-        and the names whose copy was just made (their first ratio is NaN)."""
-        members: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-        for name in names:
-            p = self.params[self._index[name]]
-            members.setdefault((p.device, p.dtype), []).append(name)
-        groups: list[Any] = []
-        order: list[str] = []
-        fresh: list[str] = []
-        for (_, dtype), group in members.items():
-            # no detach(): step() runs under no_grad, and a detach per parameter would be
-            # one more op per parameter
-            ws = [self.params[self._index[name]] for name in group]
-            prev = []
-            for name, w in zip(group, ws):
-                old = self._prev.get(name)
-                if old is None or old.shape != w.shape:
-                    old = self._prev[name] = w.clone()
-                    fresh.append(name)
-                prev.append(old)
-            # accumulate in float32 at least, float64 for float64 weights; the norm of a
-            # complex tensor is real already
-            acc = (
-                None
-                if dtype.is_complex
-                else (torch.float64 if dtype == torch.float64 else torch.float32)
-            )
-            groups.append((acc, ws, prev))
-            order += group
-        return groups, order, fresh
-
-    def _write_param_norms(self, row: int, names: list[str]) -> None:
-        """Ring row ``row`` gets ||w|| and ||w - w_prev|| of the parameters ``names`` (those
-        with a gradient), and w_prev becomes w. No host sync; per (device, dtype) group a
-        fixed number of foreach launches, whatever the number of parameters."""
-        out = self._ring.params
-        assert out is not None
-        every = len(names) == len(self.names)  # all present: the plan is reused
-        plan = self._param_plan_all if every else None
-        if plan is None:
-            groups, order, fresh = self._param_plan(names)
-            if every:
-                self._param_plan_all = (groups, order, [])
-        else:
-            groups, order, fresh = plan
-        if not order:
-            out[row].zero_()
-            return
-        values = []
-        for acc, ws, prev in groups:
-            w_norm = torch._foreach_norm(ws, self.norm_type, dtype=acc)
-            torch._foreach_sub_(prev, ws)  # prev := w_prev - w
-            d_norm = torch._foreach_norm(prev, self.norm_type, dtype=acc)
-            torch._foreach_copy_(prev, ws)
-            values.append(torch.stack([torch.stack(w_norm), torch.stack(d_norm)]))
-        both = (
-            values[0]
-            if len(values) == 1
-            else torch.cat([v.to(self.device, self.dtype) for v in values], dim=1)
-        )
-        if every and len(groups) == 1:
-            out[row].copy_(both)  # one group: model order
-        else:
-            out[row].zero_()
-            out[row].index_copy_(1, self._present_index(order), both.to(self.device, self.dtype))
-        if fresh:
-            out[row, 1].index_fill_(0, self._present_index(fresh), float("nan"))
-
-    def _write_row(self, step_no: int, stats: GradStats) -> int:
-        ring = self._ring
-        row = self._recorded % self.capacity
-        self._recorded += 1
-        ring.host_steps[row] = step_no
-        n = len(self.names)
-        fields = [
-            (ring.norms, stats.norms),
-            (ring.max_abs, stats.max_abs),
-            (ring.nan, stats.nan_count),
-            (ring.inf, stats.inf_count),
-        ]
-        packed = stats._packed
-        if len(stats) == n and packed is not None and packed[0].dtype == ring.floats.dtype:
-            ring.floats[row].copy_(packed[0])  # the fused pass's [2, n] blocks as they are
-            ring.counts[row].copy_(packed[1])
-            ring.present[row].fill_(True)
-        elif len(stats) == n:
-            for buf, value in fields:
-                buf[row].copy_(value)
-            ring.present[row].fill_(True)
-        else:
-            index = self._present_index(stats.names)
-            for buf, value in fields:
-                buf[row].zero_()
-                if len(stats):
-                    buf[row].index_copy_(0, index, value.to(self.device, buf.dtype))
-            ring.present[row].zero_()
-            if len(stats):
-                ring.present[row].index_fill_(0, index, True)
-        total = stats.total_norm.to(self.device, self.dtype)
-        ring.total[row].copy_(total)
-        if stats.clip_coef is not None:
-            ring.coef[row].copy_(stats.clip_coef)
-        else:
-            ring.coef[row].fill_(1.0)
-        # Whether the step was non-finite is read from ``total`` at flush (it is the total
-        # found_inf is decided from); only a skip is worth a device write here.
-        found = self.found_inf if self.skip_nonfinite else None
-        if found is not None:
-            ring.skipped[row].copy_(found)
-        return row
-
     # -- syncing side: once per logging interval ----------------------------------------
 
     def flush(self) -> History:
@@ -896,128 +549,20 @@ class GradMonitor:
         Returns those rows as a :class:`History` (oldest first); updates the tallies
         (NaN/Inf first seen, spikes, skipped and clipped steps) and calls the writers.
         """
-        new = self._recorded - self._flushed
-        lost = max(0, new - self.capacity)
-        self.lost_rows += lost
-        count = new - lost
-        first = self._recorded - count
-        rows = [r % self.capacity for r in range(first, self._recorded)]
-        chunk = self._gather(rows)
-        spikes = self._detect_spikes(first, chunk)
-        chunk.spike_layer, chunk.spike_total = spikes[:, :-1], spikes[:, -1]
-        self._flushed = self._recorded
-        self._merge_mirror(rows, chunk)
-        chunk.histograms = self._flush_histograms()
-        self._events.add(chunk, spike_cap=1000)
-        if lost:
-            warnings.warn(
-                f"GradMonitor: {lost} recorded steps were overwritten before flush(); "
-                f"flush at least every history={self.capacity} recorded steps",
-                stacklevel=2,
-            )
-        for writer in self._writers:
-            writer.write(chunk)
-        return chunk
+        return self._log.flush(self._rings, self._frame(), self._writers)
 
-    def _detect_spikes(self, first: int, chunk: History) -> np.ndarray:
-        """Spike flags of ``chunk`` (rows ``first`` ... in recording order): from the
-        detector, except for rows its EMA already holds (a version-1 state's), which keep
-        the flags computed then and are not fed again."""
-        ahead, self._spikes_ahead = self._spikes_ahead, None
-        if ahead is None:
-            return self._spikes.update(chunk.norms, chunk.total_norm, chunk.present)
-        start, flags = ahead
-        end = start + len(flags)
-        known = max(0, end - first)  # rows before `first` were lost (overwritten)
-        rest = self._spikes.update(
-            chunk.norms[known:], chunk.total_norm[known:], chunk.present[known:]
-        )
-        return np.concatenate([flags[first - start : end - start], rest])
-
-    def _flush_histograms(self) -> HistogramHistory | None:
-        """Copy the histogram rows new since the last flush to the host mirror; return them."""
-        ring = self._hist_ring
-        if ring is None:
-            return None
-        new = self._hist_recorded - self._hist_flushed
-        lost = max(0, new - ring.capacity)
-        if lost:
-            self.lost_histograms += lost
-            warnings.warn(
-                f"GradMonitor: {lost} histograms were overwritten before flush(); flush at "
-                f"least every histogram_history={ring.capacity} histogram steps",
-                stacklevel=3,
-            )
-        first = self._hist_recorded - (new - lost)
-        rows = [r % ring.capacity for r in range(first, self._hist_recorded)]
-        chunk = self._histogram_history(ring.gather(rows))
-        self._hist_flushed = self._hist_recorded
-        if self._hist_mirror is None:
-            self._hist_mirror = self._histogram_history(
-                empty_histogram_arrays(ring.capacity, len(self.names))
-            )
-        for name in HISTOGRAM_FIELDS:
-            getattr(self._hist_mirror, name)[rows] = getattr(chunk, name)
-        return chunk
-
-    def _histogram_history(self, arrays: dict[str, np.ndarray]) -> HistogramHistory:
-        return HistogramHistory(names=list(self.names), numels=list(self.numels), **arrays)
+    def history(self) -> History:
+        """The last ``min(recorded, history)`` recorded steps, oldest first (flushes)."""
+        self.flush()
+        return self._log.history(self._rings, self._frame())
 
     def histogram_history(self) -> HistogramHistory | None:
         """The last ``min(histogram steps, histogram_history)`` histograms, oldest first
         (flushes); ``None`` without ``histograms=True``."""
         self.flush()
-        return self._kept_histograms()
+        return self._log.kept_histograms(self._rings, self._frame())
 
-    def _kept_histograms(self) -> HistogramHistory | None:
-        ring = self._hist_ring
-        if ring is None:
-            return None
-        count = min(self._hist_recorded, ring.capacity)
-        rows = [r % ring.capacity for r in range(self._hist_recorded - count, self._hist_recorded)]
-        if self._hist_mirror is None:
-            return self._histogram_history(empty_histogram_arrays(0, len(self.names)))
-        return self._hist_mirror.select(rows)
-
-    def _gather(self, rows: list[int]) -> History:
-        return self._as_history(self._ring.gather(rows))
-
-    def _as_history(self, arrays: dict[str, np.ndarray]) -> History:
-        return History(
-            names=list(self.names),
-            numels=list(self.numels),
-            ndims=list(self.ndims),
-            norm_type=self.norm_type,
-            max_norm=self.max_norm,
-            keys=self.keys,
-            **arrays,
-        )
-
-    def _empty_arrays(self, t: int) -> dict[str, Any]:
-        arrays: dict[str, Any] = empty_arrays(t, len(self.names))
-        if self.param_norms:
-            arrays.update(
-                param_norm=np.zeros((t, len(self.names))),
-                update_norm=np.zeros((t, len(self.names))),
-            )
-        return arrays
-
-    def _merge_mirror(self, rows: list[int], chunk: History) -> None:
-        if self._mirror is None:
-            self._mirror = self._as_history(self._empty_arrays(self.capacity))
-        for name in ARRAY_FIELDS + PARAM_FIELDS:
-            mirror = getattr(self._mirror, name)
-            if mirror is not None:
-                mirror[rows] = getattr(chunk, name)
-
-    def history(self) -> History:
-        """The last ``min(recorded, history)`` recorded steps, oldest first (flushes)."""
-        self.flush()
-        count = min(self._recorded, self.capacity)
-        rows = [r % self.capacity for r in range(self._recorded - count, self._recorded)]
-        out = self._gather([]) if self._mirror is None else self._mirror.select(rows)
-        out.histograms = self._kept_histograms()
-        return out
+    # -- report and facades (report.py, writers.py, plots.py) ------------------------------
 
     def report(self, **kwargs: Any) -> Diagnosis:
         """Flush and diagnose (see :func:`diagnose` for ``kwargs``); ``str()`` it to print.
@@ -1028,33 +573,14 @@ class GradMonitor:
         would keep them"), at most ``precision_lines_max`` per format, worst first.
         """
         history = self.history()
-        diagnosis = diagnose(history, events=self._events, **kwargs)
-        diagnosis.findings.extend(self._precision_findings(history.histograms))
+        diagnosis = diagnose(history, events=self._log.events, **kwargs)
+        findings = precision_findings(
+            history.histograms, self.names, self.histogram_dtypes, self.precision_lines_max
+        )
+        diagnosis.findings.extend(findings)
         return diagnosis
 
     precision_lines_max = 8  # per target format, in report()
-
-    def _precision_findings(self, hist: HistogramHistory | None) -> list[str]:
-        from ..precision import precision_lines
-
-        if hist is None or not len(hist):
-            return []
-        present = hist.present[-1]
-        names = [name for name, keep in zip(self.names, present) if keep]
-        keep = torch.from_numpy(np.flatnonzero(present))
-        step = int(hist.steps[-1])
-        out = []
-        for dtype in self.histogram_dtypes:
-            report = hist.report(-1, dtype)
-            for field in ("nonzero", *type(report).FIELDS, "keep_exponent"):
-                setattr(report, field, getattr(report, field)[keep])
-            lines = precision_lines(report, names)
-            more = len(lines) - self.precision_lines_max
-            lines = lines[: self.precision_lines_max]
-            if more > 0:
-                lines.append(f"... and {more} more {report.format.name} findings")
-            out += [f"step {step}: {line}" for line in lines]
-        return out
 
     def to_dict(self) -> dict[str, float]:
         """The latest recorded step as plain floats for any logger; one sync (a flush).
@@ -1076,18 +602,9 @@ class GradMonitor:
         norm / max |g| / NaN+Inf keys instead (no precision shares), ``"layers"`` the
         selected parameters.
         """
-        hist = self.history()
-        last = len(hist) - 1
-        out = self.log_spec.row_dict(hist, last) if len(hist) else {}
-        if hist.histograms is not None and len(hist):
-            shown = set(self.log_spec.layer_names(hist, last))  # log="layers" only
-            precision = hist.histograms.precision_dict(self.histogram_dtypes, self.keys)
-            cut = len(self.keys.prefix)  # keys are {prefix}grad_<what>/<name>
-            out.update({k: v for k, v in precision.items() if k[cut:].split("/", 1)[1] in shown})
-        out[self.keys.tally("nonfinite_steps")] = float(self._events.nonfinite_steps)
-        out[self.keys.tally("skipped_steps")] = float(self._events.skipped_steps)
-        out[self.keys.tally("spikes")] = float(self._events.spike_count)
-        return out
+        return latest_dict(
+            self.history(), self.log_spec, self.keys, self.histogram_dtypes, self._log.events
+        )
 
     def log_jsonl(self, path: str | Path) -> JsonlWriter:
         """Append every flushed step to a JSON-lines file (see :class:`JsonlWriter`)."""
