@@ -114,13 +114,15 @@ class Pass:
         if self.empty:
             return
         call = self.fused
-        if call is not None:
-            if optimizer is None or not handoff.hand_off_(optimizer, self._params(), coef):
-                call.scale_(coef if coef is call.coef else coef.to(torch.float32))
+        if call is None:
+            assert self.grads is not None and self.groups is not None
+            inputs.check_writable(self.grads)  # before the hand-off: it writes too, later
+        params = self._params() if call is not None else self.grads.params
+        if optimizer is not None and handoff.hand_off_(optimizer, params, coef):
             return
-        assert self.grads is not None and self.groups is not None
-        inputs.check_writable(self.grads)
-        if not handoff.hand_off_(optimizer, self.grads.params, coef):
+        if call is not None:
+            call.scale_(coef if coef is call.coef else coef.to(torch.float32))
+        else:
             core.scale_groups_(self.groups, coef, self.request.backend, self.request.foreach)
 
     def _params(self) -> list[Tensor]:
