@@ -563,6 +563,15 @@ class BackwardStats:
                 stacklevel=3,
             )
 
+    def finish(self, request: engine.Request) -> engine.Pass | None:
+        """Finalize, then join the engine's line at the finish: torch's total, the fixed
+        rule's coefficient (``request.max_norm``) and the apply (``Pass.apply_``).
+        ``None`` when no parameter has a gradient. Used by ``GradMonitor(in_backward=True)``."""
+        stats, grads = self._finalize()
+        if not stats.names:
+            return None
+        return engine.finished(grads, stats, request)
+
     @torch.no_grad()
     def clip_grad_norm_(
         self,

@@ -85,7 +85,27 @@ def histogram_targets(
     return own or [torch.float16, torch.float8_e4m3fn]
 
 
+def check_in_backward(in_backward: Any, model: Any, histograms: Any) -> None:
+    """``in_backward=True`` needs an ``nn.Module`` (its hooks) and no histograms (not
+    binned during backward yet)."""
+    if not isinstance(in_backward, bool):
+        raise TypeError(f"in_backward must be a bool, got {in_backward!r}")
+    if not in_backward:
+        return
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "in_backward=True needs the model (an nn.Module): the statistics are measured "
+            f"by hooks on its parameters during backward; got {type(model).__name__}"
+        )
+    if histograms:
+        raise ValueError(
+            "in_backward=True does not bin histograms during backward yet; use "
+            "histograms=True without in_backward (one read after backward)"
+        )
+
+
 __all__ = [
+    "check_in_backward",
     "check_max_norm",
     "check_spike_beta",
     "check_spike_warmup",

@@ -51,9 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import core, engine, handoff, inputs
+from ..backward import backward_stats
 from ..stats import GradStats
 from . import state as state_format
 from .arguments import (
+    check_in_backward,
     check_max_norm,
     check_spike_beta,
     check_spike_warmup,
@@ -184,6 +186,12 @@ class GradMonitor:
             w, subtract, norm of the difference, copy; per (device, dtype) group, not per
             parameter) plus two ring writes; the Triton stats kernel reads gradients only.
             No host sync.
+        in_backward: measure the gradients during backward (``model`` must be the
+            ``nn.Module``): post-accumulate-grad hooks, bucket by bucket, see
+            :func:`fastgradstats.backward_stats`; :meth:`step` then only finishes (no read
+            of the gradients on a step that needs no clipping). The handle is
+            ``monitor.backward_stats`` (``unscale_``, ``accumulating()``, ``remove()``).
+            Not with ``histograms=True``.
 
     Attributes:
         found_inf: 0-d bool device tensor after each :meth:`step` that measured the
@@ -228,8 +236,10 @@ class GradMonitor:
         exclude: str | Iterable[str] | None = None,
         top_k: int | None = None,
         param_norms: bool = False,
+        in_backward: bool = False,
     ) -> None:
         self.log_spec = LogSpec(log, group_by, include, exclude, top_k)  # checks first
+        check_in_backward(in_backward, model, histograms)
         if not isinstance(param_norms, bool):
             raise TypeError(f"param_norms must be a bool, got {param_norms!r}")
         self.param_norms = param_norms
@@ -264,6 +274,9 @@ class GradMonitor:
             else torch.float32
         )
         self._writers: list[HistoryWriter] = []
+        # statistics measured during backward (fastgradstats.backward): the step only
+        # finishes them; the handle is public (unscale_, accumulating(), remove())
+        self.backward_stats = backward_stats(model, self.norm_type) if in_backward else None
         self.reset()
 
     # -- the parameters (binding.py) -------------------------------------------------------
@@ -484,7 +497,7 @@ class GradMonitor:
             self.norm_type, stats=need_stats, histogram=histogram, max_norm=fixed,
             backend=self.backend, foreach=self.foreach,
         )  # fmt: skip
-        measured = engine.run(self._binding.pairs, request)
+        measured = self._measure(request)
         if measured.empty and adaptive:
             return None, None, None
         coef, commit = measured.coef, None
@@ -507,6 +520,14 @@ class GradMonitor:
                 measured.stats.clip_coef = coef
         total_acc = measured.total_acc if need_stats or adaptive else None
         return measured.returned_total, total_acc, measured.stats
+
+    def _measure(self, request: engine.Request) -> engine.Pass:
+        """This step's measurement: the engine's whole line, or with ``in_backward`` only
+        its finish (the gradients were measured bucket by bucket during backward)."""
+        if self.backward_stats is None:
+            return engine.run(self._binding.pairs, request)
+        measured = self.backward_stats.finish(request)
+        return measured if measured is not None else engine.run([], request)
 
     def _suppress_update(self, found_inf: Tensor, optimizer: Any) -> None:
         # A fused optimizer skips the update and its step counter on the device where
