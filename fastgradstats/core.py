@@ -54,6 +54,10 @@ class Groups:
     device: torch.device  # the first gradient's device: where combined results live
     acc: torch.dtype  # of the per-tensor results: float64 when a group is fp64, else fp32
     result: torch.dtype  # of the total torch returns: the promoted gradient dtype
+    # several groups: int64 device tensors of the input positions, all groups' in group
+    # order (``order``) and each group's (``positions``); copied once per call
+    order: Tensor | None = None
+    positions: list[Tensor] | None = None
 
     @property
     def in_order(self) -> bool:
@@ -69,7 +73,15 @@ def group(grads: list[Tensor]) -> Groups:
         tensors.append(group_tensors)
         indices.append(group_indices)
     acc = torch.float64 if any(acc_dtype(k[1]) == torch.float64 for k in keys) else torch.float32
-    return Groups(keys, tensors, indices, grads[0].device, acc, result_dtype(grads))
+    device = grads[0].device
+    groups = Groups(keys, tensors, indices, device, acc, result_dtype(grads))
+    if len(keys) > 1:
+        flat = torch_backend.host_to_device(
+            [i for idx in indices for i in idx], torch.int64, device
+        )
+        groups.order = flat
+        groups.positions = list(flat.split([len(idx) for idx in indices]))
+    return groups
 
 
 def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
@@ -78,10 +90,8 @@ def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
     if groups.in_order:
         return parts[0]
     flat = torch.cat([p.to(parts[0].dtype) for p in parts])
-    order = [i for idx in groups.indices for i in idx]
-    order = torch_backend.host_to_device(order, torch.int64, groups.device)
     out = torch.empty((n, *flat.shape[1:]), dtype=flat.dtype, device=groups.device)
-    out[order] = flat
+    out[groups.order] = flat
     return out
 
 
@@ -149,10 +159,10 @@ def finish_total(groups: Groups, norms: Tensor, norm_type: float) -> Tensor:
     if groups.in_order:
         stacked = norms.to(dtypes[0])
     else:
+        assert groups.positions is not None
         parts = []
-        for dtype, indices in zip(dtypes, groups.indices):
-            index = torch_backend.host_to_device(indices, torch.int64, norms.device)
-            parts.append(norms.index_select(0, index).to(dtype))
+        for dtype, index in zip(dtypes, groups.positions):
+            parts.append(norms.index_select(0, index.to(norms.device)).to(dtype))
         stacked = torch.cat(parts)  # promotes, as torch.stack does
     return torch.linalg.vector_norm(stacked, norm_type)
 
