@@ -49,6 +49,18 @@ class Launches:
         return self.names.count(name)
 
 
+def _counting(monkeypatch) -> list[str]:
+    """Records every launch by kernel name, and runs it."""
+    real, names = kernels.launch, []
+
+    def counted(kernel, *args, **kwargs):
+        names.append(kernel.__name__)
+        real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", counted)
+    return names
+
+
 class _Net(torch.nn.Module):
     """Tensors of 1 to 3 blocks (BLOCK = 128); ``dtype="mixed"``: a bf16 layer between
     float32 ones (two dtypes in one bucket: placed dtype after dtype)."""
@@ -125,11 +137,14 @@ def test_matches_the_fused_path_and_its_clip(dtype, bucket_bytes):
 
 
 @pytest.mark.parametrize("norm_type", [1.0, float("inf")])
-def test_other_norm_types(norm_type):
+def test_other_norm_types(norm_type, monkeypatch):
     model = _Net()
     handle = fgs.backward_stats(model, norm_type, bucket_bytes=600)
     _loss(model).backward()
-    assert_same_stats(handle.finalize(), _fused(model, norm_type))
+    names = _counting(monkeypatch)
+    stats = handle.finalize()
+    assert names == ["finalize_kernel"]  # the partials only: no gradient read again
+    assert_same_stats(stats, _fused(model, norm_type))
 
 
 class _TwoHeads(torch.nn.Module):
@@ -194,14 +209,16 @@ def test_nonfinite_planted(value):
     assert_same_stats(handle.finalize(), expected)
 
 
-def test_nonfinite_clip_error_writes_nothing():
+def test_nonfinite_clip_error_writes_nothing(monkeypatch):
     model = _Net()
     model.b.weight.register_hook(_plant(float("nan")))
     handle = fgs.backward_stats(model)
     _loss(model).backward()
     before = [p.grad.clone() for p in model.parameters()]
+    names = _counting(monkeypatch)
     with pytest.raises(RuntimeError, match=r"b\.weight"):
         handle.clip_grad_norm_(1.0, error_if_nonfinite=True)
+    assert names == ["finalize_kernel"]  # the NaN counts come from the finalize
     assert_same_tensors([p.grad for p in model.parameters()], before)
 
 
@@ -210,14 +227,7 @@ def test_catchup_after_an_in_place_scale_relaunches_only_its_bucket(monkeypatch)
     handle = fgs.backward_stats(model, bucket_bytes=1)  # one tensor per bucket
     _loss(model).backward()
     model.b.weight.grad.mul_(3.0)  # after its bucket was measured: stale
-    real = kernels.launch
-    names: list[str] = []
-
-    def counted(kernel, *args, **kwargs):
-        names.append(kernel.__name__)
-        real(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "launch", counted)
+    names = _counting(monkeypatch)
     stats = handle.finalize()
     assert names == ["stats_kernel", "finalize_kernel"]  # that bucket again, then finalize
     assert stats.catchup_tensors == 1
