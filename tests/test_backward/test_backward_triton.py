@@ -292,3 +292,27 @@ def test_launch_counts_one_per_bucket_then_one_finalize(monkeypatch, dtype):
             assert launches.count("scale_kernel") == segments
             assert len(launches.names) == 1 + segments
         launches.names.clear()
+
+
+def test_clip_hands_the_coefficient_to_a_fused_optimizer(monkeypatch):
+    model = _Net()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, fused=True)
+    handle = fgs.backward_stats(model, bucket_bytes=600)
+    for step in range(3):  # the first hand-off of an optimizer scales in place
+        _loss(model, seed=step).backward()
+        _loss(twin, seed=step).backward()
+        real = kernels.launch
+        names = _counting(monkeypatch)
+        total, stats = handle.clip_grad_norm_(1e-3, optimizer=opt)
+        monkeypatch.setattr(kernels, "launch", real)
+        expected = fgs.clip_grad_norm_(twin.parameters(), 1e-3, optimizer=twin_opt)
+        assert_same_tensors([total], [expected])
+        if step > 0:  # handed over: the finalize alone, no scale launch
+            assert names == ["finalize_kernel"], names
+        opt.step()
+        twin_opt.step()
+        opt.zero_grad()
+        twin_opt.zero_grad()
+    assert_same_tensors(list(model.parameters()), list(twin.parameters()))
