@@ -307,6 +307,7 @@ def test_clip_hands_the_coefficient_to_a_fused_optimizer(monkeypatch):
         names = _counting(monkeypatch)
         total, stats = handle.clip_grad_norm_(1e-3, optimizer=opt)
         monkeypatch.setattr(kernels, "launch", real)
+        assert stats.catchup_tensors == 0
         expected = fgs.clip_grad_norm_(twin.parameters(), 1e-3, optimizer=twin_opt)
         assert_same_tensors([total], [expected])
         if step > 0:  # handed over: the finalize alone, no scale launch
