@@ -110,8 +110,16 @@ def test_dispatch_picks_the_path_like_the_fused_call(monkeypatch):
     assert bwd.backward_stats(_Net(), 3.0)._triton is None  # p = 3: torch path
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"])
-@pytest.mark.parametrize("bucket_bytes", [1, 600, bwd.DEFAULT_BUCKET_BYTES])
+@pytest.mark.parametrize(
+    ("dtype", "bucket_bytes"),
+    [
+        (torch.float32, 1),  # one tensor per bucket
+        (torch.float32, bwd.DEFAULT_BUCKET_BYTES),  # one bucket
+        (torch.bfloat16, 600),
+        ("mixed", 600),  # a bucket holding bf16 and float32 tensors
+        ("mixed", bwd.DEFAULT_BUCKET_BYTES),
+    ],
+)
 def test_matches_the_fused_path_and_its_clip(dtype, bucket_bytes):
     model = _Net(dtype)
     twin = copy.deepcopy(model)
