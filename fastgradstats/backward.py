@@ -30,9 +30,10 @@ for these parameters: CUDA, or ``FASTGRADSTATS_BACKEND=triton`` with the interpr
 parameter fp32/bf16/fp16 on one device; p in {1, 2, inf}) keeps no per-tensor slots: each
 completed bucket is one stats launch per dtype into its columns of one model-wide partials
 buffer, and finalize is ONE finalize launch (per-tensor results, total, clip coefficient);
-see :mod:`fastgradstats.backward_triton`. Catch-up there re-measures the whole bucket of a
-stale tensor; a gradient the kernels cannot read in place (non-dense, another device)
-sends that finalize to the torch path for every tensor.
+see :mod:`fastgradstats.backward_triton`. Catch-up there launches the stats of the stale
+tensors only (one launch per run of them in a bucket, per dtype); a gradient the kernels
+cannot read in place (non-dense, another device) sends that finalize to the torch path
+for every tensor.
 """
 
 from __future__ import annotations
@@ -416,29 +417,36 @@ class BackwardStats:
         self._version[lo:hi] = map(_VERSION, grads)
         self._fired[lo:hi] = itertools.repeat(False, hi - lo)
 
-    def _measure_triton(self, b: int, grads: list[Tensor | None]) -> None:
+    def _measure_triton(
+        self, b: int, grads: list[Tensor | None], wanted: list[bool] | None = None
+    ) -> None:
         """Triton path: bucket ``b``'s gradients (every member, ``None`` where there is
-        none) into its columns of the partials, one stats launch per dtype."""
+        none; ``wanted``: only those) into their columns of the partials, one stats
+        launch per dtype for a whole bucket."""
         assert self._triton is not None
         lo, hi = self._ranges[b]
-        read = self._triton.measure_bucket(b, grads)
-        self._fired[lo:hi] = itertools.repeat(False, hi - lo)
-        if all(read):
+        read = self._triton.measure_bucket(b, grads, wanted)
+        if wanted is None and all(read):  # the steady state
+            self._fired[lo:hi] = itertools.repeat(False, hi - lo)
             self._ref[lo:hi] = map(weakref.ref, grads)
             self._version[lo:hi] = map(_VERSION, grads)
             return
-        for i, g, r in zip(range(lo, hi), grads, read):
-            self._ref[i] = weakref.ref(g) if r else _DEAD
-            self._version[i] = g._version if r else -1
+        for k, (i, g, r) in enumerate(zip(range(lo, hi), grads, read)):
+            if wanted is None or wanted[k]:
+                self._fired[i] = False
+                self._ref[i] = weakref.ref(g) if r else _DEAD
+                self._version[i] = g._version if r else -1
 
     @torch.no_grad()
     def _measure(self, indices: list[int], index: Tensor | None) -> None:
         """Measure the gradients of ``indices`` (all not None) into their slots (Triton
-        path: the whole buckets they belong to, with every member's current gradient)."""
+        path: one launch per run of them, per dtype, in each bucket's columns)."""
         if self._triton is not None:
+            chosen = set(indices)
             for b in sorted({self._bucket_of[i] for i in indices}):
                 lo, hi = self._ranges[b]
-                self._measure_triton(b, list(map(_GRAD, self.params[lo:hi])))
+                wanted = [i in chosen for i in range(lo, hi)]
+                self._measure_triton(b, list(map(_GRAD, self.params[lo:hi])), wanted)
             return
         assert index is not None
         self._measure_torch(indices, index)
@@ -565,7 +573,7 @@ class BackwardStats:
             return stats, inputs.GradList([], [], []), None
         if self._triton is not None:
             if stale:
-                self._measure(stale, None)  # whole buckets
+                self._measure(stale, None)  # their own columns of the partials
             if not any(self._ref[i]() is not self.params[i].grad for i in stale):
                 return self._finish_triton(stale, listed, names, grads, max_norm)
             # a gradient the kernels cannot read in place: the torch path, every tensor

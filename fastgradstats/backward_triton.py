@@ -112,12 +112,18 @@ class TritonSlots:
             and tables.is_dense(g)
         )
 
-    def measure_bucket(self, b: int, grads: list[Tensor | None]) -> list[bool]:
+    def measure_bucket(
+        self, b: int, grads: list[Tensor | None], wanted: list[bool] | None = None
+    ) -> list[bool]:
         """Launch the stats of bucket ``b``'s readable gradients (``grads``: the bucket's
-        parameters in order, ``None`` where there is none) into its slice of the partials:
-        one launch per segment. Returns which of them were measured."""
+        parameters in order, ``None`` where there is none; ``wanted``: only those) into
+        their columns of the partials, one launch per segment (per dtype for a whole
+        bucket; per run of wanted tensors otherwise): the other columns are left as they
+        are. Returns which of them were measured."""
         lo, hi = self.ranges[b]
         read = [self.readable(i, g) for i, g in zip(range(lo, hi), grads)]
+        if wanted is not None:
+            read = [r and w for r, w in zip(read, wanted)]
         if not any(read):
             return read
         ptrs = tuple(g.data_ptr() if r else 0 for g, r in zip(grads, read))
@@ -130,7 +136,8 @@ class TritonSlots:
                     self.device, self.block, list(ptrs), self.numels[lo:hi], self.dtypes[lo:hi],
                     self.local[lo:hi], read,
                 )  # fmt: skip
-            self._tables[b] = (ptrs, table)
+            if wanted is None or cached is None:  # a catch-up's table does not evict
+                self._tables[b] = (ptrs, table)  # the steady state's
         table = tables.ready_for_launch(table)
         off = self.offsets[b]
         with _on_device(self.device):

@@ -230,16 +230,29 @@ def test_nonfinite_clip_error_writes_nothing(monkeypatch):
     assert_same_tensors([p.grad for p in model.parameters()], before)
 
 
-def test_catchup_after_an_in_place_scale_relaunches_only_its_bucket(monkeypatch):
+@pytest.mark.parametrize("bucket_bytes", [1, bwd.DEFAULT_BUCKET_BYTES])
+def test_catchup_after_an_in_place_scale_relaunches_only_that_tensor(monkeypatch, bucket_bytes):
     model = _Net()
-    handle = fgs.backward_stats(model, bucket_bytes=1)  # one tensor per bucket
-    _loss(model).backward()
-    model.b.weight.grad.mul_(3.0)  # after its bucket was measured: stale
-    names = _counting(monkeypatch)
-    stats = handle.finalize()
-    assert names == ["stats_kernel", "finalize_kernel"]  # that bucket again, then finalize
-    assert stats.catchup_tensors == 1
-    assert_same_stats(stats, _fused(model))
+    handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+    real, grids = kernels.launch, []
+
+    def counted(kernel, grid, *args, **kwargs):
+        grids.append((kernel.__name__, grid))
+        real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", counted)
+    for step in range(2):  # the steady state's bucket tables survive the catch-up's
+        model.zero_grad()
+        _loss(model, seed=step).backward()
+        model.b.weight.grad.mul_(3.0)  # after its bucket was measured: stale
+        grids.clear()
+        steady = list(handle._triton._tables)
+        stats = handle.finalize()
+        assert all(a is b for a, b in zip(handle._triton._tables, steady, strict=True))
+        # b.weight's 480 elements are 4 blocks of 128: read again alone, then the finalize
+        assert grids == [("stats_kernel", (4,)), ("finalize_kernel", (len(stats),))]
+        assert stats.catchup_tensors == 1
+        assert_same_stats(stats, _fused(model))
 
 
 def test_gradscaler_unscale_through_the_handle_needs_no_catchup():
