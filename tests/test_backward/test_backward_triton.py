@@ -338,3 +338,33 @@ def test_clip_hands_the_coefficient_to_a_fused_optimizer(monkeypatch):
         opt.zero_grad()
         twin_opt.zero_grad()
     assert_same_tensors(list(model.parameters()), list(twin.parameters()))
+
+
+def test_placed_table_segments_follow_dtype_and_alignment():
+    from fastgradstats.kernels import tables
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    # five tensors placed at fixed columns; the third is misaligned, the fourth not read
+    table = tables.build_placed(
+        torch.device("cpu"), 128, [0, 16, 20, 0, 48], [300, 128, 129, 50, 1],
+        [f32, f32, f32, bf16, bf16], [0, 3, 4, 6, 7], [True, True, True, False, True],
+    )  # fmt: skip
+    assert [(s.dtype, s.aligned, s.lo, s.hi) for s in table.segments] == [
+        (f32, True, 0, 4), (f32, False, 4, 6), (bf16, True, 7, 8),
+    ]  # fmt: skip
+    n, rows = 5, table.host.tolist()
+    assert rows[2 * n : 4 * n] == [0, 3, 4, 6, 7, 3, 4, 6, 7, 8]  # block start, end
+    assert rows[5 * n :] == [0, 0, 0, 1, 2, 2, 0, 4]  # block -> tensor (6: not read)
+
+
+def test_misaligned_gradient_is_read_at_its_fixed_columns():
+    model = _Net()
+    handle = fgs.backward_stats(model)  # one bucket
+    _loss(model).backward()
+    w = model.b.weight
+    buffer = torch.zeros(w.numel() + 1, device=DEVICE)
+    w.grad = buffer[1:].view_as(w).copy_(w.grad * 2)  # dense, 4 bytes off 16-byte alignment
+    assert w.grad.data_ptr() % 16 != 0
+    stats = handle.finalize()
+    assert stats.catchup_tensors == 1
+    assert_same_stats(stats, _fused(model))
