@@ -685,9 +685,11 @@ class BackwardStats:
         """Finalize, then join the engine's line at the finish: torch's total, the fixed
         rule's coefficient (``request.max_norm``) and the apply (``Pass.apply_``).
         ``None`` when no parameter has a gradient. Used by ``GradMonitor(in_backward=True)``."""
-        stats, grads = self._finalize()
+        stats, grads, done = self._finalize(request.max_norm)
         if not stats.names:
             return None
+        if done is not None:  # Triton: the finalize launch computed the total and coefficient
+            return engine.finished_fused(grads, stats, request, done.total, done.coef)
         return engine.finished(grads, stats, request)
 
     @torch.no_grad()

@@ -57,6 +57,7 @@ def _counting(monkeypatch) -> list[str]:
         names.append(kernel.__name__)
         real(kernel, *args, **kwargs)
 
+    counted.__wrapped__ = real  # type: ignore[attr-defined]
     monkeypatch.setattr(kernels, "launch", counted)
     return names
 
@@ -368,3 +369,41 @@ def test_misaligned_gradient_is_read_at_its_fixed_columns():
     stats = handle.finalize()
     assert stats.catchup_tensors == 1
     assert_same_stats(stats, _fused(model))
+
+
+def _monitored(in_backward: bool, max_norm: float | None, monkeypatch, steps: int = 3):
+    from fastgradstats import GradMonitor
+
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradMonitor(model, max_norm=max_norm, in_backward=in_backward)
+    grads, launched = [], []
+    for step in range(steps):
+        _loss(model, seed=step).backward()
+        names = _counting(monkeypatch)
+        monitor.step()
+        monkeypatch.setattr(kernels, "launch", kernels.launch.__wrapped__)
+        launched.append(names)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad()
+    return monitor, grads, launched
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_monitor_in_backward_equals_the_after_backward_monitor(max_norm, monkeypatch):
+    import numpy as np
+
+    from fastgradstats.monitor.history import ARRAY_FIELDS
+
+    after, after_grads, _ = _monitored(False, max_norm, monkeypatch)
+    during, during_grads, launched = _monitored(True, max_norm, monkeypatch)
+    assert during.backward_stats._triton is not None
+    for a, b in zip(after_grads, during_grads):
+        assert_same_tensors(a, b)
+    ha, hb = after.history(), during.history()
+    for field in ARRAY_FIELDS:
+        np.testing.assert_array_equal(getattr(ha, field), getattr(hb, field), err_msg=field)
+    # the step after backward: the finalize, and the scale only when clipping
+    expected = ["finalize_kernel"] + (["scale_kernel"] if max_norm is not None else [])
+    assert launched == [expected] * len(launched)
