@@ -87,13 +87,15 @@ def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
     return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
 
 
-def _triton_slots(params: list[Tensor], ranges: list[tuple[int, int]], norm_type: float) -> Any:
+def _triton_slots(
+    params: list[Tensor], ranges: list[tuple[int, int]], norm_type: float, backend: str | None
+) -> Any:
     """The Triton path's partials for ``params`` when dispatch would pick Triton for their
     gradients (as ``core.fused`` decides: CUDA, or ``FASTGRADSTATS_BACKEND=triton`` with
     the interpreter on the CPU) and the kernels handle them all; else ``None`` (torch)."""
     if not params:
         return None
-    requested = dispatch.requested_backend()
+    requested = dispatch.requested_backend(backend)
     device = params[0].device
     if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return None
@@ -219,8 +221,10 @@ class BackwardStats:
         source: str = "auto",
         comm_hook: Any = None,
         comm_state: Any = None,
+        backend: str | None = None,
     ) -> None:
         source = _check_source(model, source, comm_hook)
+        dispatch.requested_backend(backend)  # a bad name: ValueError before any hook
         self.source = source
         self.norm_type = inputs.check_norm_type(norm_type)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
@@ -260,7 +264,9 @@ class BackwardStats:
         self._new_slots()
         # the Triton path's model-wide partials (None: the torch path's slots above)
         self._triton = (
-            _triton_slots(self.params, self._ranges, self.norm_type) if source == "params" else None
+            _triton_slots(self.params, self._ranges, self.norm_type, backend)
+            if source == "params"
+            else None
         )
         # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
         # (_DEAD and -1: never measured since the last finalize)
@@ -776,6 +782,7 @@ def backward_stats(
     source: str = "auto",
     comm_hook: Any = None,
     comm_state: Any = None,
+    backend: str | None = None,
 ) -> BackwardStats:
     """Measure per-tensor gradient statistics during backward; finalize after it.
 
@@ -797,6 +804,13 @@ def backward_stats(
     ``allreduce_hook``) and the reduced bucket is measured in the future's callback.
     Micro-steps under ``ddp.no_sync()`` measure nothing (DDP calls no comm hook).
 
+    ``backend`` (``"auto"``, ``"torch"``, ``"triton"``; default: ``$FASTGRADSTATS_BACKEND``,
+    else auto) picks the measurement as ``grad_stats`` picks it, once, here: the Triton
+    path (one stats launch per bucket and dtype, ONE finalize launch after backward) when
+    Triton would run these gradients (CUDA, or the interpreter when asked for) and every
+    parameter is fp32/bf16/fp16 on one device with p in {1, 2, inf}; the torch path
+    otherwise. The DDP source always measures on the torch path.
+
     Refused (``ValueError``): FSDP1 models and DTensor parameters, whose hooks do not see
     the final, reduced gradient, and a DDP model with a comm hook registered already.
     """
@@ -808,6 +822,7 @@ def backward_stats(
         source=source,
         comm_hook=comm_hook,
         comm_state=comm_state,
+        backend=backend,
     )
 
 

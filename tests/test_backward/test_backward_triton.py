@@ -109,6 +109,14 @@ def test_dispatch_picks_the_path_like_the_fused_call(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
     assert bwd.backward_stats(model.double())._triton is None  # float64: torch path
     assert bwd.backward_stats(_Net(), 3.0)._triton is None  # p = 3: torch path
+    # the keyword wins over the environment, as grad_stats' does
+    assert bwd.backward_stats(_Net(), backend="torch")._triton is None
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+    assert bwd.backward_stats(_Net(), backend="triton")._triton is not None
+    model = _Net()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bwd.backward_stats(model, backend="cuda")
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
 @pytest.mark.parametrize(
