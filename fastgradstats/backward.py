@@ -24,6 +24,16 @@ end-of-backward callback (the one that copies the buckets into ``.grad``).
 The seam to the measurement is :func:`_measure_bucket` alone: it takes a bucket's
 gradients and returns their :class:`~fastgradstats.torch_backend.GroupStats`; everything
 else here is bookkeeping.
+
+The Triton path (parameter-hook source, when ``fastgradstats.dispatch`` would pick Triton
+for these parameters: CUDA, or ``FASTGRADSTATS_BACKEND=triton`` with the interpreter; every
+parameter fp32/bf16/fp16 on one device; p in {1, 2, inf}) keeps no per-tensor slots: each
+completed bucket is one stats launch per dtype into its columns of one model-wide partials
+buffer, and finalize is ONE finalize launch (per-tensor results, total, clip coefficient);
+see :mod:`fastgradstats.backward_triton`. Catch-up there launches the stats of the stale
+tensors only (one launch per run of them in a bucket, per dtype); a gradient the kernels
+cannot read in place (non-dense, another device) sends that finalize to the torch path
+for every tensor.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, engine, inputs
+from . import core, dispatch, engine, inputs
+from .env import triton_interpreter_on
 from .stats import GradStats, empty_stats
 from .torch_backend import GroupStats, acc_dtype, host_to_device
 
@@ -74,6 +85,29 @@ def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
     """
     groups = core.group(grads)
     return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
+
+
+def _triton_slots(
+    params: list[Tensor], ranges: list[tuple[int, int]], norm_type: float, backend: str | None
+) -> Any:
+    """The Triton path's partials for ``params`` when dispatch would pick Triton for their
+    gradients (as ``core.fused`` decides: CUDA, or ``FASTGRADSTATS_BACKEND=triton`` with
+    the interpreter on the CPU) and the kernels handle them all; else ``None`` (torch)."""
+    if not params:
+        return None
+    requested = dispatch.requested_backend(backend)
+    device = params[0].device
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+        return None
+    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on())):
+        return None
+    if dispatch.triton_module() is None:
+        return None
+    from . import backward_triton
+
+    if not backward_triton.usable(params, norm_type):
+        return None
+    return backward_triton.TritonSlots(params, ranges, norm_type)
 
 
 def _loaded_class(module: str, name: str) -> type | None:
@@ -187,8 +221,10 @@ class BackwardStats:
         source: str = "auto",
         comm_hook: Any = None,
         comm_state: Any = None,
+        backend: str | None = None,
     ) -> None:
         source = _check_source(model, source, comm_hook)
+        dispatch.requested_backend(backend)  # a bad name: ValueError before any hook
         self.source = source
         self.norm_type = inputs.check_norm_type(norm_type)
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
@@ -226,6 +262,12 @@ class BackwardStats:
             host_to_device(members, torch.int64, self._device) for members in self._buckets
         ]
         self._new_slots()
+        # the Triton path's model-wide partials (None: the torch path's slots above)
+        self._triton = (
+            _triton_slots(self.params, self._ranges, self.norm_type, backend)
+            if source == "params"
+            else None
+        )
         # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
         # (_DEAD and -1: never measured since the last finalize)
         self._ref: list[Any] = [_DEAD] * n
@@ -364,6 +406,9 @@ class BackwardStats:
         lo, hi = self._ranges[b]
         grads = list(map(_GRAD, self.params[lo:hi]))
         self._left[b] = hi - lo
+        if self._triton is not None:
+            self._measure_triton(b, grads)
+            return
         if set(map(_LAYOUT, grads)) != _STRIDED:
             self._measure(self._buckets[b], self._bucket_index[b])
             return
@@ -378,9 +423,41 @@ class BackwardStats:
         self._version[lo:hi] = map(_VERSION, grads)
         self._fired[lo:hi] = itertools.repeat(False, hi - lo)
 
+    def _measure_triton(
+        self, b: int, grads: list[Tensor | None], wanted: list[bool] | None = None
+    ) -> None:
+        """Triton path: bucket ``b``'s gradients (every member, ``None`` where there is
+        none; ``wanted``: only those) into their columns of the partials, one stats
+        launch per dtype for a whole bucket."""
+        assert self._triton is not None
+        lo, hi = self._ranges[b]
+        read = self._triton.measure_bucket(b, grads, wanted)
+        if wanted is None and all(read):  # the steady state
+            self._fired[lo:hi] = itertools.repeat(False, hi - lo)
+            self._ref[lo:hi] = map(weakref.ref, grads)
+            self._version[lo:hi] = map(_VERSION, grads)
+            return
+        for k, (i, g, r) in enumerate(zip(range(lo, hi), grads, read)):
+            if wanted is None or wanted[k]:
+                self._fired[i] = False
+                self._ref[i] = weakref.ref(g) if r else _DEAD
+                self._version[i] = g._version if r else -1
+
     @torch.no_grad()
-    def _measure(self, indices: list[int], index: Tensor) -> None:
-        """Measure the gradients of ``indices`` (all not None) into their slots."""
+    def _measure(self, indices: list[int], index: Tensor | None) -> None:
+        """Measure the gradients of ``indices`` (all not None) into their slots (Triton
+        path: one launch per run of them, per dtype, in each bucket's columns)."""
+        if self._triton is not None:
+            chosen = set(indices)
+            for b in sorted({self._bucket_of[i] for i in indices}):
+                lo, hi = self._ranges[b]
+                wanted = [i in chosen for i in range(lo, hi)]
+                self._measure_triton(b, list(map(_GRAD, self.params[lo:hi])), wanted)
+            return
+        assert index is not None
+        self._measure_torch(indices, index)
+
+    def _measure_torch(self, indices: list[int], index: Tensor) -> None:
         params, fired = self.params, self._fired
         for i in indices:
             fired[i] = False
@@ -447,6 +524,11 @@ class BackwardStats:
             return
         inv_scale = scaler._scale.double().reciprocal().float()  # GradScaler's own rounding
         indices = sorted(fresh)
+        if self._triton is not None:
+            self._triton.unscale(indices, inv_scale)
+            for i in indices:
+                self._version[i] = self.params[i].grad._version
+            return
         index = host_to_device(indices, torch.int64, self._device)
         factor = inv_scale.to(self._device, self._acc)
         floats = self._floats
@@ -463,8 +545,10 @@ class BackwardStats:
         """
         return self._finalize()[0]
 
-    def _finalize(self) -> tuple[GradStats, inputs.GradList]:
-        """:meth:`finalize`, also returning the gradients listed (for the clip). No
+    def _finalize(self, max_norm: float | None = None) -> tuple[GradStats, inputs.GradList, Any]:
+        """:meth:`finalize`, also returning the gradients listed (for the clip) and, on the
+        Triton path, the finalize launch's outputs (``backward_triton.Finished``: with
+        ``max_norm``, the clip coefficient too; ``None`` on the torch path). No
         ``torch.no_grad()`` (a few us): only the slots are read; catch-ups run in one."""
         self._callback_queued = False
         grads = list(map(_GRAD, self.params))
@@ -487,14 +571,22 @@ class BackwardStats:
             stale = list(range(len(self.params))) if listed is None else list(listed)
         for i in stale:  # fresh slots were measured, so their gradients are valid
             inputs.check_grad(self.params[i].grad, self.names[i])
-        if stale:
-            self._measure(stale, host_to_device(stale, torch.int64, self._device))
         p = self.norm_type
         if not grads:
             stats = empty_stats(p)
             stats.catchup_tensors = 0
             self._reset_slots()
-            return stats, inputs.GradList([], [], [])
+            return stats, inputs.GradList([], [], []), None
+        if self._triton is not None:
+            if stale:
+                self._measure(stale, None)  # their own columns of the partials
+            if not any(self._ref[i]() is not self.params[i].grad for i in stale):
+                return self._finish_triton(stale, listed, names, grads, max_norm)
+            # a gradient the kernels cannot read in place: the torch path, every tensor
+            stale = list(range(len(self.params))) if listed is None else list(listed)
+            self._measure_torch(stale, host_to_device(stale, torch.int64, self._device))
+        elif stale:
+            self._measure(stale, host_to_device(stale, torch.int64, self._device))
         self._count_catchup(len(stale), len(grads))
         floats, counts = self._floats, self._counts
         if listed is None:
@@ -527,7 +619,39 @@ class BackwardStats:
         )
         self._reset_slots()
         # not kept on self: a zero_grad(set_to_none=True) must free the gradients
-        return stats, inputs.GradList(stats.names, params, grads)
+        return stats, inputs.GradList(stats.names, params, grads), None
+
+    def _finish_triton(
+        self,
+        stale: list[int],
+        listed: list[int] | None,
+        names: list[str],
+        grads: list[Tensor],
+        max_norm: float | None,
+    ) -> tuple[GradStats, inputs.GradList, Any]:
+        """The Triton path's finish: ONE finalize launch over the partials (every slot is
+        fresh); no gradient is read."""
+        assert self._triton is not None
+        self._count_catchup(len(stale), len(grads))
+        members = range(len(self.params)) if listed is None else listed
+        done = self._triton.finalize(listed, max_norm)
+        floats, counts = done.floats, done.counts
+        stats = GradStats(
+            names=list(names),
+            norms=floats[0],
+            max_abs=floats[1],
+            nan_count=counts[0],
+            inf_count=counts[1],
+            total_norm=done.exact_total,  # as the fused path's stats
+            _packed=(floats, counts),
+            norm_type=self.norm_type,
+            clip_coef=done.coef,
+            numels=[self._numels[i] for i in members],
+            catchup_tensors=len(stale),
+        )
+        self._reset_slots()
+        params = self.params if listed is None else [self.params[i] for i in listed]
+        return stats, inputs.GradList(stats.names, params, grads), done
 
     def _unscaled_elsewhere(self) -> bool:
         """Did ``self.scaler`` unscale an optimizer's gradients not through :meth:`unscale_`
@@ -567,9 +691,11 @@ class BackwardStats:
         """Finalize, then join the engine's line at the finish: torch's total, the fixed
         rule's coefficient (``request.max_norm``) and the apply (``Pass.apply_``).
         ``None`` when no parameter has a gradient. Used by ``GradMonitor(in_backward=True)``."""
-        stats, grads = self._finalize()
+        stats, grads, done = self._finalize(request.max_norm)
         if not stats.names:
             return None
+        if done is not None:  # Triton: the finalize launch computed the total and coefficient
+            return engine.finished_fused(grads, stats, request, done.total, done.coef)
         return engine.finished(grads, stats, request)
 
     @torch.no_grad()
@@ -595,10 +721,14 @@ class BackwardStats:
             self.norm_type, stats=True, counts=True, max_norm=inputs.check_max_norm(max_norm),
             backend="torch",
         )  # fmt: skip
-        stats, grads = self._finalize()
+        stats, grads, done = self._finalize(request.max_norm)
         if not stats.names:
             return torch.tensor(0.0), stats
-        measured = engine.finished(grads, stats, request)
+        if done is not None:  # Triton: the finalize launch computed the total and coefficient
+            request.backend = "triton"
+            measured = engine.finished_fused(grads, stats, request, done.total, done.coef)
+        else:
+            measured = engine.finished(grads, stats, request)
         if error_if_nonfinite:
             measured.raise_if_nonfinite()
         assert measured.coef is not None
@@ -652,6 +782,7 @@ def backward_stats(
     source: str = "auto",
     comm_hook: Any = None,
     comm_state: Any = None,
+    backend: str | None = None,
 ) -> BackwardStats:
     """Measure per-tensor gradient statistics during backward; finalize after it.
 
@@ -673,6 +804,13 @@ def backward_stats(
     ``allreduce_hook``) and the reduced bucket is measured in the future's callback.
     Micro-steps under ``ddp.no_sync()`` measure nothing (DDP calls no comm hook).
 
+    ``backend`` (``"auto"``, ``"torch"``, ``"triton"``; default: ``$FASTGRADSTATS_BACKEND``,
+    else auto) picks the measurement as ``grad_stats`` picks it, once, here: the Triton
+    path (one stats launch per bucket and dtype, ONE finalize launch after backward) when
+    Triton would run these gradients (CUDA, or the interpreter when asked for) and every
+    parameter is fp32/bf16/fp16 on one device with p in {1, 2, inf}; the torch path
+    otherwise. The DDP source always measures on the torch path.
+
     Refused (``ValueError``): FSDP1 models and DTensor parameters, whose hooks do not see
     the final, reduced gradient, and a DDP model with a comm hook registered already.
     """
@@ -684,6 +822,7 @@ def backward_stats(
         source=source,
         comm_hook=comm_hook,
         comm_state=comm_state,
+        backend=backend,
     )
 
 

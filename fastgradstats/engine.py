@@ -234,6 +234,19 @@ def finished(grads: inputs.GradList, stats: GradStats, request: Request) -> Pass
                 grads=grads, groups=groups)  # fmt: skip
 
 
+def finished_fused(
+    grads: inputs.GradList, stats: GradStats, request: Request, total: Tensor, coef: Tensor | None
+) -> Pass:
+    """:func:`finished` for statistics whose total (torch's roundings) and clip
+    coefficient a finalize launch computed already (the Triton path of
+    :mod:`fastgradstats.backward`): no torch op, the grouped plan's apply only."""
+    per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
+    if request.max_norm is not None:
+        stats.clip_coef = coef
+    return Pass(request, total, stats.total_norm, grads.names, stats, per_tensor, coef,
+                grads=grads, groups=core.group(grads.grads))  # fmt: skip
+
+
 def writable_grads(items: Any) -> inputs.GradList:
     """The local gradients of ``items`` for an element-wise write (scale by a given
     norm, clamp, zero), refused before anything is written when one cannot be written in
@@ -255,4 +268,4 @@ def zero_where_(params: list[Tensor], items: Any, flag: Tensor, backend: str | N
         core.zero_groups_where_(core.group(grads.grads), flag, backend)
 
 
-__all__ = ["Pass", "Request", "finished", "run", "writable_grads", "zero_where_"]
+__all__ = ["Pass", "Request", "finished", "finished_fused", "run", "writable_grads", "zero_where_"]

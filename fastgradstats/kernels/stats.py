@@ -371,11 +371,17 @@ def launch_stats(
     norm_type: float,
     stats: bool,
     histogram: tuple[Tensor, Tensor] | None = None,
+    row_stride: int | None = None,
 ) -> None:
     """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``.
 
     ``histogram``: zero-filled int64 ``([n, NUM_BINS], [n])`` tensors that the same read
     also adds each tensor's bin counts and exact zeros to.
+
+    ``row_stride``: the partials' row stride when ``partials`` is a column slice of a
+    wider buffer (block ``b`` of the table lands in column ``b`` of the slice; default
+    ``partials.shape[1]``). ``fastgradstats.backward`` measures each bucket into its own
+    columns of one model-wide buffer this way, with the kernel unchanged.
     """
     # Off: any int64 tensor stands in (never read), so the launched signature is the one
     # ``benchmarks codegen`` compiles (``*i64`` for both).
@@ -390,7 +396,7 @@ def launch_stats(
             table.data,
             partials,
             table.n_tensors,
-            partials.shape[1],
+            partials.shape[1] if row_stride is None else row_stride,
             seg.lo,
             hist,
             zeros,

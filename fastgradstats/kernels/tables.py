@@ -209,6 +209,59 @@ def build(
                        write_rounds, ready, streams)  # fmt: skip
 
 
+def build_placed(
+    device: torch.device,
+    block: int,
+    ptrs: list[int],
+    numels: list[int],
+    dtypes: list[torch.dtype],
+    starts: list[int],
+    read: list[bool],
+) -> TensorTable:
+    """A table whose blocks the caller places (never cached): tensor ``t`` owns the
+    ``ceil(numels[t] / block)`` blocks from ``starts[t]`` on, so its partials land at a
+    position fixed in advance whatever its address (``fastgradstats.backward`` keeps one
+    model-wide partials layout across steps).
+
+    Segments are the maximal runs, in block order, of blocks of tensors with ``read[t]``
+    and one (dtype, alignment): a caller that places each dtype's tensors next to each
+    other gets one segment per dtype while every address is aligned, more (never a wrong
+    placement) when one is not. Tensors not read (``ptrs[t]`` may be 0) are in no segment;
+    the ``block_tensor`` row stops after the last block read (a finalize-only table, every
+    ``read`` false, has none).
+    """
+    n = len(ptrs)
+    counts = [-(-numels[t] // block) for t in range(n)]
+    ends = [starts[t] + counts[t] for t in range(n)]
+    placed = sorted((starts[t], t) for t in range(n) if read[t] and counts[t])
+    last = max((ends[t] for _, t in placed), default=0)
+    block_tensor = [0] * last
+    segments: list[Segment] = []
+    for start, t in placed:
+        block_tensor[start : ends[t]] = [t] * counts[t]
+        key = (dtypes[t], ptrs[t] % ALIGN_BYTES == 0)
+        prev = segments[-1] if segments else None
+        if prev is not None and (prev.dtype, prev.aligned) == key and prev.hi == start:
+            segments[-1] = Segment(prev.dtype, prev.aligned, prev.lo, ends[t])
+        else:
+            segments.append(Segment(key[0], key[1], start, ends[t]))
+    kinds = [KIND_CODES.get(d, 0) for d in dtypes]
+    host = torch.tensor(list(ptrs) + list(numels) + list(starts) + ends + kinds + block_tensor,
+                        dtype=torch.int64)  # fmt: skip
+    if device.type == "cuda":
+        host = host.pin_memory()
+        data = host.to(device, non_blocking=True)
+    else:
+        data = host.to(device)
+    stream = current_stream(device)
+    ready, streams = None, set()
+    if stream is not None and not capturing(device):
+        ready = stream.record_event()
+        streams.add(stream.cuda_stream)
+    return TensorTable(device, block, n, max(ends, default=0), tuple(segments), data, host,
+                       (), ready, streams)  # fmt: skip
+
+
 def table_for(tensors: list[Tensor], block: int, cache: bool = True) -> TensorTable:
     """The table of ``tensors`` (one device, all :func:`is_dense`).
 
@@ -279,6 +332,7 @@ __all__ = [
     "Segment",
     "TensorTable",
     "build",
+    "build_placed",
     "cache_stats",
     "cached",
     "capturing",

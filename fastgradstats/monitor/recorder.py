@@ -276,7 +276,9 @@ class GradMonitor:
         self._writers: list[HistoryWriter] = []
         # statistics measured during backward (fastgradstats.backward): the step only
         # finishes them; the handle is public (unscale_, accumulating(), remove())
-        self.backward_stats = backward_stats(model, self.norm_type) if in_backward else None
+        self.backward_stats = (
+            backward_stats(model, self.norm_type, backend=backend) if in_backward else None
+        )
         self.reset()
 
     # -- the parameters (binding.py) -------------------------------------------------------

@@ -13,8 +13,17 @@ from torch.utils.checkpoint import checkpoint
 
 import fastgradstats as fgs
 from fastgradstats import backward as bwd
+from fastgradstats import dispatch
 
-pytestmark = pytest.mark.backend_independent  # the handle measures on the torch path
+pytestmark = pytest.mark.backend_independent  # pinned to the torch path (the fixture below)
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """The handle follows dispatch (Triton on CUDA or with FASTGRADSTATS_BACKEND=triton);
+    these tests check the torch path, bit for bit against ``backend="torch"``
+    (tests/test_backward/test_backward_triton.py checks the Triton path)."""
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
 
 
 def _mlp(dtype=torch.float32, seed=0):
