@@ -32,6 +32,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 from . import torch_backend
 from .constants import CLIP_EPS
 from .dispatch import backend_for, requested_backend, triton_module
+from .inputs import NamedTensors
 from .torch_backend import GroupStats, acc_dtype
 
 
@@ -256,7 +257,9 @@ def fused(
     names = None
     try:
         tensors = items
-        if type(items[0]) is tuple:  # named_parameters() pairs
+        if type(items) is NamedTensors:  # pairs split and checked once, by the caller
+            names, tensors = items.names, items.tensors
+        elif type(items[0]) is tuple:  # named_parameters() pairs
             # C-level checks (no Python call per item): 10k pairs must cost far less
             # than the launches they feed
             if set(map(type, items)) != _TUPLE or set(map(len, items)) != _TWO:

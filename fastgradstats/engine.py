@@ -117,9 +117,10 @@ class Pass:
         if call is None:
             assert self.grads is not None and self.groups is not None
             inputs.check_writable(self.grads)  # before the hand-off: it writes too, later
-        params = self._params() if call is not None else self.grads.params
-        if optimizer is not None and handoff.hand_off_(optimizer, params, coef):
-            return
+        if optimizer is not None:  # the parameters only then: a walk of every tensor
+            params = self._params() if call is not None else self.grads.params
+            if handoff.hand_off_(optimizer, params, coef):
+                return
         if call is not None:
             call.scale_(coef if coef is call.coef else coef.to(torch.float32))
         else:
