@@ -36,7 +36,6 @@ import contextlib
 import math
 import operator
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from .env import triton_interpreter_on
 from .kernels import scale as scale_kernels
 from .kernels import stats as stats_kernels
 from .kernels import tables
+from .lru import Lru
 from .torch_backend import GroupStats
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -382,11 +382,9 @@ class Plan:
 
 
 PLAN_CACHE_SIZE = 16
-_plans: OrderedDict[tuple, Plan | None] = OrderedDict()
+_plans = Lru(PLAN_CACHE_SIZE)  # key -> Plan, or the addresses of a list that cannot fuse
 _pinned_plans: list[Plan] = []  # used under CUDA-graph capture; never evicted nor cleared
-_negative_ptrs: dict[tuple, tuple[int, ...]] = {}  # addresses behind the None entries
-_MISSING: Any = object()
-_plans_lock = threading.Lock()
+_plans_lock = threading.Lock()  # the pinned list and the plans' workspaces
 plan_stats = {"hits": 0, "builds": 0}
 
 
@@ -449,35 +447,25 @@ def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | N
     Called under CUDA-graph capture, a plan it builds is pinned and not cached (its table
     is filled by the graph's copy, at replay only).
     """
-    with _plans_lock:
-        plan = _plans.get(key, _MISSING)
-        negative = _negative_ptrs.get(key) if plan is None else None
-    # Checked outside the lock: a walk of 10,000 gradients must not serialize threads
-    # (``None`` entries: a hash collision with a list that could not be fused).
-    hit = plan is not _MISSING and (
-        plan.matches(ptrs, grads) if plan is not None else negative == ptrs
-    )
-    if hit:
-        with _plans_lock:
-            if key in _plans:  # another thread may have evicted it meanwhile
-                _plans.move_to_end(key)
+    entry = _plans.get(key)
+    # Checked outside the cache's lock: a walk of 10,000 gradients must not serialize
+    # threads (a tuple entry: a hash collision with a list that could not be fused).
+    if entry is not None:
+        if type(entry) is tuple:
+            if entry == ptrs:
+                plan_stats["hits"] += 1
+                return None
+        elif entry.matches(ptrs, grads):
             plan_stats["hits"] += 1
-        return plan
+            return entry
     plan = build_plan(grads)
     if plan is not None and tables.capturing(plan.device):
         # Built under capture: its table is filled by the graph's copy, at replay only.
         # The graph owns it (pinned); eager calls must not find it in the cache.
         _pin(plan)
         return plan
-    with _plans_lock:
-        plan_stats["builds"] += 1
-        _plans[key] = plan
-        _plans.move_to_end(key)
-        if plan is None:
-            _negative_ptrs[key] = ptrs
-        while len(_plans) > PLAN_CACHE_SIZE:
-            old, _ = _plans.popitem(last=False)
-            _negative_ptrs.pop(old, None)
+    plan_stats["builds"] += 1
+    _plans.put(key, plan if plan is not None else ptrs)
     return plan
 
 
@@ -493,11 +481,9 @@ def _pin(plan: Plan) -> None:
 def clear_plans() -> None:
     """Forget every cached plan (and reset ``plan_stats``). Plans used under CUDA-graph
     capture stay alive (their graphs may still be replayed), out of the cache."""
-    with _plans_lock:
-        _plans.clear()
-        _negative_ptrs.clear()
-        plan_stats["hits"] = 0
-        plan_stats["builds"] = 0
+    _plans.clear()
+    plan_stats["hits"] = 0
+    plan_stats["builds"] = 0
 
 
 @dataclass

@@ -40,13 +40,13 @@ must not be given to a table; :func:`is_dense` tells which are which.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..lru import Lru
 from ..overlap import overlap_rounds
 
 CACHE_SIZE = 32  # distinct layouts kept (a model's grads, a subset for stats, ...)
@@ -54,8 +54,8 @@ ALIGN_BYTES = 16  # alignment that lets the compiler emit 16-byte vector loads
 KIND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ROWS = 5  # ptrs, numels, block_start, block_end, kinds
 
-_cache: OrderedDict[tuple, TensorTable] = OrderedDict()
-_lock = threading.Lock()  # one thread per GPU is common: the cache is shared
+_cache = Lru(CACHE_SIZE)  # one thread per GPU is common: the cache is shared
+_lock = threading.Lock()  # the stream bookkeeping of tables and the pinned list
 cache_stats = {"hits": 0, "builds": 0}
 _pinned: list[TensorTable] = []  # used under CUDA-graph capture: kept for the process's life
 
@@ -275,15 +275,13 @@ def table_for(tensors: list[Tensor], block: int, cache: bool = True) -> TensorTa
     numels = [t.numel() for t in tensors]
     dtypes = [t.dtype for t in tensors]
     if not cache:
-        with _lock:
-            cache_stats["builds"] += 1
+        cache_stats["builds"] += 1
         return ready_for_launch(build(device, block, ptrs, numels, dtypes))
     key = (device, block, tuple(ptrs), tuple(numels), tuple(dtypes))
     if capturing(device):
         # A table first built under capture is filled by the graph's copy, at replay only:
         # the graph owns it (pinned), eager calls must not find it in the cache.
-        with _lock:
-            table = _cache.get(key)
+        table = _cache.get(key)
         if table is None:
             table = build(device, block, ptrs, numels, dtypes)
         return ready_for_launch(table)
@@ -303,28 +301,20 @@ def ready_for_launch(table: TensorTable) -> TensorTable:
 
 def cached(key: tuple, make) -> TensorTable:
     """``_cache[key]``, made by ``make()`` on a miss; safe to call from many threads."""
-    with _lock:
-        table = _cache.get(key)
-        if table is not None:
-            cache_stats["hits"] += 1
-            _cache.move_to_end(key)
-            return table
+    table = _cache.get(key)
+    if table is not None:
+        cache_stats["hits"] += 1
+        return table
     table = make()  # outside the lock: the H2D copy must not serialize other threads
-    with _lock:
-        cache_stats["builds"] += 1
-        table = _cache.setdefault(key, table)
-        _cache.move_to_end(key)
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    return table
+    cache_stats["builds"] += 1
+    return _cache.put(key, table, keep_existing=True)
 
 
 def clear_cache() -> None:
     """Forget every cached table (and reset ``cache_stats``)."""
-    with _lock:
-        _cache.clear()
-        cache_stats["hits"] = 0
-        cache_stats["builds"] = 0
+    _cache.clear()
+    cache_stats["hits"] = 0
+    cache_stats["builds"] = 0
 
 
 __all__ = [

@@ -9,9 +9,7 @@ binding also keeps what is tied to the tracked objects: the previous weights of
 
 from __future__ import annotations
 
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,44 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from ..inputs import NamedTensors
+from ..lru import Lru
 from ..torch_backend import host_to_device
 
-
-class LruCache:
-    """A small least-recently-used dict, safe to share between threads.
-
-    Under MoE routing the set of parameters with gradients can differ every step; an
-    unbounded cache keyed by that set would grow by one device tensor per step, forever.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:  # get + move_to_end must not interleave with another put
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"maxsize": self.maxsize, "_data": OrderedDict(self._data)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+# Pickled monitors made before the library had one cache name this class.
+LruCache = Lru
 
 
 def named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -141,7 +107,7 @@ class Binding:
         self.model = model if isinstance(model, nn.Module) else None
         self.params = [p for _, p in pairs]
         # built once: 10k fresh tuples per step cost more (GC passes) than the fused read
-        self.pairs = list(zip(self.names, self.params))
+        self.pairs = NamedTensors(self.names, self.params)
         self.numels = [p.numel() for p in self.params]
         self.ndims = [p.dim() for p in self.params]
         # fp16: the clip coefficient comes from the float32 total (see _clip_and_measure)
@@ -159,7 +125,7 @@ class Binding:
     def forget(self) -> None:
         """Start over (``reset()``): previous weights, index tensors, no-gradient count."""
         self.forget_weights()
-        self.index_cache = LruCache(self.index_cache_size)
+        self.index_cache = Lru(self.index_cache_size)
         self.no_grad_steps = 0  # consecutive step() calls without any gradient
 
     def follow(self, model: nn.Module | Iterable[Any]) -> None:
@@ -277,4 +243,4 @@ class Binding:
         return groups, order, fresh
 
 
-__all__ = ["Binding", "LruCache", "find_owners", "named_parameters"]
+__all__ = ["Binding", "find_owners", "named_parameters"]

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from .. import core, engine, handoff, inputs
 from ..backward import backward_stats
+from ..lru import Lru
 from ..stats import GradStats
 from . import state as state_format
 from .arguments import (
@@ -63,7 +64,7 @@ from .arguments import (
     positive_float,
     positive_int,
 )
-from .binding import Binding, LruCache, named_parameters
+from .binding import Binding, named_parameters
 from .diagnosis import NO_GRADIENT_STEPS, Diagnosis, diagnose
 from .flush import HostLog
 from .history import Frame, HistogramHistory, History
@@ -415,7 +416,7 @@ class GradMonitor:
         return self._binding.model
 
     @property
-    def _index_cache(self) -> LruCache:
+    def _index_cache(self) -> Lru:
         return self._binding.index_cache
 
     @property

@@ -62,7 +62,7 @@ def _hammer(worker, threads: int = 8) -> list[BaseException]:
 
 def test_table_cache_survives_threads_evicting_each_other(monkeypatch):
     """Reproduces the KeyError on the old cache (16 threads, 1 slot, 4 layouts)."""
-    monkeypatch.setattr(tables, "CACHE_SIZE", 1)
+    monkeypatch.setattr(tables._cache, "maxsize", 1)
     tables.clear_cache()
     layouts = [[torch.zeros(3 + k)] for k in range(4)]
     errors: list[str] = []
@@ -90,7 +90,7 @@ def test_table_cache_survives_threads_evicting_each_other(monkeypatch):
 
 
 def test_plan_cache_and_fused_calls_under_threads(monkeypatch, fast_switching):
-    monkeypatch.setattr(triton_backend, "PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(triton_backend._plans, "maxsize", 2)
     gen = torch.Generator().manual_seed(0)
     per_thread = [
         [torch.randn(n, generator=gen).to(DEVICE) for n in (7, 130, 1 + i)] for i in range(6)

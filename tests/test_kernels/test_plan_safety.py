@@ -216,7 +216,7 @@ def _grads(sizes, seed=0, dtype=torch.float32):
 
 
 def _the_plan() -> triton_backend.Plan:
-    [plan] = [p for p in triton_backend._plans.values() if p is not None]
+    [plan] = [p for p in triton_backend._plans.values() if isinstance(p, triton_backend.Plan)]
     return plan
 
 
@@ -226,7 +226,7 @@ def test_a_plan_used_under_capture_outlives_eviction_and_clear_plans(monkeypatch
     import gc
     import weakref
 
-    monkeypatch.setattr(triton_backend, "PLAN_CACHE_SIZE", 2)  # few layouts evict it
+    monkeypatch.setattr(triton_backend._plans, "maxsize", 2)  # few layouts evict it
     grads = _grads((50, 200, 7))
     fgs.get_total_norm(grads, backend="triton")  # the eager warm-up builds the plan
     plan = _the_plan()
@@ -236,7 +236,7 @@ def test_a_plan_used_under_capture_outlives_eviction_and_clear_plans(monkeypatch
     alive = [weakref.ref(plan), weakref.ref(plan.table.data)]
     alive += [weakref.ref(ws.partials) for ws in plan.workspaces.values()]
     del plan
-    for i in range(triton_backend.PLAN_CACHE_SIZE + 2):  # evicts it from the LRU
+    for i in range(triton_backend._plans.maxsize + 2):  # evicts it from the LRU
         fgs.get_total_norm(_grads((3, 5 + i), seed=i), backend="triton")
     triton_backend.clear_plans()
     gc.collect()
@@ -253,7 +253,7 @@ def test_a_plan_built_under_capture_is_pinned_and_not_cached(monkeypatch):
     monkeypatch.setattr(tables, "capturing", lambda device: True, raising=False)
     fgs.get_total_norm(grads, backend="triton")
     monkeypatch.setattr(tables, "capturing", lambda device: False, raising=False)
-    assert [p for p in triton_backend._plans.values() if p is not None] == []
+    assert [p for p in triton_backend._plans.values() if isinstance(p, triton_backend.Plan)] == []
     assert len(triton_backend._pinned_plans) >= 1
     total = fgs.get_total_norm(grads, backend="triton")
     torch.testing.assert_close(total, torch.linalg.vector_norm(torch.cat(grads)))

@@ -237,37 +237,6 @@ def test_monitors_in_threads(monkeypatch):
         assert got == pytest.approx(want, rel=1e-6)
 
 
-def test_lru_cache_is_thread_safe():
-    import threading
-
-    from fastgradstats.monitor.recorder import LruCache
-
-    cache = LruCache(4)
-    errors: list[BaseException] = []
-
-    def hammer(seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        try:
-            for _ in range(3000):
-                key = int(torch.randint(0, 8, (1,), generator=gen))
-                if cache.get(key) is None:
-                    cache.put(key, key + 1)
-                assert len(cache) <= 4
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert all(cache.get(k) in (None, k + 1) for k in range(8))
-
-
-# ----------------------------------------------------------------------------- tracking
-
-
 def _total(model: nn.Module) -> float:
     grads = [p.grad.double().flatten() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.cat(grads)).item()
