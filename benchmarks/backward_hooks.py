@@ -9,7 +9,9 @@ cheap and the difference is the hooks. Each round times a batch of backward pass
 without the handle, then with it (interleaved: machine load hits both alike); the cost per
 tensor is the median over rounds of (with - without) / n. "stubbed": the measurement seam
 ``fastgradstats.backward._measure_bucket`` returns preallocated results (a GPU would only
-enqueue its launches); "torch": the real torch-path measurement on the CPU. ``--buckets``
+enqueue its launches); "torch": the real torch-path measurement on the CPU; "triton": the
+Triton path with its launches stubbed (``python -m benchmarks host`` runs this row, with
+the targets). ``--buckets``
 sets how many buckets the tensors are split into (GPT-2 124M at 25 MB: about 20).
 
 Times are the CPU time of the calling thread (``time.thread_time``; the CPU autograd
@@ -62,14 +64,41 @@ def _stub_measure() -> Any:
 _clock = time.thread_time
 
 
-def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dict[str, Any]:
-    """Host us per tensor of the hooks during backward, and of finalize vs the floor."""
+class _LaunchCounter:
+    """Stands in for ``kernels.launch`` (the one launch point): counts, runs nothing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+        self.count += 1
+
+
+MODES = ("stubbed", "torch", "triton")
+
+
+def measure(n: int, buckets: int, rounds: int, batch: int, mode: str) -> dict[str, Any]:
+    """Host us per tensor of the hooks during backward, and of finalize vs the floor.
+
+    ``mode``: "stubbed" (torch path, its measurement replaced by preallocated results),
+    "torch" (the real torch-path measurement) or "triton" (the Triton path with
+    ``kernels.launch`` stubbed, as ``python -m benchmarks host`` measures the other calls;
+    needs Triton, and ``TRITON_INTERPRET=1`` on a CPU). The "triton" row also counts the
+    launches during one backward and in one finalize."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model = _Tiny(n)
     params = list(model.parameters())
     bucket_bytes = max(1, (n * 16) // buckets)
+    backend = "triton" if mode == "triton" else "torch"
     real = bwd._measure_bucket
-    if stubbed:
+    counter = _LaunchCounter()
+    if mode == "stubbed":
         bwd._measure_bucket = _stub_measure()
+    if mode == "triton":
+        from fastgradstats import kernels
+
+        real_launch, kernels.launch = kernels.launch, counter
 
     def timed(fn: Any) -> float:
         start = _clock()
@@ -81,8 +110,15 @@ def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dic
         model().backward()
 
     try:
-        handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+        handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes, backend=backend)
         num_buckets = handle.num_buckets
+        backward()  # warm-up (the plans' tables are built), then one counted step
+        handle.finalize()
+        counter.count = 0
+        backward()
+        launches_backward = counter.count
+        handle.finalize()
+        launches_finalize = counter.count - launches_backward
         handle.remove()
         noop, hooked, fin, flo, ratios = [], [], [], [], []
         for _ in range(rounds):
@@ -92,7 +128,7 @@ def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dic
             noop.append((timed(backward) - without) / n * 1e6)
             for r in removable:
                 r.remove()
-            handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+            handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes, backend=backend)
             hooked.append((timed(backward) - without) / n * 1e6)
             # after backward: finalize against the one-pass floor, on the same gradients
             f_sum = floor_sum = 0.0
@@ -111,10 +147,14 @@ def measure(n: int, buckets: int, rounds: int, batch: int, stubbed: bool) -> dic
             ratios.append(f_sum / floor_sum)
     finally:
         bwd._measure_bucket = real
+        if mode == "triton":
+            kernels.launch = real_launch
     return {
         "tensors": n,
         "buckets": num_buckets,
-        "measure": "stubbed" if stubbed else "torch",
+        "measure": mode,
+        "launches_backward": launches_backward if mode == "triton" else None,
+        "launches_finalize": launches_finalize if mode == "triton" else None,
         "noop_hook_us_per_tensor": round(statistics.median(noop), 3),
         "hook_us_per_tensor": round(statistics.median(hooked), 3),
         "finalize_us": round(statistics.median(fin), 1),
@@ -136,8 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     rows = []
     for n, buckets in ((148, 20), (10_000, 20), (10_000, 1)):
-        for stubbed in (True, False):
-            rows.append(measure(n, buckets, rounds, batch if n < 1000 else 2, stubbed))
+        for mode in ("stubbed", "torch"):
+            rows.append(measure(n, buckets, rounds, batch if n < 1000 else 2, mode))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -21,6 +21,11 @@ fills of the histogram outputs), each a kernel launch on a GPU. Host numbers fro
 are legitimate here: this is Python cost; on a CPU the Triton path is taken through
 ``TRITON_INTERPRET=1`` (nothing is interpreted: the launches are stubbed).
 
+On a CPU it also measures ``backward_stats`` (issue 18) on the Triton path with the
+launches stubbed: the Python cost per tensor of its hooks during backward (target 3 us)
+and of the after-backward finalize against the same floor (target 1.5x), with the
+launches of one step (one per bucket during backward, one after).
+
 Exit status 1 when a target is missed (not with ``--quick``, whose timings are too short).
 """
 
@@ -39,6 +44,11 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = {"gpt2-124m": 4.0, "tiny10k": 2.0}  # clip_grad_norm_ (+ return_stats) / floor
+# backward_stats (issue 18), Triton path, launches stubbed: Python per tensor during
+# backward, and the after-backward finalize against the floor
+BACKWARD_ROWS = ((148, 20), (10_000, 20))  # (tensors, buckets): GPT-2 124M at 25 MB
+HOOK_US_PER_TENSOR_TARGET = 3.0
+FINALIZE_TARGET = 1.5
 TARGET_OPS = ("clip_grad_norm_", "clip_grad_norm_(return_stats)", "grad_stats")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -158,10 +168,31 @@ def run(device_name: str | None, quick: bool) -> dict[str, Any]:
     }
     for name in TARGETS:
         result["workloads"][name] = measure(name, device, rounds, batch)
+    if device.type == "cpu":  # the CPU autograd engine runs the hooks on this thread
+        result["backward_stats"] = measure_backward(rounds, batch)
     result["ok"] = all(
         entry.get("ok", True) for w in result["workloads"].values() for entry in w["ops"].values()
-    )
+    ) and all(row["ok"] for row in result.get("backward_stats", []))
     return result
+
+
+def measure_backward(rounds: int, batch: int) -> list[dict[str, Any]]:
+    """``backward_stats`` on the Triton path, launches stubbed: hook us per tensor during
+    backward and finalize / floor after it (see ``benchmarks/backward_hooks.py``), with
+    the launch counts of one step. Tiny parameters, so backward itself costs little."""
+    from .backward_hooks import measure as measure_hooks
+
+    rows = []
+    for n, buckets in BACKWARD_ROWS:
+        row = measure_hooks(n, buckets, rounds, batch if n < 1000 else 2, "triton")
+        row["hook_target_us"] = HOOK_US_PER_TENSOR_TARGET
+        row["finalize_target"] = FINALIZE_TARGET
+        row["ok"] = (
+            row["hook_us_per_tensor"] <= HOOK_US_PER_TENSOR_TARGET
+            and row["finalize_x_floor"] <= FINALIZE_TARGET
+        )
+        rows.append(row)
+    return rows
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -177,6 +208,18 @@ def format_result(result: dict[str, Any]) -> str:
             lines.append(
                 f"  {op:<32}{e['us_median']:>10.1f}{ratio:>9}{e['launches']:>10}  {target}"
             )
+    rows = result.get("backward_stats", [])
+    if rows:
+        lines.append("backward_stats (Triton path): hooks during backward, finalize after")
+        lines.append(f"  {'tensors':>8}{'buckets':>8}{'hook us/tensor':>16}{'finalize us':>13}"
+                     f"{'x floor':>9}{'launches':>10}  target")  # fmt: skip
+        for r in rows:
+            target = (f"<= {r['hook_target_us']:g} us, <= {r['finalize_target']:g}x "
+                      f"{'ok' if r['ok'] else 'MISSED'}")  # fmt: skip
+            launches = f"{r['launches_backward']}+{r['launches_finalize']}"
+            lines.append(f"  {r['tensors']:>8}{r['buckets']:>8}{r['hook_us_per_tensor']:>16.2f}"
+                         f"{r['finalize_us']:>13.1f}{r['finalize_x_floor']:>9.2f}"
+                         f"{launches:>10}  {target}")  # fmt: skip
     lines.append("host targets: " + ("met" if result["ok"] else "MISSED"))
     return "\n".join(lines)
 

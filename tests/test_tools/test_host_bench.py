@@ -42,4 +42,10 @@ def test_host_benchmark_quick_run(tmp_path):
         assert ops["get_total_norm"]["launches"] == 2
         for name in ("clip_grad_norm_", "clip_grad_norm_(return_stats)"):
             assert ops[name]["ratio_to_floor"] > 0 and "target" in ops[name]
-    assert "host targets" in proc.stdout
+    rows = result["backward_stats"]  # backward_stats on the Triton path (issue 18)
+    assert [row["tensors"] for row in rows] == [148, 10_000]
+    for row in rows:  # one stats launch per bucket during backward, ONE finalize after
+        assert row["launches_backward"] == row["buckets"] and row["launches_finalize"] == 1
+        assert row["hook_us_per_tensor"] == row["hook_us_per_tensor"]  # not NaN
+        assert "ok" in row and row["hook_target_us"] == 3.0 and row["finalize_target"] == 1.5
+    assert "host targets" in proc.stdout and "backward_stats" in proc.stdout
