@@ -633,7 +633,6 @@ class BackwardStats:
         fresh); no gradient is read."""
         assert self._triton is not None
         self._count_catchup(len(stale), len(grads))
-        members = range(len(self.params)) if listed is None else listed
         done = self._triton.finalize(listed, max_norm)
         floats, counts = done.floats, done.counts
         stats = GradStats(
@@ -646,7 +645,7 @@ class BackwardStats:
             _packed=(floats, counts),
             norm_type=self.norm_type,
             clip_coef=done.coef,
-            numels=[self._numels[i] for i in members],
+            numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],
             catchup_tensors=len(stale),
         )
         self._reset_slots()

@@ -400,7 +400,7 @@ def _fusable(grads: list[Tensor]) -> bool:
     return True
 
 
-def _guard_for(grads: list[Tensor]) -> Any:
+def guard_for(grads: list[Tensor]) -> Any:
     """torch.compile's C++ tensor check for ``grads`` (it keeps no reference to them), or
     ``None`` where this torch has no such check: ``Plan.matches`` then walks in Python."""
     if _TensorGuards is None:
@@ -430,7 +430,7 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
         )
     ptrs = tuple(g.data_ptr() for g in grads)
     return Plan(table, ptrs, tuple(numels), tuple(dtypes), result, device,
-                numel_list=numels, guard=_guard_for(grads))  # fmt: skip
+                numel_list=numels, guard=guard_for(grads))  # fmt: skip
 
 
 def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
@@ -569,6 +569,7 @@ __all__ = [
     "clear_plans",
     "group_norms",
     "group_stats",
+    "guard_for",
     "plan_for",
     "run_fused",
     "scale_",

@@ -415,3 +415,32 @@ def test_monitor_in_backward_equals_the_after_backward_monitor(max_norm, monkeyp
     # the step after backward: the finalize, and the scale only when clipping
     expected = ["finalize_kernel"] + (["scale_kernel"] if max_norm is not None else [])
     assert launched == [expected] * len(launched)
+
+
+def test_steady_bucket_checks_dtype_shape_and_strides_behind_the_same_addresses(monkeypatch):
+    """A bucket whose gradients were all readable keeps its table with their addresses
+    and one C++ guard (dtype, shape, strides): the next backward checks those in two C
+    calls instead of a Python check per tensor, and a gradient reinterpreted at the same
+    address (bf16 over fp32 bytes) must still not be read with the old table."""
+    from fastgradstats.backward_triton import TritonSlots
+
+    params = [torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for n in (300, 7, 129)]
+    slots = TritonSlots(params, [(0, 3)], 2.0)
+    grads = [torch.randn(p.numel(), device=DEVICE) for p in params]
+    launches = Launches(monkeypatch)
+    assert slots.measure_bucket(0, grads) == [True, True, True]
+    assert slots._steady[0] is not None
+    real_readable = slots.readable
+
+    def no_python_check(*args):
+        raise AssertionError("the steady state checked a gradient in Python")
+
+    monkeypatch.setattr(slots, "readable", no_python_check)
+    assert slots.measure_bucket(0, list(grads)) == [True, True, True]
+    assert launches.names == ["stats_kernel"] * 2
+    monkeypatch.setattr(slots, "readable", real_readable)
+    as_bf16 = grads[0].view(torch.bfloat16)  # same address, another dtype and numel
+    assert as_bf16.data_ptr() == grads[0].data_ptr()
+    assert slots.measure_bucket(0, [as_bf16, grads[1], grads[2]]) == [False, True, True]
+    wanted = [False, True, False]  # a catch-up never takes the steady state's table
+    assert slots.measure_bucket(0, grads, wanted) == wanted
