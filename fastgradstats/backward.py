@@ -400,9 +400,11 @@ class BackwardStats:
             self._measure(fired, host_to_device(fired, torch.int64, self._device))
             self._left[b] = len(members)
 
-    @torch.no_grad()
     def _measure_range(self, b: int) -> None:
         """Measure the complete bucket ``b`` into its slots (the steady state)."""
+        if torch.is_grad_enabled():  # backward(create_graph=True): measure outside the graph
+            with torch.no_grad():  # (not a decorator: a context object per bucket costs)
+                return self._measure_range(b)
         lo, hi = self._ranges[b]
         grads = list(map(_GRAD, self.params[lo:hi]))
         self._left[b] = hi - lo

@@ -540,3 +540,28 @@ def test_fsdp1_is_refused():
     with pytest.raises(ValueError, match="FSDP1"):
         fgs.backward_stats(fsdp)
     assert all(not p._post_accumulate_grad_hooks for p in fsdp.inner.parameters())
+
+
+def test_create_graph_backward_measures_outside_the_graph():
+    """``backward(create_graph=True)`` runs the hooks with grad mode on: the measurement
+    must not join the graph (it switches grad mode off itself, per bucket)."""
+    model = _mlp()
+    handle = fgs.backward_stats(model, bucket_bytes=256)  # several buckets
+    seen = []
+    real = bwd._measure_bucket
+
+    def spy(grads, norm_type):
+        seen.append(torch.is_grad_enabled())
+        return real(grads, norm_type)
+
+    bwd._measure_bucket = spy
+    try:
+        _loss(model).backward(create_graph=True)
+    finally:
+        bwd._measure_bucket = real
+    assert seen and not any(seen)
+    stats = handle.finalize()
+    assert stats.catchup_tensors == 0 and not stats.norms.requires_grad
+    assert_same_stats(stats, _reference(model))
+    for p in model.parameters():
+        p.grad = None  # the graph of the gradients holds the parameters
