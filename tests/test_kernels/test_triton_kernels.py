@@ -155,6 +155,42 @@ def test_awkward_list_every_norm(dtype, norm_type):
     )
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_max_abs_propagates_every_nan_bit_pattern(dtype, norm_type):
+    """max |g| (and the inf-norm) reduce as integer bits with the sign cleared: a NaN with
+    its sign bit set, or the smallest signaling payload, must still win over +-Inf and
+    every finite value, in any lane and any block."""
+    gen = torch.Generator().manual_seed(31 + KERNEL_DTYPES.index(dtype))
+    int_type = {4: torch.int32, 2: torch.int16}[torch.finfo(dtype).bits // 8]
+    nan_bits = {  # (negative quiet NaN, smallest positive signaling NaN) for the dtype
+        torch.float32: (-0x400000, 0x7F800001),  # 0xFFC00000 as int32
+        torch.bfloat16: (-0x40, 0x7F81),  # 0xFFC0 as int16
+        torch.float16: (-0x200, 0x7C01),  # 0xFE00 as int16
+    }[dtype]
+    sizes = [1, 7, TILE + 1, 3 * BLOCK + 5, 2 * BLOCK, 5]
+    grads = [_random(n, dtype, gen) for n in sizes]
+    grads[0].view(int_type)[0] = nan_bits[0]  # a one-element tensor that is a negative NaN
+    grads[2][3] = -INF  # -Inf next to a NaN in the same tile
+    grads[2].view(int_type)[TILE] = nan_bits[1]
+    grads[3].view(int_type)[2 * BLOCK + 1] = nan_bits[0]  # a NaN in a later block only
+    grads[4][BLOCK + 9] = -INF  # no NaN: max |g| is +Inf, never a NaN
+    grads[5][2] = -1e4  # largest |g| is negative: max |g| is its magnitude
+    stats = triton_backend.group_stats(grads, norm_type)
+    assert_stats_match(stats, grads, norm_type)
+    planted = [True, False, True, True, False, False]
+    assert [math.isnan(v) for v in stats.max_abs.tolist()] == planted
+    assert stats.nan_count.tolist() == [1, 0, 1, 1, 0, 0]
+    assert stats.max_abs[4] == INF and stats.max_abs[5] == abs(float(grads[5][2]))
+    # the fused finalize's total (its last program's reduction) sees the NaN norms too
+    ours, theirs = ([torch.nn.Parameter(g.clone()) for g in grads] for _ in range(2))
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    total = fgs.clip_grad_norm_(ours, 1.0, norm_type=norm_type, backend="triton")
+    assert math.isnan(float(total))
+    assert math.isnan(float(torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)))
+
+
 def test_all_empty_group_gives_zeros_without_a_stats_launch():
     grads = [torch.empty(0, device=DEVICE), torch.empty(0, 3, device=DEVICE)]
     kernels.launch_counts.clear()
