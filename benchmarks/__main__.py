@@ -9,6 +9,7 @@ Examples::
     python -m benchmarks codegen --out DIR     # offline sm_90/sm_80 PTX/SASS report (no GPU)
     python -m benchmarks host                  # host cost per call, launches stubbed
     python -m benchmarks gpu-check             # everything that needs a GPU, one command
+    python -m benchmarks in-backward           # GPT-2 124M, CPU: stats during vs after backward
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SUBCOMMANDS = {
     "codegen": ("benchmarks.codegen", "offline sm_90/sm_80 PTX/SASS report (no GPU needed)"),
     "host": ("benchmarks.host", "host cost per call with the kernel launches stubbed"),
     "gpu-check": ("benchmarks.gpu_check", "everything that needs a GPU, in one command"),
+    "in-backward": ("benchmarks.in_backward", "GPT-2 on the CPU: stats during vs after backward"),
 }
 
 
