@@ -21,6 +21,13 @@ or the user's hook) and measures the reduced bucket in the future's callback; th
 gradients are recorded for the freshness check by a callback queued after DDP's own
 end-of-backward callback (the one that copies the buckets into ``.grad``).
 
+DTensor parameters (FSDP2 ``fully_shard``, tensor parallel) keep the parameter hooks:
+FSDP2 calls them on the sharded parameters after its reduce-scatter (and after adding a
+micro-step into the shard). Each rank measures its local shards; finalize reduces the
+packed per-tensor partials across ranks once (``sharding.localize`` and
+``Sharding.reduce_stats``, the after-backward path's reduction) into the statistics of the
+full parameters. Measured on the torch path.
+
 The seam to the measurement is :func:`_measure_bucket` alone: it takes a bucket's
 gradients and returns their :class:`~fastgradstats.torch_backend.GroupStats`; everything
 else here is bookkeeping.
@@ -51,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import core, dispatch, engine, inputs
+from . import core, dispatch, engine, inputs, sharding
 from .env import triton_interpreter_on
 from .stats import GradStats, empty_stats
 from .torch_backend import GroupStats, acc_dtype, host_to_device
@@ -177,16 +184,16 @@ def _check_source(model: Any, source: str, comm_hook: Any) -> str:
 
 
 def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
-    """``(name, parameter)`` of every parameter that requires grad (DTensors refused)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    for name, p in named:
-        if _is_dtensor(p):
-            raise ValueError(
-                f"backward_stats(model): parameter {name!r} is a DTensor (FSDP2 / tensor "
-                "parallel); the sharded-gradient source is not implemented yet: call "
-                "fastgradstats.grad_stats / clip_grad_norm_ after backward instead"
-            )
-    return named
+    """``(name, parameter)`` of every parameter that requires grad."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _local_grad(param: Tensor) -> Tensor | None:
+    """``param.grad``, or its local shard when it is a DTensor. FSDP2 accumulates a
+    micro-step into ``grad._local_tensor`` in place, which bumps the shard's version
+    counter and not the DTensor's: the freshness check must follow the shard."""
+    g = param.grad
+    return g._local_tensor if g is not None and _is_dtensor(g) else g
 
 
 def _bucket_ranges(params: list[Tensor], bucket_bytes: int) -> list[tuple[int, int]]:
@@ -234,6 +241,13 @@ class BackwardStats:
         named = _trainable_parameters(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # DTensor parameters (FSDP2, tensor parallel): each rank measures its local shards
+        # (FSDP2 calls the post-accumulate hooks after its reduce-scatter); finalize
+        # all-reduces the packed per-tensor partials once, as the after-backward path does
+        self._sharded = any(map(_is_dtensor, self.params))
+        if self._sharded:
+            sharding.require_initialized("backward_stats on DTensor parameters")
+        self._read = _local_grad if self._sharded else _GRAD
         self.bucket_bytes = bucket_bytes
         if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
@@ -265,7 +279,7 @@ class BackwardStats:
         # the Triton path's model-wide partials (None: the torch path's slots above)
         self._triton = (
             _triton_slots(self.params, self._ranges, self.norm_type, backend)
-            if source == "params"
+            if source == "params" and not self._sharded
             else None
         )
         # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
@@ -406,7 +420,7 @@ class BackwardStats:
             with torch.no_grad():  # (not a decorator: a context object per bucket costs)
                 return self._measure_range(b)
         lo, hi = self._ranges[b]
-        grads = list(map(_GRAD, self.params[lo:hi]))
+        grads = list(map(self._read, self.params[lo:hi]))
         self._left[b] = hi - lo
         if self._triton is not None:
             self._measure_triton(b, grads)
@@ -460,10 +474,10 @@ class BackwardStats:
         self._measure_torch(indices, index)
 
     def _measure_torch(self, indices: list[int], index: Tensor) -> None:
-        params, fired = self.params, self._fired
+        params, fired, read = self.params, self._fired, self._read
         for i in indices:
             fired[i] = False
-        grads = [params[i].grad for i in indices]
+        grads = [read(params[i]) for i in indices]
         if not all(g.layout == torch.strided for g in grads):
             # sparse gradients: left unmeasured, finalize refuses them with a clear error
             # (raising here would abort the user's backward)
@@ -517,8 +531,10 @@ class BackwardStats:
         if groups is None:
             raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
         ids = {id(p) for group in groups for p in group["params"]}
+        read = self._read
         for i, p in enumerate(self.params):
-            if id(p) in ids and p.grad is not None and self._is_fresh(i, p.grad):
+            g = read(p)
+            if id(p) in ids and g is not None and self._is_fresh(i, g):
                 fresh.add(i)
         scaler.unscale_(optimizer)  # raises (nothing changed here) when already unscaled
         self._unscaled_here.add(id(optimizer))
@@ -529,14 +545,14 @@ class BackwardStats:
         if self._triton is not None:
             self._triton.unscale(indices, inv_scale)
             for i in indices:
-                self._version[i] = self.params[i].grad._version
+                self._version[i] = read(self.params[i])._version
             return
         index = host_to_device(indices, torch.int64, self._device)
         factor = inv_scale.to(self._device, self._acc)
         floats = self._floats
         floats.index_copy_(1, index, floats.index_select(1, index) * factor)
         for i in indices:  # a device kernel that does bump the counter stays fresh too
-            self._version[i] = self.params[i].grad._version
+            self._version[i] = read(self.params[i])._version
 
     def finalize(self) -> GradStats:
         """The :class:`GradStats` of the current gradients, from the slots.
@@ -547,13 +563,16 @@ class BackwardStats:
         """
         return self._finalize()[0]
 
-    def _finalize(self, max_norm: float | None = None) -> tuple[GradStats, inputs.GradList, Any]:
-        """:meth:`finalize`, also returning the gradients listed (for the clip) and, on the
-        Triton path, the finalize launch's outputs (``backward_triton.Finished``: with
-        ``max_norm``, the clip coefficient too; ``None`` on the torch path). No
-        ``torch.no_grad()`` (a few us): only the slots are read; catch-ups run in one."""
+    def _finalize(
+        self, max_norm: float | None = None
+    ) -> tuple[GradStats, inputs.GradList, Any, sharding.Sharding | None]:
+        """:meth:`finalize`, also returning the gradients listed (for the clip; local
+        shards of DTensors), on the Triton path the finalize launch's outputs
+        (``backward_triton.Finished``: with ``max_norm``, the clip coefficient too; ``None``
+        on the torch path), and for DTensor gradients how they were reduced across ranks.
+        No ``torch.no_grad()`` (a few us): only the slots are read; catch-ups run in one."""
         self._callback_queued = False
-        grads = list(map(_GRAD, self.params))
+        grads = list(map(self._read, self.params))
         try:
             versions = list(map(_VERSION, grads))  # AttributeError: a None gradient
         except AttributeError:
@@ -578,7 +597,7 @@ class BackwardStats:
             stats = empty_stats(p)
             stats.catchup_tensors = 0
             self._reset_slots()
-            return stats, inputs.GradList([], [], []), None
+            return stats, inputs.GradList([], [], []), None, None
         if self._triton is not None:
             if stale:
                 self._measure(stale, None)  # their own columns of the partials
@@ -607,6 +626,11 @@ class BackwardStats:
             )
             device = grads[0].device
             floats, counts = floats.to(device, acc), counts.to(device)
+        numels = list(self._numels) if listed is None else [self._numels[i] for i in listed]
+        shards = None
+        if self._sharded:
+            reduced = self._reduce_across_ranks(listed, names, floats, counts)
+            floats, counts, numels, shards = reduced
         stats = GradStats(
             names=list(names),
             norms=floats[0],
@@ -616,12 +640,28 @@ class BackwardStats:
             total_norm=core.total_norm(floats[0], p),
             _packed=(floats, counts),  # [2, n] blocks, as the fused path hands them over
             norm_type=p,
-            numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],
+            numels=numels,
             catchup_tensors=len(stale),
         )
         self._reset_slots()
         # not kept on self: a zero_grad(set_to_none=True) must free the gradients
-        return stats, inputs.GradList(stats.names, params, grads), None
+        return stats, inputs.GradList(stats.names, params, grads), None, shards
+
+    def _reduce_across_ranks(
+        self, listed: list[int] | None, names: list[str], floats: Tensor, counts: Tensor
+    ) -> tuple[Tensor, Tensor, list[int], sharding.Sharding | None]:
+        """DTensor gradients: the local shards' per-tensor results [2, n] -> those of the
+        full parameters, their element counts, and the ``Sharding`` used: the after-backward
+        path's reduction (one packed SUM and one MAX all-reduce per reduction group)."""
+        params = self.params if listed is None else [self.params[i] for i in listed]
+        shards = sharding.localize(inputs.GradList(list(names), params, list(map(_GRAD, params))))
+        numels = list(map(operator.methodcaller("numel"), params))
+        if shards is None:  # no DTensor among the listed gradients
+            return floats, counts, numels, None
+        local = GroupStats(floats[0], floats[1], counts[0], counts[1])
+        full, numels = shards.reduce_stats(local, self.norm_type)
+        floats = torch.stack((full.norms, full.max_abs))
+        return floats, torch.stack((full.nan_count, full.inf_count)), numels, shards
 
     def _finish_triton(
         self,
@@ -630,7 +670,7 @@ class BackwardStats:
         names: list[str],
         grads: list[Tensor],
         max_norm: float | None,
-    ) -> tuple[GradStats, inputs.GradList, Any]:
+    ) -> tuple[GradStats, inputs.GradList, Any, None]:
         """The Triton path's finish: ONE finalize launch over the partials (every slot is
         fresh); no gradient is read."""
         assert self._triton is not None
@@ -652,7 +692,7 @@ class BackwardStats:
         )
         self._reset_slots()
         params = self.params if listed is None else [self.params[i] for i in listed]
-        return stats, inputs.GradList(stats.names, params, grads), done
+        return stats, inputs.GradList(stats.names, params, grads), done, None
 
     def _unscaled_elsewhere(self) -> bool:
         """Did ``self.scaler`` unscale an optimizer's gradients not through :meth:`unscale_`
@@ -692,12 +732,12 @@ class BackwardStats:
         """Finalize, then join the engine's line at the finish: torch's total, the fixed
         rule's coefficient (``request.max_norm``) and the apply (``Pass.apply_``).
         ``None`` when no parameter has a gradient. Used by ``GradMonitor(in_backward=True)``."""
-        stats, grads, done = self._finalize(request.max_norm)
+        stats, grads, done, shards = self._finalize(request.max_norm)
         if not stats.names:
             return None
         if done is not None:  # Triton: the finalize launch computed the total and coefficient
             return engine.finished_fused(grads, stats, request, done.total, done.coef)
-        return engine.finished(grads, stats, request)
+        return engine.finished(grads, stats, request, shards)
 
     @torch.no_grad()
     def clip_grad_norm_(
@@ -722,19 +762,19 @@ class BackwardStats:
             self.norm_type, stats=True, counts=True, max_norm=inputs.check_max_norm(max_norm),
             backend="torch",
         )  # fmt: skip
-        stats, grads, done = self._finalize(request.max_norm)
+        stats, grads, done, shards = self._finalize(request.max_norm)
         if not stats.names:
             return torch.tensor(0.0), stats
         if done is not None:  # Triton: the finalize launch computed the total and coefficient
             request.backend = "triton"
             measured = engine.finished_fused(grads, stats, request, done.total, done.coef)
         else:
-            measured = engine.finished(grads, stats, request)
+            measured = engine.finished(grads, stats, request, shards)
         if error_if_nonfinite:
             measured.raise_if_nonfinite()
         assert measured.coef is not None
         measured.apply_(measured.coef, optimizer)
-        return measured.total, stats
+        return measured.returned_total, stats
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -812,8 +852,14 @@ def backward_stats(
     parameter is fp32/bf16/fp16 on one device with p in {1, 2, inf}; the torch path
     otherwise. The DDP source always measures on the torch path.
 
-    Refused (``ValueError``): FSDP1 models and DTensor parameters, whose hooks do not see
-    the final, reduced gradient, and a DDP model with a comm hook registered already.
+    DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): the hooks measure each
+    rank's local shards (FSDP2 calls them after its reduce-scatter) on the torch path,
+    and finalize all-reduces the per-tensor partials once: the statistics of the full
+    parameters, as ``grad_stats`` gives them; ``clip_grad_norm_`` returns the total as a
+    ``Replicate`` DTensor, as torch does.
+
+    Refused (``ValueError``): FSDP1 models, whose flat parameters' hooks do not see the
+    reduced, unflattened gradients, and a DDP model with a comm hook registered already.
     """
     return BackwardStats(
         model,

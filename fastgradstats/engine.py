@@ -221,17 +221,27 @@ def _grouped_pass(grads: inputs.GradList, shards: sharding.Sharding | None, req:
                 grads=grads, groups=groups)  # fmt: skip
 
 
-def finished(grads: inputs.GradList, stats: GradStats, request: Request) -> Pass:
+def finished(
+    grads: inputs.GradList,
+    stats: GradStats,
+    request: Request,
+    shards: sharding.Sharding | None = None,
+) -> Pass:
     """The :class:`Pass` of per-tensor statistics measured elsewhere (during backward, see
     :mod:`fastgradstats.backward`): only the finish (torch's total, the fixed rule's
-    coefficient) and the grouped plan's apply remain. ``grads`` must be non-empty."""
+    coefficient) and the grouped plan's apply remain. ``grads`` must be non-empty;
+    ``shards``: how sharded gradients were reduced (``stats`` are then of the full
+    parameters, ``grads`` the local shards), as in the grouped pass."""
     groups = core.group(grads.grads)
-    total = core.finish_total(groups, stats.norms, request.norm_type)
+    if shards is None:
+        total = core.finish_total(groups, stats.norms, request.norm_type)
+    else:  # global per-tensor norms already: the promoted dtype, as _grouped_pass
+        total = stats.total_norm.to(groups.result)
     per_tensor = core.GroupStats(stats.norms, stats.max_abs, stats.nan_count, stats.inf_count)
     coef = None
     if request.max_norm is not None:
         coef = stats.clip_coef = core.clip_coefficient(request.max_norm, total)
-    return Pass(request, total, stats.total_norm, grads.names, stats, per_tensor, coef,
+    return Pass(request, total, stats.total_norm, grads.names, stats, per_tensor, coef, shards,
                 grads=grads, groups=groups)  # fmt: skip
 
 

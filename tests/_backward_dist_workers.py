@@ -1,5 +1,6 @@
-"""Worker side of tests/test_backward/test_backward_ddp.py: 2 gloo ranks, each running every
-scenario of ``fgs.backward_stats`` on a DistributedDataParallel model (the comm-hook source).
+"""Worker side of tests/test_backward/test_backward_distributed.py: 2 gloo ranks, each
+running every scenario of ``fgs.backward_stats`` on a DistributedDataParallel model (the
+comm-hook source) and on an FSDP2 model (parameter hooks on the DTensor shards).
 
 Each scenario stores, per step, whether the handle's statistics equal, bit for bit, those of
 ``grad_stats(ddp.named_parameters(), backend="torch")`` after backward, and the catch-up
@@ -107,12 +108,74 @@ def scenario_params_refused(rank: int, seed: int) -> dict[str, Any]:
     return {"refused": None}
 
 
+def _fsdp2_model() -> torch.nn.Module:
+    """``_model`` under FSDP2: each Linear its own ``fully_shard`` unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _fsdp2(micro: int, sync_last_only: bool):
+    """FSDP2 (the parameter-hook source on DTensor shards): ``micro`` backward passes per
+    step; with ``sync_last_only`` the earlier ones skip the reduce-scatter (FSDP2's
+    ``set_requires_gradient_sync(False)``, its no_sync), so no hook fires for them."""
+
+    def scenario(rank: int, seed: int) -> dict[str, Any]:
+        model = _fsdp2_model()
+        handle = fgs.backward_stats(model)
+        out = []
+        for step in range(3):
+            model.zero_grad(set_to_none=step % 2 == 0)  # in place: FSDP2 then accumulates
+            for m in range(micro):
+                model.set_requires_gradient_sync(not sync_last_only or m == micro - 1)
+                model(_batch(rank, seed, 10 * step + m)).pow(2).sum().backward()
+            out.append(_compare(handle, model))
+        return {"steps": out, "source": handle.source, "sharded": handle._sharded}
+
+    return scenario
+
+
+def scenario_fsdp2_clip(rank: int, seed: int) -> dict[str, Any]:
+    """``handle.clip_grad_norm_`` and ``GradMonitor(in_backward=True)`` clip an FSDP2 model
+    as ``fgs.clip_grad_norm_`` after backward clips its twin (same weights, same batch)."""
+    models = [_fsdp2_model() for _ in range(3)]
+    handle = fgs.backward_stats(models[0])
+    monitor = fgs.GradMonitor(models[1], max_norm=0.5, in_backward=True)
+    out = []
+    for step in range(2):
+        for model in models:
+            model.zero_grad()
+            model(_batch(rank, seed, step)).pow(2).sum().backward()
+        total_h, stats = handle.clip_grad_norm_(0.5)
+        total_m = monitor.step()
+        total_ref = fgs.clip_grad_norm_(models[2].parameters(), 0.5)
+        ref = [p.grad.to_local() for p in models[2].parameters()]
+        out.append({
+            "totals": [type(t).__name__ for t in (total_h, total_m, total_ref)],
+            "same_total": [_same(t.full_tensor(), total_ref.full_tensor())
+                           for t in (total_h, total_m)],
+            "clipped": [all(_same(p.grad.to_local(), r) for p, r in zip(m.parameters(), ref))
+                        for m in models[:2]],
+            "coef_below_one": bool(stats.clip_coef < 1),
+            "catchup": [stats.catchup_tensors, monitor.last_stats.catchup_tensors],
+        })  # fmt: skip
+    return {"steps": out}
+
+
 SCENARIOS = {
     "plain": _plain(False),
     "bucket_view": _plain(True),
     "no_sync": scenario_no_sync,
     "user_hook": scenario_user_hook,
     "params_refused": scenario_params_refused,
+    "fsdp2": _fsdp2(1, False),
+    "fsdp2_accumulate": _fsdp2(2, False),
+    "fsdp2_sync_last": _fsdp2(3, True),
+    "fsdp2_clip": scenario_fsdp2_clip,
 }
 
 

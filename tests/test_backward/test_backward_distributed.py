@@ -1,4 +1,5 @@
-"""fgs.backward_stats on DistributedDataParallel (the comm-hook source), 2 gloo ranks:
+"""fgs.backward_stats on DistributedDataParallel (the comm-hook source) and FSDP2 (hooks on
+the DTensor shards), 2 gloo ranks:
 statistics measured on each all-reduced bucket equal, bit for bit, those of
 ``grad_stats(..., backend="torch")`` after backward, with no catch-up."""
 
@@ -78,3 +79,23 @@ def test_ddp_with_the_users_comm_hook(results):
 def test_ddp_refuses_the_parameter_hook_source(results):
     per_rank = scenario(results, "params_refused")
     assert all(r["refused"] and "unreduced" in r["refused"] for r in per_rank)
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_accumulate", "fsdp2_sync_last"])
+def test_fsdp2_shards_measured_in_backward_equal_grad_stats(results, name):
+    """FSDP2 calls the post-accumulate hooks on the sharded parameters after its
+    reduce-scatter; finalize all-reduces the shards' partials: the statistics of the full
+    parameters, bit for bit those of grad_stats after backward, with no catch-up."""
+    per_rank = scenario(results, name)
+    assert_steps(per_rank)
+    assert all(r["sharded"] and r["source"] == "params" for r in per_rank)
+
+
+def test_fsdp2_clip_in_backward_equals_clip_after_backward(results):
+    for rank, r in enumerate(scenario(results, "fsdp2_clip")):
+        for step, row in enumerate(r["steps"]):
+            where = (rank, step, row)
+            assert row["totals"] == ["DTensor"] * 3, where  # as torch returns it
+            assert row["same_total"] == [True, True], where
+            assert row["clipped"] == [True, True], where
+            assert row["coef_below_one"] and row["catchup"] == [0, 0], where
