@@ -629,7 +629,7 @@ class BackwardStats:
         numels = list(self._numels) if listed is None else [self._numels[i] for i in listed]
         shards = None
         if self._sharded:
-            reduced = self._reduce_across_ranks(listed, names, floats, counts)
+            reduced = self._reduce_across_ranks(listed, names, floats, counts, numels)
             floats, counts, numels, shards = reduced
         stats = GradStats(
             names=list(names),
@@ -648,14 +648,18 @@ class BackwardStats:
         return stats, inputs.GradList(stats.names, params, grads), None, shards
 
     def _reduce_across_ranks(
-        self, listed: list[int] | None, names: list[str], floats: Tensor, counts: Tensor
+        self,
+        listed: list[int] | None,
+        names: list[str],
+        floats: Tensor,
+        counts: Tensor,
+        numels: list[int],
     ) -> tuple[Tensor, Tensor, list[int], sharding.Sharding | None]:
         """DTensor gradients: the local shards' per-tensor results [2, n] -> those of the
         full parameters, their element counts, and the ``Sharding`` used: the after-backward
         path's reduction (one packed SUM and one MAX all-reduce per reduction group)."""
         params = self.params if listed is None else [self.params[i] for i in listed]
         shards = sharding.localize(inputs.GradList(list(names), params, list(map(_GRAD, params))))
-        numels = list(map(operator.methodcaller("numel"), params))
         if shards is None:  # no DTensor among the listed gradients
             return floats, counts, numels, None
         local = GroupStats(floats[0], floats[1], counts[0], counts[1])
