@@ -196,6 +196,15 @@ def _local_grad(param: Tensor) -> Tensor | None:
     return g._local_tensor if g is not None and _is_dtensor(g) else g
 
 
+def _check_options(bucket_bytes: Any, scaler: Any) -> None:
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
+        raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
 def _bucket_ranges(params: list[Tensor], bucket_bytes: int) -> list[tuple[int, int]]:
     """Contiguous ``[lo, hi)`` index ranges of about ``bucket_bytes`` each, last first."""
     n = len(params)
@@ -234,10 +243,7 @@ class BackwardStats:
         dispatch.requested_backend(backend)  # a bad name: ValueError before any hook
         self.source = source
         self.norm_type = inputs.check_norm_type(norm_type)
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
-            raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
-        if bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        _check_options(bucket_bytes, scaler)
         named = _trainable_parameters(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -249,8 +255,6 @@ class BackwardStats:
             sharding.require_initialized("backward_stats on DTensor parameters")
         self._read = _local_grad if self._sharded else _GRAD
         self.bucket_bytes = bucket_bytes
-        if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.scaler = scaler
         self._unscaled_here: set[int] = set()  # id(optimizer) unscaled through unscale_
         n = len(self.params)
@@ -609,23 +613,7 @@ class BackwardStats:
         elif stale:
             self._measure(stale, host_to_device(stale, torch.int64, self._device))
         self._count_catchup(len(stale), len(grads))
-        floats, counts = self._floats, self._counts
-        if listed is None:
-            params, acc, device = self.params, self._acc, self._device
-            floats, counts = floats.clone(), counts.clone()  # the slots stay the handle's
-        else:
-            index = host_to_device(listed, torch.int64, self._device)
-            floats, counts = floats.index_select(1, index), counts.index_select(1, index)
-            params = [self.params[i] for i in listed]
-            # the after-backward path's dtype and device: accumulation dtype of these
-            # grads, first gradient's device
-            acc = (
-                torch.float64
-                if torch.float64 in map(acc_dtype, map(_DTYPE, grads))
-                else (torch.float32)
-            )
-            device = grads[0].device
-            floats, counts = floats.to(device, acc), counts.to(device)
+        params, floats, counts = self._slot_results(listed, grads)
         numels = list(self._numels) if listed is None else [self._numels[i] for i in listed]
         shards = None
         if self._sharded:
@@ -646,6 +634,22 @@ class BackwardStats:
         self._reset_slots()
         # not kept on self: a zero_grad(set_to_none=True) must free the gradients
         return stats, inputs.GradList(stats.names, params, grads), None, shards
+
+    def _slot_results(
+        self, listed: list[int] | None, grads: list[Tensor]
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """The listed parameters and copies of their slots: float [2, n] (norm, max |g|)
+        and int64 [2, n] (NaN, Inf), in the dtype and on the device the after-backward
+        path would give (accumulation dtype of these gradients, first gradient's device)."""
+        floats, counts = self._floats, self._counts
+        if listed is None:  # the slots stay the handle's
+            return self.params, floats.clone(), counts.clone()
+        index = host_to_device(listed, torch.int64, self._device)
+        floats, counts = floats.index_select(1, index), counts.index_select(1, index)
+        wide = torch.float64 in map(acc_dtype, map(_DTYPE, grads))
+        device = grads[0].device
+        floats = floats.to(device, torch.float64 if wide else torch.float32)
+        return [self.params[i] for i in listed], floats, counts.to(device)
 
     def _reduce_across_ranks(
         self,

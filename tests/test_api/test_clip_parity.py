@@ -127,12 +127,14 @@ def test_clipped_grads_every_dtype_against_float64(backend, dtype):
     coef = min(max_norm / (total64 + 1e-6), 1.0)
     assert rel_err(float(total), total64) < (1e-12 if dtype == torch.float64 else 5e-3)
     # 16-bit: the coefficient is computed in the gradient dtype as torch does (4 roundings
-    # of half an ulp each) before the product's own rounding
-    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.2e-2, torch.float16: 1.5e-3}
+    # of half an ulp each) before the product's own rounding: up to 5 half-ulps in all
+    # (1.5e-3 for fp16 was below that bound: a fresh draw reached 1.58e-3 on 2026-12-05)
+    half_ulps = 5 * torch.finfo(dtype).eps / 2
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, half_ulps)
     for got, g0 in zip(clone_grads(params), original):
         want = (g0.to(torch.float64) * coef).to(dtype)
         assert got.dtype == dtype
-        torch.testing.assert_close(got, want, rtol=tol[dtype], atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=tol, atol=1e-7)
 
 
 def test_mixed_dtypes_return_torch_promoted_dtype(backend):
