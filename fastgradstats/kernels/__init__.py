@@ -59,6 +59,18 @@ TRITON_DTYPES = {
 }
 
 
+# Launch configs (constexpr dicts) by what they depend on: a steady-state launch builds
+# none (a dict of a dozen entries per segment per call costs microseconds of host time).
+# The key holds every tuning setting a config reads, so tests that change one get fresh
+# configs. Few keys exist: dtypes x norms x flags x the settings ever used.
+launch_configs: dict[tuple, dict] = {}
+
+
+def tuning() -> tuple:
+    """The settings a launch config depends on, for :data:`launch_configs` keys."""
+    return (BLOCK, TILE, FINALIZE_CHUNK, NUM_WARPS, VECTOR_BYTES, UNROLL)
+
+
 def block_size() -> int:
     """The elements per program in force (``kernels.BLOCK``), checked to be a power of two."""
     block = int(BLOCK)
@@ -109,8 +121,10 @@ __all__ = [
     "TILE",
     "block_size",
     "launch",
+    "launch_configs",
     "launch_counts",
     "tile_size",
     "triton",
     "triton_dtype",
+    "tuning",
 ]

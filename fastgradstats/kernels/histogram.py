@@ -71,18 +71,22 @@ def histogram_kernel(
 
 def histogram_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
     """The constexprs and ``num_warps`` :func:`histogram_kernel` is launched with (also what
-    ``benchmarks codegen`` compiles)."""
-    return {
-        "DTYPE": triton_dtype(dtype),
-        "BLOCK": block,
-        "TILE": tile_size(dtype, block),
-        "ALIGNED": aligned,
-        # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
-        "SUBNORMALS": dtype != torch.float16,
-        "NUM_BINS": NUM_BINS,
-        "HIST_BINS": HIST_BINS,
-        "num_warps": settings.NUM_WARPS,
-    }
+    ``benchmarks codegen`` compiles). Shared by every caller: read it, never modify it."""
+    key = ("histogram", dtype, block, aligned, settings.tuning())
+    config = settings.launch_configs.get(key)
+    if config is None:
+        config = settings.launch_configs[key] = {
+            "DTYPE": triton_dtype(dtype),
+            "BLOCK": block,
+            "TILE": tile_size(dtype, block),
+            "ALIGNED": aligned,
+            # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
+            "SUBNORMALS": dtype != torch.float16,
+            "NUM_BINS": NUM_BINS,
+            "HIST_BINS": HIST_BINS,
+            "num_warps": settings.NUM_WARPS,
+        }
+    return config
 
 
 def group_histogram_triton(table: TensorTable) -> tuple[Tensor, Tensor]:

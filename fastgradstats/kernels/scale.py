@@ -113,14 +113,18 @@ def clamp_kernel(
 
 def elementwise_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
     """The constexprs and ``num_warps`` scale/clamp are launched with (and compiled with by
-    ``benchmarks codegen``)."""
-    return {
-        "DTYPE": triton_dtype(dtype),
-        "BLOCK": block,
-        "TILE": tile_size(dtype, block),
-        "ALIGNED": aligned,
-        "num_warps": settings.NUM_WARPS,
-    }
+    ``benchmarks codegen``). Shared by every caller: read it, never modify it."""
+    key = ("elementwise", dtype, block, aligned, settings.tuning())
+    config = settings.launch_configs.get(key)
+    if config is None:
+        config = settings.launch_configs[key] = {
+            "DTYPE": triton_dtype(dtype),
+            "BLOCK": block,
+            "TILE": tile_size(dtype, block),
+            "ALIGNED": aligned,
+            "num_warps": settings.NUM_WARPS,
+        }
+    return config
 
 
 def scale_(table: TensorTable, coef: Tensor) -> None:

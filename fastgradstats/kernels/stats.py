@@ -342,23 +342,27 @@ def stats_config(
     histogram: bool = False,
 ) -> dict:
     """The constexprs and ``num_warps`` :func:`stats_kernel` is launched with (also what
-    ``benchmarks codegen`` compiles)."""
-    tile = tile_size(dtype, block)
-    return {
-        "DTYPE": triton_dtype(dtype),
-        "BLOCK": block,
-        "TILE": tile,
-        "ALIGNED": aligned,
-        "NORM": NORM_CODES[float(norm_type)],
-        "STATS": stats,
-        "HISTOGRAM": histogram,
-        # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
-        "SUBNORMALS": dtype != torch.float16,
-        "NUM_BINS": NUM_BINS,
-        "HIST_BINS": HIST_BINS,
-        **_accumulator_config(dtype, tile),
-        "num_warps": settings.NUM_WARPS,
-    }
+    ``benchmarks codegen`` compiles). Shared by every caller: read it, never modify it."""
+    key = ("stats", dtype, block, aligned, norm_type, stats, histogram, settings.tuning())
+    config = settings.launch_configs.get(key)
+    if config is None:
+        tile = tile_size(dtype, block)
+        config = settings.launch_configs[key] = {
+            "DTYPE": triton_dtype(dtype),
+            "BLOCK": block,
+            "TILE": tile,
+            "ALIGNED": aligned,
+            "NORM": NORM_CODES[float(norm_type)],
+            "STATS": stats,
+            "HISTOGRAM": histogram,
+            # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
+            "SUBNORMALS": dtype != torch.float16,
+            "NUM_BINS": NUM_BINS,
+            "HIST_BINS": HIST_BINS,
+            **_accumulator_config(dtype, tile),
+            "num_warps": settings.NUM_WARPS,
+        }
+    return config
 
 
 def _accumulator_config(dtype: torch.dtype, tile: int) -> dict:
@@ -369,14 +373,19 @@ def _accumulator_config(dtype: torch.dtype, tile: int) -> dict:
 
 
 def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dtype) -> dict:
-    """The constexprs :func:`finalize_kernel` is launched with (default ``num_warps``)."""
-    return {
-        "NORM": NORM_CODES[float(norm_type)],
-        "STATS": stats,
-        "FINISH": finish,
-        "RESULT": triton_dtype(result),
-        "CHUNK": settings.FINALIZE_CHUNK,
-    }
+    """The constexprs :func:`finalize_kernel` is launched with (default ``num_warps``).
+    Shared by every caller: read it, never modify it."""
+    key = ("finalize", norm_type, stats, finish, result, settings.tuning())
+    config = settings.launch_configs.get(key)
+    if config is None:
+        config = settings.launch_configs[key] = {
+            "NORM": NORM_CODES[float(norm_type)],
+            "STATS": stats,
+            "FINISH": finish,
+            "RESULT": triton_dtype(result),
+            "CHUNK": settings.FINALIZE_CHUNK,
+        }
+    return config
 
 
 def launch_stats(

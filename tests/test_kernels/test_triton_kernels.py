@@ -655,3 +655,29 @@ def test_zero_kernel_touches_nothing_on_a_finite_step_and_refuses_expanded_grads
     kernels.launch_counts.clear()
     triton_backend.zero_where_([g], torch.tensor(False, device=DEVICE))
     assert kernels.launch_counts["zero_kernel"] == 1  # one launch; it returns at once
+
+
+def test_launch_configs_are_cached_per_key_and_follow_the_tuning_settings(monkeypatch):
+    from fastgradstats import kernels
+    from fastgradstats.kernels import histogram, scale, stats
+
+    calls = {
+        "stats": lambda: stats.stats_config(torch.bfloat16, 256, True, 2.0, True),
+        "finalize": lambda: stats.finalize_config(2.0, True, stats.FINISH_CLIP, torch.float32),
+        "elementwise": lambda: scale.elementwise_config(torch.float16, 256, False),
+        "histogram": lambda: histogram.histogram_config(torch.float32, 256, True),
+    }
+    before = {name: make() for name, make in calls.items()}
+    for name, make in calls.items():
+        assert make() is before[name], name  # the steady state builds no dict
+    monkeypatch.setattr(kernels, "NUM_WARPS", kernels.NUM_WARPS // 2)
+    monkeypatch.setattr(kernels, "FINALIZE_CHUNK", kernels.FINALIZE_CHUNK // 2)
+    after = {name: make() for name, make in calls.items()}
+    for name in ("stats", "elementwise", "histogram"):
+        assert after[name]["num_warps"] == kernels.NUM_WARPS, name
+    assert after["finalize"]["CHUNK"] == kernels.FINALIZE_CHUNK
+    monkeypatch.setattr(kernels, "TILE", 16)
+    assert calls["stats"]()["TILE"] == calls["elementwise"]()["TILE"] == 16
+    monkeypatch.setattr(kernels, "TILE", 3)
+    with pytest.raises(ValueError, match="TILE"):
+        stats.stats_config(torch.float32, 256, True, 2.0, True)
