@@ -86,12 +86,13 @@ _DEAD = weakref.ref(_Gone())  # a reference that is dead already: "never measure
 def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
     """Per-tensor norm, max |g|, NaN and Inf counts of one bucket's gradients (the seam).
 
-    Today the torch path: the same ``core.per_tensor_stats`` the after-backward path runs,
+    Today the torch path: the same ``core.measure`` the after-backward path runs,
     so each tensor's results are bit-identical to it (every statistic is per tensor).
     Results are [len(grads)], accumulation dtype, on ``grads[0]``'s device.
     """
     groups = core.group(grads)
-    return core.per_tensor_stats(groups, len(grads), norm_type, "torch", None)
+    stats, _ = core.measure(groups, len(grads), norm_type, "torch", None, full=True)
+    return stats  # type: ignore[return-value]  # full=True: a GroupStats
 
 
 def _triton_slots(

@@ -39,7 +39,7 @@ from . import core, engine, inputs, sharding
 from .stats import GradStats
 
 
-@torch.no_grad()
+@engine.no_grad
 def get_total_norm(
     tensors: Tensor | Any,
     norm_type: float = 2.0,
@@ -67,7 +67,7 @@ def get_total_norm(
     return measured.returned_total
 
 
-@torch.no_grad()
+@engine.no_grad
 def clip_grads_with_norm_(
     parameters: Tensor | Any,
     max_norm: float,
@@ -124,7 +124,7 @@ def clip_grad_norm_(
 ) -> tuple[Tensor, GradStats]: ...
 
 
-@torch.no_grad()
+@engine.no_grad
 def clip_grad_norm_(
     parameters: Tensor | Any,
     max_norm: float,
@@ -185,7 +185,7 @@ def clip_grad_norm_(
     return measured.returned_total, measured.stats
 
 
-@torch.no_grad()
+@engine.no_grad
 def clip_grad_value_(
     parameters: Tensor | Any,
     clip_value: float,
@@ -200,7 +200,7 @@ def clip_grad_value_(
         core.clamp_groups_(core.group(grads.grads), clip_value, backend, foreach)
 
 
-@torch.no_grad()
+@engine.no_grad
 def grad_stats(
     parameters: Any,
     norm_type: float | str = 2.0,

@@ -124,7 +124,7 @@ class _Clipper:
         coef, skip = self._coef64(_as_total(total_norm))
         return coef.to(torch.float32), skip
 
-    @torch.no_grad()
+    @engine.no_grad
     def __call__(
         self, parameters: Any, optimizer: Any = None, *, backend: str | None = None
     ) -> Tensor:

@@ -96,41 +96,64 @@ def _merge(groups: Groups, parts: list[Tensor], n: int) -> Tensor:
     return out
 
 
-def per_tensor_norms(
-    groups: Groups, n: int, norm_type: float, backend: str | None, foreach: bool | None
-) -> Tensor:
-    """Per-tensor ``norm_type``-norms, shape [n], accumulation dtype, input order."""
-    parts = []
+def measure(
+    groups: Groups,
+    n: int,
+    norm_type: float,
+    backend: str | None,
+    foreach: bool | None,
+    *,
+    full: bool = False,
+    histogram: bool = False,
+) -> tuple[Tensor | GroupStats, tuple[Tensor, Tensor] | None]:
+    """Every group measured on its backend, results [n] in input order on the first device.
+
+    Returns ``(per_tensor, bins)``: ``per_tensor`` is the ``norm_type``-norms [n]
+    (accumulation dtype), or with ``full`` a :class:`GroupStats` (norm, max |g|, NaN and
+    Inf counts); ``bins`` is ``None``, or with ``histogram`` the |g| histograms int64
+    [n, NUM_BINS] and zero counts int64 [n] (a read of their own per group).
+    """
+    fields: list[list[Tensor]] = [[] for _ in range(4 if full else 1)]
+    counts: list[Tensor] = []
+    zeros: list[Tensor] = []
     for (device, dtype), tensors in zip(groups.keys, groups.tensors):
         impl = backend_for(device, dtype, norm_type, backend)
-        parts.append(impl.group_norms(tensors, norm_type, foreach).to(groups.acc))
-    return _merge(groups, parts, n)
+        if full:
+            stats = impl.group_stats(tensors, norm_type, foreach)
+            fields[0].append(stats.norms.to(groups.acc))
+            fields[1].append(stats.max_abs.to(groups.acc))
+            fields[2].append(stats.nan_count)
+            fields[3].append(stats.inf_count)
+        else:
+            fields[0].append(impl.group_norms(tensors, norm_type, foreach).to(groups.acc))
+        if histogram:
+            _add_histogram(tensors, device, dtype, backend, counts, zeros)
+    merged = [_merge(groups, parts, n) for parts in fields]
+    bins = (_merge(groups, counts, n), _merge(groups, zeros, n)) if histogram else None
+    return (GroupStats(*merged) if full else merged[0]), bins
 
 
-def per_tensor_stats(
-    groups: Groups, n: int, norm_type: float, backend: str | None, foreach: bool | None
-) -> GroupStats:
-    """Per-tensor norm, max |g|, NaN and Inf counts, each [n], input order, first device."""
-    fields: list[list[Tensor]] = [[], [], [], []]
-    for (device, dtype), tensors in zip(groups.keys, groups.tensors):
-        impl = backend_for(device, dtype, norm_type, backend)
-        stats = impl.group_stats(tensors, norm_type, foreach)
-        fields[0].append(stats.norms.to(groups.acc))
-        fields[1].append(stats.max_abs.to(groups.acc))
-        fields[2].append(stats.nan_count)
-        fields[3].append(stats.inf_count)
-    return GroupStats(*(_merge(groups, parts, n) for parts in fields))
+def _add_histogram(
+    tensors: list[Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None,
+    counts: list[Tensor],
+    zeros: list[Tensor],
+) -> None:
+    # any p picks the same histogram backend: 2.0, a norm every backend runs
+    group_counts, group_zeros = backend_for(device, dtype, 2.0, backend).group_histogram(tensors)
+    counts.append(group_counts)
+    zeros.append(group_zeros)
 
 
 def per_tensor_histograms(groups: Groups, n: int, backend: str | None) -> tuple[Tensor, Tensor]:
     """Per-tensor |g| histograms int64 [n, NUM_BINS] and zero counts int64 [n], input
     order, first device: each group on its backend (a read of its own)."""
-    counts, zeros = [], []
+    counts: list[Tensor] = []
+    zeros: list[Tensor] = []
     for (device, dtype), tensors in zip(groups.keys, groups.tensors):
-        impl = backend_for(device, dtype, 2.0, backend)
-        group_counts, group_zeros = impl.group_histogram(tensors)
-        counts.append(group_counts)
-        zeros.append(group_zeros)
+        _add_histogram(tensors, device, dtype, backend, counts, zeros)
     return _merge(groups, counts, n), _merge(groups, zeros, n)
 
 
@@ -336,12 +359,10 @@ __all__ = [
     "finish_total",
     "fused",
     "group",
+    "measure",
     "per_tensor_histograms",
-    "per_tensor_norms",
-    "per_tensor_stats",
     "result_dtype",
     "scale_groups_",
-    "torch_backend",
     "total_norm",
     "zero_groups_where_",
     "zero_where_fused",

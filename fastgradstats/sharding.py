@@ -124,6 +124,7 @@ class Sharding:
         local_numels: list[int] | None = None,
         sum_numels: bool = False,
         mesh: Any = None,
+        device: torch.device | None = None,
     ) -> None:
         self.groups = groups
         self.mesh = mesh  # the DTensor gradients' device mesh; None for process_group shards
@@ -135,6 +136,12 @@ class Sharding:
         self.known_numels = known_numels or []
         self.local_numels = local_numels or []
         self.sum_numels = sum_numels
+        # which rows a SUM keeps (replicas counted once), on the gradients' ``device``: made
+        # once, here, so that a reduction runs device ops only
+        self.keep: Tensor | None = None
+        if contributes is not None and not all(contributes):
+            assert device is not None, "a Sharding with replicas needs the gradients' device"
+            self.keep = host_to_device(contributes, torch.bool, device)
 
     def _all_reduce(self, buf: Tensor, op: Any) -> Tensor:
         for group in self.groups:
@@ -143,10 +150,10 @@ class Sharding:
 
     def _sum(self, rows: Tensor) -> Tensor:
         """SUM-reduce a [k, n] buffer of per-tensor additive partials."""
-        if self.contributes is not None and not all(self.contributes):
-            keep = host_to_device(self.contributes, torch.bool, rows.device)
+        if self.keep is not None:
             # where, not a multiply: a NaN in a replica must not leak in as NaN * 0 = NaN
-            rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+            zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+            rows = torch.where(self.keep, rows, zero)
         return self._all_reduce(rows.contiguous(), dist.ReduceOp.SUM)
 
     def _max(self, values: Tensor) -> Tensor:
@@ -181,7 +188,8 @@ class Sharding:
         if norm_type != INF:
             rows.append(to_partial(stats.norms, norm_type, dtype))
         if self.sum_numels:
-            rows.append(host_to_device(self.local_numels, dtype, device))
+            # a plain copy: the summed counts are read back below, a host sync anyway
+            rows.append(torch.tensor(self.local_numels, dtype=dtype, device=device))
         sums = self._sum(torch.stack(rows))
         max_abs = self._max(stats.max_abs)
         if norm_type == INF:
@@ -225,7 +233,8 @@ def _plain_shards(grads: inputs.GradList, process_group: Any) -> Sharding:
     first = dist.get_rank(process_group) == 0
     contributes = [first or not (m and m[1]) for m in marks]
     # every rank builds the same list, so ``all(marks)`` (the buffer layout) agrees
-    return Sharding([process_group], contributes, known, unknown, sum_numels=not all(marks))
+    return Sharding([process_group], contributes, known, unknown, sum_numels=not all(marks),
+                    device=grads.grads[0].device)  # fmt: skip
 
 
 def _placement_kinds(grad: Any, name: str) -> tuple[bool, ...]:
@@ -317,7 +326,8 @@ def localize(grads: inputs.GradList, process_group: Any = None) -> Sharding | No
         groups = [mesh.get_group(d) for d in dims]
     contributes = [all(k[d] or coordinate[d] == 0 for d in dims) for k in kinds_full]
     plain_shards = process_group is not None and any(k is None for k in kinds)
-    return Sharding(groups, contributes, known, local, sum_numels=plain_shards, mesh=mesh)
+    return Sharding(groups, contributes, known, local, sum_numels=plain_shards, mesh=mesh,
+                    device=grads.grads[0].device)  # fmt: skip
 
 
 def as_total_norm(total: Tensor, sharding: Sharding | None) -> Tensor:

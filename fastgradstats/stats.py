@@ -62,13 +62,14 @@ class GradStats:
     # which the per-tensor fields are rows of (GradMonitor copies them in two ops)
     _packed: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
-    def add_histograms(self, counts: Tensor, zeros: Tensor) -> None:
-        """Set ``histogram`` (int64 [n, B]), ``zero_count`` (int64 [n]) and the edges, on
-        the stats' device."""
-        device = self.norms.device
-        self.histogram = counts.to(device)
-        self.zero_count = zeros.to(device)
-        self.histogram_edges = edges_on(device).clone()
+    def __post_init__(self) -> None:
+        if self.histogram is not None:  # on the stats' device, with the edges they count in
+            device = self.norms.device
+            self.histogram = self.histogram.to(device)
+            if self.zero_count is not None:
+                self.zero_count = self.zero_count.to(device)
+            if self.histogram_edges is None:
+                self.histogram_edges = edges_on(device).clone()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -270,18 +271,17 @@ def empty_stats(norm_type: float, histogram: bool = False) -> GradStats:
     with empty histogram fields ([0, B] counts, the edges)."""
     zeros = torch.zeros(0)
     counts = torch.zeros(0, dtype=torch.int64)
-    stats = GradStats(
-        [], zeros, zeros.clone(), counts, counts.clone(), torch.tensor(0.0), norm_type
-    )
-    if histogram:
-        stats.add_histograms(torch.zeros((0, NUM_BINS), dtype=torch.int64), counts.clone())
-    return stats
+    bins = torch.zeros((0, NUM_BINS), dtype=torch.int64) if histogram else None
+    return GradStats(
+        [], zeros, zeros.clone(), counts, counts.clone(), torch.tensor(0.0), norm_type,
+        histogram=bins, zero_count=counts.clone() if histogram else None,
+    )  # fmt: skip
 
 
 def fused_stats(call: core.Fused, names: list[str], norm_type: float) -> GradStats:
     """The :class:`GradStats` of a fused stats pass (``core.fused(..., stats=True)``): its
     device tensors as they are, the histogram fields when the stats launches binned."""
-    stats = GradStats(
+    return GradStats(
         names=names,
         norms=call.floats[0],
         max_abs=call.floats[1],
@@ -291,11 +291,10 @@ def fused_stats(call: core.Fused, names: list[str], norm_type: float) -> GradSta
         norm_type=norm_type,
         clip_coef=call.coef,
         numels=call.numels,
+        histogram=call.histogram,  # binned by the same read, or None
+        zero_count=call.zero_count,
         _packed=(call.floats, call.counts),
     )
-    if call.histogram is not None and call.zero_count is not None:
-        stats.add_histograms(call.histogram, call.zero_count)  # binned by the same read
-    return stats
 
 
 @torch.no_grad()

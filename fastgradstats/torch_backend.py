@@ -226,24 +226,26 @@ def scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> No
     mode they are multiplied by ``coef`` as torch does (the callers clamp it to <= 1).
     A NaN coefficient is applied, as torch applies it.
     """
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         coef = torch.where(coef >= 1.0, torch.ones_like(coef), coef)  # NaN >= 1 is False
     elif coef.device.type == "cpu" and bool(coef >= 1.0):
         return
-    elif grads and grads[0].is_cuda:
+    use_foreach = _use_foreach(grads, foreach)
+    parts = [grads]
+    if grads[0].is_cuda and not compiling:
         # One CUDA foreach launch over a tensor passed twice has two blocks scaling the
         # same memory at once; one launch per round of disjoint tensors scales it twice,
         # in turn (the CPU foreach already runs the list in order).
         rounds = overlap_rounds([g.data_ptr() for g in grads], [g.nbytes for g in grads])
         if rounds is not None:
-            for members in rounds:
-                scale_([grads[t] for t in members], coef, foreach)
-            return
-    if _use_foreach(grads, foreach):
-        torch._foreach_mul_(grads, coef)
-    else:
-        for g in grads:
-            g.mul_(coef)
+            parts = [[grads[t] for t in members] for members in rounds]
+    for part in parts:
+        if use_foreach:
+            torch._foreach_mul_(part, coef)
+        else:
+            for g in part:
+                g.mul_(coef)
 
 
 def clamp_(grads: list[Tensor], clip_value: float, foreach: bool | None = None) -> None:

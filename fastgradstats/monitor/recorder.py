@@ -441,7 +441,7 @@ class GradMonitor:
 
     # -- the per-step path: no host sync below ------------------------------------------
 
-    @torch.no_grad()
+    @engine.no_grad
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> Tensor | None:
         """Record (and clip) this step's gradients. Call after backward, before optimizer.step.
 
