@@ -100,7 +100,8 @@ class Pass:
     total_acc: Tensor  # 0-d float32 (float64 with fp64 gradients): of the per-tensor norms
     names: list[str]
     stats: GradStats | None = None
-    per_tensor: core.GroupStats | None = None  # with ``stats`` or ``counts``
+    # grouped plan, with ``stats`` or ``counts`` (fused: rows of ``fused.floats/counts``)
+    per_tensor: core.GroupStats | None = None
     coef: Tensor | None = None  # the fixed rule's coefficient (``Request.max_norm``)
     sharding: sharding.Sharding | None = None
     fused: core.Fused | None = None
@@ -124,8 +125,11 @@ class Pass:
         """
         if self.empty or bool(torch.isfinite(self.total)):
             return
-        assert self.per_tensor is not None, "raise_if_nonfinite needs Request(counts=True)"
-        text = _nonfinite_report(self.names, self.per_tensor)
+        per_tensor = self.per_tensor
+        if per_tensor is None and self.fused is not None and self.request.counts:
+            per_tensor = core.GroupStats(*self.fused.floats, *self.fused.counts)
+        assert per_tensor is not None, "raise_if_nonfinite needs Request(counts=True)"
+        text = _nonfinite_report(self.names, per_tensor)
         raise RuntimeError(
             f"The total norm of order {self.request.norm_type} for gradients from "
             f"`{self.request.arg_name}` is non-finite, so it cannot be clipped: {text}. No "
@@ -202,12 +206,10 @@ def run(items: Any, request: Request) -> Pass:
 
 def _fused_pass(call: core.Fused, items: list, request: Request) -> Pass:
     names = call.names if call.names is not None else call.plan.position_names
-    stats = per_tensor = None
-    if request.stats or request.counts:
-        per_tensor = core.GroupStats(call.floats[0], call.floats[1], call.counts[0], call.counts[1])
-        if request.stats:
-            stats = fused_stats(call, names, request.norm_type)
-    return Pass(request, call.total, call.exact_total, names, stats, per_tensor, call.coef,
+    # per-tensor results stay the kernels' packed [2, n] buffers: a row view costs as much
+    # host time as a launch, so the only views made are those of the stats handed out
+    stats = fused_stats(call, names, request.norm_type) if request.stats else None
+    return Pass(request, call.total, call.exact_total, names, stats, None, call.coef,
                 fused=call, items=items)  # fmt: skip
 
 

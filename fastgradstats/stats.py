@@ -281,12 +281,14 @@ def empty_stats(norm_type: float, histogram: bool = False) -> GradStats:
 def fused_stats(call: core.Fused, names: list[str], norm_type: float) -> GradStats:
     """The :class:`GradStats` of a fused stats pass (``core.fused(..., stats=True)``): its
     device tensors as they are, the histogram fields when the stats launches binned."""
+    norms, max_abs = call.floats.unbind(0)  # one op for both rows' views
+    nan_count, inf_count = call.counts.unbind(0)
     return GradStats(
         names=names,
-        norms=call.floats[0],
-        max_abs=call.floats[1],
-        nan_count=call.counts[0],
-        inf_count=call.counts[1],
+        norms=norms,
+        max_abs=max_abs,
+        nan_count=nan_count,
+        inf_count=inf_count,
         total_norm=call.exact_total,
         norm_type=norm_type,
         clip_coef=call.coef,

@@ -515,7 +515,7 @@ def run_fused(
         counts = torch.empty((2, n), dtype=torch.int64, device=device)
     else:
         floats, counts = ws.floats, ws.counts
-    exact_total, coef = scalars[0], scalars[1]
+    exact_total, coef = scalars.unbind(0)
     clip = max_norm is not None
     bins: tuple[Tensor, Tensor] | None = None
     if histogram:
