@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,27 @@ launch_configs: dict[tuple, dict] = {}
 def tuning() -> tuple:
     """The settings a launch config depends on, for :data:`launch_configs` keys."""
     return (BLOCK, TILE, FINALIZE_CHUNK, NUM_WARPS, VECTOR_BYTES, UNROLL)
+
+
+def launch_config(key: tuple, make: Callable[[], dict]) -> dict:
+    """The config cached under ``key`` and the settings in force (``make()`` builds it on
+    first use). Shared by every caller: read it, never modify it."""
+    full_key = (*key, tuning())
+    config = launch_configs.get(full_key)
+    if config is None:
+        config = launch_configs[full_key] = make()
+    return config
+
+
+def base_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
+    """The constexprs every per-block kernel takes, and ``num_warps``."""
+    return {
+        "DTYPE": triton_dtype(dtype),
+        "BLOCK": block,
+        "TILE": tile_size(dtype, block),
+        "ALIGNED": aligned,
+        "num_warps": NUM_WARPS,
+    }
 
 
 def block_size() -> int:
@@ -119,8 +141,10 @@ __all__ = [
     "FINALIZE_CHUNK",
     "NUM_WARPS",
     "TILE",
+    "base_config",
     "block_size",
     "launch",
+    "launch_config",
     "launch_configs",
     "launch_counts",
     "tile_size",

@@ -6,11 +6,24 @@ A module of its own so that both ``stats_kernel`` (the fused histogram) and the 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from ..constants import NUM_BINS
+
 HIST_BINS = 256  # tl.histogram's bin count must be a power of two >= NUM_BINS
 FINITE_LIMIT = 0x7F800000  # sign-less float32 patterns below this are finite
+
+
+def binning_config(dtype: torch.dtype) -> dict:
+    """The binning constexprs of the kernels that bin (stats with HISTOGRAM, histogram)."""
+    return {
+        # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
+        "SUBNORMALS": dtype != torch.float16,
+        "NUM_BINS": NUM_BINS,
+        "HIST_BINS": HIST_BINS,
+    }
 
 
 @triton.jit
@@ -99,5 +112,6 @@ __all__ = [
     "abs_bits_of",
     "bin_index",
     "bin_tile",
+    "binning_config",
     "flush_histogram",
 ]

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .. import kernels as settings
 from ..constants import NUM_BINS
-from . import launch, tile_size, triton_dtype
-from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
+from . import launch
+from .binning import abs_bits_of, bin_tile, binning_config, flush_histogram
 from .stats import block_location, wide
 from .tables import TensorTable
 
@@ -72,21 +72,10 @@ def histogram_kernel(
 def histogram_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
     """The constexprs and ``num_warps`` :func:`histogram_kernel` is launched with (also what
     ``benchmarks codegen`` compiles). Shared by every caller: read it, never modify it."""
-    key = ("histogram", dtype, block, aligned, settings.tuning())
-    config = settings.launch_configs.get(key)
-    if config is None:
-        config = settings.launch_configs[key] = {
-            "DTYPE": triton_dtype(dtype),
-            "BLOCK": block,
-            "TILE": tile_size(dtype, block),
-            "ALIGNED": aligned,
-            # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
-            "SUBNORMALS": dtype != torch.float16,
-            "NUM_BINS": NUM_BINS,
-            "HIST_BINS": HIST_BINS,
-            "num_warps": settings.NUM_WARPS,
-        }
-    return config
+    return settings.launch_config(
+        ("histogram", dtype, block, aligned),
+        lambda: {**settings.base_config(dtype, block, aligned), **binning_config(dtype)},
+    )
 
 
 def group_histogram_triton(table: TensorTable) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from . import tile_size, triton_dtype
 from .stats import block_location, round_to, wide
 from .tables import TensorTable
 
@@ -114,17 +113,8 @@ def clamp_kernel(
 def elementwise_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
     """The constexprs and ``num_warps`` scale/clamp are launched with (and compiled with by
     ``benchmarks codegen``). Shared by every caller: read it, never modify it."""
-    key = ("elementwise", dtype, block, aligned, settings.tuning())
-    config = settings.launch_configs.get(key)
-    if config is None:
-        config = settings.launch_configs[key] = {
-            "DTYPE": triton_dtype(dtype),
-            "BLOCK": block,
-            "TILE": tile_size(dtype, block),
-            "ALIGNED": aligned,
-            "num_warps": settings.NUM_WARPS,
-        }
-    return config
+    key = ("elementwise", dtype, block, aligned)
+    return settings.launch_config(key, lambda: settings.base_config(dtype, block, aligned))
 
 
 def scale_(table: TensorTable, coef: Tensor) -> None:

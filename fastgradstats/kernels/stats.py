@@ -32,9 +32,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernels as settings
-from ..constants import CLIP_EPS, NUM_BINS
+from ..constants import CLIP_EPS
 from . import tile_size, triton_dtype
-from .binning import HIST_BINS, abs_bits_of, bin_tile, flush_histogram
+from .binning import abs_bits_of, bin_tile, binning_config, flush_histogram
 from .tables import TensorTable
 
 N_PARTIALS = 4  # p-partial, max |g|, NaN count, Inf count
@@ -343,26 +343,17 @@ def stats_config(
 ) -> dict:
     """The constexprs and ``num_warps`` :func:`stats_kernel` is launched with (also what
     ``benchmarks codegen`` compiles). Shared by every caller: read it, never modify it."""
-    key = ("stats", dtype, block, aligned, norm_type, stats, histogram, settings.tuning())
-    config = settings.launch_configs.get(key)
-    if config is None:
-        tile = tile_size(dtype, block)
-        config = settings.launch_configs[key] = {
-            "DTYPE": triton_dtype(dtype),
-            "BLOCK": block,
-            "TILE": tile,
-            "ALIGNED": aligned,
+    return settings.launch_config(
+        ("stats", dtype, block, aligned, norm_type, stats, histogram),
+        lambda: {
+            **settings.base_config(dtype, block, aligned),
             "NORM": NORM_CODES[float(norm_type)],
             "STATS": stats,
             "HISTOGRAM": histogram,
-            # fp16 values upcast to fp32 are never fp32 subnormals: 3 integer ops fewer
-            "SUBNORMALS": dtype != torch.float16,
-            "NUM_BINS": NUM_BINS,
-            "HIST_BINS": HIST_BINS,
-            **_accumulator_config(dtype, tile),
-            "num_warps": settings.NUM_WARPS,
-        }
-    return config
+            **binning_config(dtype),
+            **_accumulator_config(dtype, tile_size(dtype, block)),
+        },
+    )
 
 
 def _accumulator_config(dtype: torch.dtype, tile: int) -> dict:
@@ -375,17 +366,16 @@ def _accumulator_config(dtype: torch.dtype, tile: int) -> dict:
 def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dtype) -> dict:
     """The constexprs :func:`finalize_kernel` is launched with (default ``num_warps``).
     Shared by every caller: read it, never modify it."""
-    key = ("finalize", norm_type, stats, finish, result, settings.tuning())
-    config = settings.launch_configs.get(key)
-    if config is None:
-        config = settings.launch_configs[key] = {
+    return settings.launch_config(
+        ("finalize", norm_type, stats, finish, result),
+        lambda: {
             "NORM": NORM_CODES[float(norm_type)],
             "STATS": stats,
             "FINISH": finish,
             "RESULT": triton_dtype(result),
             "CHUNK": settings.FINALIZE_CHUNK,
-        }
-    return config
+        },
+    )
 
 
 def launch_stats(
