@@ -45,13 +45,12 @@ for every tensor.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import operator
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -304,7 +303,7 @@ class BackwardStats:
             self._install_comm_hook(model, comm_hook, comm_state)
         else:
             self._handles = [
-                p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                p.register_post_accumulate_grad_hook(self._hook(i))
                 for i, p in enumerate(self.params)
             ]
 
@@ -392,21 +391,28 @@ class BackwardStats:
             [f[0, lo:hi], f[1, lo:hi], c[0, lo:hi], c[1, lo:hi]] for lo, hi in self._ranges
         ]
 
-    def _on_grad(self, index: int, param: Tensor) -> None:
-        # the per-tensor cost of the handle during backward: keep it to a few attribute reads
-        if self._skipping:
-            return
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        if self._fired[index]:
-            return  # already waiting in its bucket, which will read the newest gradient
-        self._fired[index] = True
-        b = self._bucket_of[index]
-        left = self._left[b] - 1
-        self._left[b] = left
-        if left == 0:
-            self._measure_range(b)
+    def _hook(self, index: int) -> Callable[[Tensor], None]:
+        """The post-accumulate-grad hook of parameter ``index``: the per-tensor cost of the
+        handle during backward, so a closure over what it reads (``_fired`` and ``_left``
+        are updated in place, never rebound)."""
+        fired, left, bucket = self._fired, self._left, self._bucket_of[index]
+        measure = self._measure_range
+
+        def on_grad(param: Tensor) -> None:
+            if self._skipping:
+                return
+            if not self._callback_queued:
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            if fired[index]:
+                return  # already waiting in its bucket, which will read the newest gradient
+            fired[index] = True
+            remaining = left[bucket] - 1
+            left[bucket] = remaining
+            if remaining == 0:
+                measure(bucket)
+
+        return on_grad
 
     def _end_of_backward(self) -> None:
         """Measure what fired in buckets that did not complete (parameters without a
@@ -428,7 +434,12 @@ class BackwardStats:
         grads = list(map(self._read, self.params[lo:hi]))
         self._left[b] = hi - lo
         if self._triton is not None:
-            self._measure_triton(b, grads)
+            if self._triton.measure_steady(b, grads):  # the steady state, inline: per bucket
+                self._fired[lo:hi] = itertools.repeat(False, hi - lo)
+                self._ref[lo:hi] = map(weakref.ref, grads)
+                self._version[lo:hi] = map(_VERSION, grads)
+            else:
+                self._measure_triton(b, grads)
             return
         if set(map(_LAYOUT, grads)) != _STRIDED:
             self._measure(self._buckets[b], self._bucket_index[b])
@@ -453,7 +464,7 @@ class BackwardStats:
         assert self._triton is not None
         lo, hi = self._ranges[b]
         read = self._triton.measure_bucket(b, grads, wanted)
-        if wanted is None and all(read):  # the steady state
+        if wanted is None and all(read):  # every gradient of the bucket read
             self._fired[lo:hi] = itertools.repeat(False, hi - lo)
             self._ref[lo:hi] = map(weakref.ref, grads)
             self._version[lo:hi] = map(_VERSION, grads)
@@ -789,9 +800,9 @@ class BackwardStats:
 
     def reset(self) -> None:
         """Forget every measurement and pending firing (e.g. after an interrupted backward)."""
-        n = len(self.params)
-        self._fired = [False] * n
-        self._left = [len(members) for members in self._buckets]
+        # in place: the hooks hold these lists
+        self._fired[:] = itertools.repeat(False, len(self.params))
+        self._left[:] = map(len, self._buckets)
         self._callback_queued = False
         self._reset_slots()
 

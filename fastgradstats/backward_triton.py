@@ -101,10 +101,11 @@ class TritonSlots:
         self._columns = [self.partials[:, off:] for off in self.offsets]
         self._tables: list[tuple[tuple, tables.TensorTable] | None] = [None] * len(ranges)
         # per bucket, once every gradient was readable: (addresses, table, C++ guard of
-        # dtype/shape/strides, [True] * size); the steady state checks it in two C calls
-        self._steady: list[tuple[tuple, tables.TensorTable, Any, list[bool]] | None] = [None] * len(
-            ranges
-        )
+        # dtype/shape/strides, the table's launches); the steady state checks it in two
+        # C calls and replays the launches
+        self._steady: list[tuple[tuple, tables.TensorTable, Any, list] | None]
+        self._steady = [None] * len(ranges)
+        self._cuda = self.device.type == "cuda"
         self._finalize_tables: dict[tuple | None, tuple[tables.TensorTable, torch.dtype]] = {}
 
     # --- during backward ---------------------------------------------------------------
@@ -120,6 +121,29 @@ class TritonSlots:
             and tables.is_dense(g)
         )
 
+    def measure_steady(self, b: int, grads: list[Tensor | None]) -> bool:
+        """The steady state of :meth:`measure_bucket` (every gradient of bucket ``b``,
+        all readable): when the gradients have the addresses, dtypes, shapes and strides
+        of the bucket's last full measurement, replay its launches and return True;
+        otherwise do nothing and return False."""
+        steady = self._steady[b]
+        if steady is None:
+            return False
+        try:
+            ptrs = tuple(map(Tensor.data_ptr, grads))  # TypeError for a None gradient
+        except TypeError:
+            return False
+        # same addresses, and dtype, shape and strides as when the table was built
+        if ptrs != steady[0] or not steady[2].check(*grads):
+            return False
+        if self._cuda:  # the stream ordering / graph pinning of the table
+            tables.ready_for_launch(steady[1])
+            with _on_device(self.device):
+                stats_kernels.replay_stats(steady[3])
+        else:
+            stats_kernels.replay_stats(steady[3])
+        return True
+
     def measure_bucket(
         self, b: int, grads: list[Tensor | None], wanted: list[bool] | None = None
     ) -> list[bool]:
@@ -129,16 +153,8 @@ class TritonSlots:
         bucket; per run of wanted tensors otherwise): the other columns are left as they
         are. Returns which of them were measured."""
         lo, hi = self.ranges[b]
-        steady = self._steady[b] if wanted is None else None
-        if steady is not None:
-            try:
-                ptrs = tuple(map(Tensor.data_ptr, grads))  # TypeError for a None gradient
-            except TypeError:
-                ptrs = ()
-            # same addresses, and dtype, shape and strides as when the table was built
-            if ptrs == steady[0] and steady[2].check(*grads):
-                self._launch(b, steady[1])
-                return steady[3]
+        if wanted is None and self.measure_steady(b, grads):
+            return [True] * (hi - lo)
         read = [self.readable(i, g) for i, g in zip(range(lo, hi), grads)]
         if wanted is not None:
             read = [r and w for r, w in zip(read, wanted)]
@@ -158,16 +174,23 @@ class TritonSlots:
                 self._tables[b] = (ptrs, table)  # the steady state's
         if wanted is None and all(read):
             guard = guard_for(grads)  # type: ignore[arg-type]  # all read: none is None
-            self._steady[b] = None if guard is None else (ptrs, table, guard, read)
+            self._steady[b] = (
+                None if guard is None else (ptrs, table, guard, self._launches(b, table))
+            )
         self._launch(b, table)
         return read
+
+    def _launches(self, b: int, table: tables.TensorTable) -> list:
+        """The stats launches of ``table`` into bucket ``b``'s columns (made once per
+        table: the configs are those of the kernel settings in force then)."""
+        return stats_kernels.stats_launches(
+            table, self._columns[b], self.norm_type, True, row_stride=self.partials.shape[1]
+        )
 
     def _launch(self, b: int, table: tables.TensorTable) -> None:
         table = tables.ready_for_launch(table)
         with _on_device(self.device):
-            stats_kernels.launch_stats(
-                table, self._columns[b], self.norm_type, True, row_stride=self.partials.shape[1]
-            )
+            stats_kernels.replay_stats(self._launches(b, table))
 
     def unscale(self, indices: list[int], inv_scale: Tensor) -> None:
         """Rescale the partials of tensors ``indices`` as multiplying their gradients by

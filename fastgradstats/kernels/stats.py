@@ -396,25 +396,42 @@ def launch_stats(
     ``partials.shape[1]``). ``fastgradstats.backward`` measures each bucket into its own
     columns of one model-wide buffer this way, with the kernel unchanged.
     """
+    replay_stats(stats_launches(table, partials, norm_type, stats, histogram, row_stride))
+
+
+def stats_launches(
+    table: TensorTable,
+    partials: Tensor,
+    norm_type: float,
+    stats: bool,
+    histogram: tuple[Tensor, Tensor] | None = None,
+    row_stride: int | None = None,
+) -> list[tuple[tuple[int], tuple, dict]]:
+    """The ``(grid, args, config)`` of each :func:`stats_kernel` launch that
+    :func:`launch_stats` makes (same arguments). A caller that launches the same table
+    into the same buffer again and again (``fastgradstats.backward``, once per bucket per
+    backward) keeps this list and replays it with :func:`replay_stats`: a launch then
+    builds no argument tuple and looks up no config."""
     # Off: any int64 tensor stands in (never read), so the launched signature is the one
     # ``benchmarks codegen`` compiles (``*i64`` for both).
     hist, zeros = histogram if histogram is not None else (table.data, table.data)
-    for seg in table.segments:
-        config = stats_config(
-            seg.dtype, table.block, seg.aligned, norm_type, stats, histogram is not None
-        )
-        settings.launch(
-            stats_kernel,
+    stride = partials.shape[1] if row_stride is None else row_stride
+    return [
+        (
             (seg.num_blocks,),
-            table.data,
-            partials,
-            table.n_tensors,
-            partials.shape[1] if row_stride is None else row_stride,
-            seg.lo,
-            hist,
-            zeros,
-            **config,
+            (table.data, partials, table.n_tensors, stride, seg.lo, hist, zeros),
+            stats_config(
+                seg.dtype, table.block, seg.aligned, norm_type, stats, histogram is not None
+            ),
         )
+        for seg in table.segments
+    ]
+
+
+def replay_stats(launches: list[tuple[tuple[int], tuple, dict]]) -> None:
+    """Make the launches :func:`stats_launches` listed, in order."""
+    for grid, args, config in launches:
+        settings.launch(stats_kernel, grid, *args, **config)
 
 
 def launch_finalize(
@@ -479,9 +496,11 @@ __all__ = [
     "launch_finalize",
     "launch_stats",
     "max_nan",
+    "replay_stats",
     "round_to",
     "round_trip",
     "stats_config",
     "stats_kernel",
+    "stats_launches",
     "wide",
 ]

@@ -438,6 +438,13 @@ def test_steady_bucket_checks_dtype_shape_and_strides_behind_the_same_addresses(
     monkeypatch.setattr(slots, "readable", no_python_check)
     assert slots.measure_bucket(0, list(grads)) == [True, True, True]
     assert launches.names == ["stats_kernel"] * 2
+    # the replayed launches read the new values behind the same addresses
+    for g in grads:
+        g.mul_(-3.0).add_(0.5)
+    assert slots.measure_steady(0, grads)
+    fresh = TritonSlots(params, [(0, 3)], 2.0)
+    assert fresh.measure_bucket(0, grads) == [True, True, True]
+    torch.testing.assert_close(slots.partials, fresh.partials, rtol=0, atol=0)
     monkeypatch.setattr(slots, "readable", real_readable)
     as_bf16 = grads[0].view(torch.bfloat16)  # same address, another dtype and numel
     assert as_bf16.data_ptr() == grads[0].data_ptr()
