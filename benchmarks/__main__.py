@@ -8,6 +8,7 @@ Examples::
     python -m benchmarks --sweep               # also the size / tensor-count sweeps + PNGs
     python -m benchmarks codegen --out DIR     # offline sm_90/sm_80 PTX/SASS report (no GPU)
     python -m benchmarks host                  # host cost per call, launches stubbed
+    python -m benchmarks host-ab --baseline C  # the same, this checkout / commit C, one process
     python -m benchmarks gpu-check             # everything that needs a GPU, one command
     python -m benchmarks in-backward           # GPT-2 124M, CPU: stats during vs after backward
 """
@@ -40,6 +41,7 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 SUBCOMMANDS = {
     "codegen": ("benchmarks.codegen", "offline sm_90/sm_80 PTX/SASS report (no GPU needed)"),
     "host": ("benchmarks.host", "host cost per call with the kernel launches stubbed"),
+    "host-ab": ("benchmarks.host_ab", "host cost of this checkout against a commit, one process"),
     "gpu-check": ("benchmarks.gpu_check", "everything that needs a GPU, in one command"),
     "in-backward": ("benchmarks.in_backward", "GPT-2 on the CPU: stats during vs after backward"),
 }
@@ -81,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the suite's options; a bad value exits with status 2 and one line, before any work."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        usage="python -m benchmarks [codegen|host|gpu-check] [OPTIONS]",
+        usage="python -m benchmarks [codegen|host|host-ab|gpu-check|in-backward] [OPTIONS]",
         description="Time fastgradstats against torch on model-shaped gradients.",
         epilog=_subcommand_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -164,6 +164,6 @@ def test_benchmark_help_lists_every_subcommand():
 
     result = _run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert set(SUBCOMMANDS) == {"codegen", "host", "gpu-check", "in-backward"}
+    assert set(SUBCOMMANDS) == {"codegen", "host", "host-ab", "gpu-check", "in-backward"}
     for name in SUBCOMMANDS:
         assert f"\n  {name} " in result.stdout
