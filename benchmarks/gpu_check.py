@@ -21,7 +21,11 @@ results JSON, ``benchmarks/results/gpu-check-<device>-<date>.json``:
    built behind a long kernel on one stream used at once on another, and evicted while
    that stream's kernels are pending (item 13); two threads on one stream alternating
    p=2 and p=inf on one plan (item 14); a parameter passed twice, both backends, against
-   torch's in-order result (item 15).
+   torch's in-order result (item 15);
+9. ``step-latency``: ``python -m benchmarks.step_latency --device cuda``: the time from
+   the end of backward to the end of ``optimizer.step()`` (CUDA events) with torch's
+   clip, today's clip and the in-backward handle, on GPT-2 124M and a 1B bf16 GPT-2
+   (issue 18).
 
 What CUDA-graph capture requires (checked by step 3): one eager call first (it builds
 the plan: the table's H2D copy and the workspace of the capturing stream are made then);
@@ -51,14 +55,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LIMITS_S = {
-    "pytest": 200,
+    "pytest": 170,
     "big-tensor": 60,
     "cuda-graph": 60,
     "no-sync": 45,
     "host": 60,
     "histogram": 50,
-    "benchmark": 100,
+    "benchmark": 75,
     "plan-safety": 25,
+    "step-latency": 55,
 }  # fmt: skip (sums to <= 10 min of limits, one device call; typical ~5 min)
 
 
@@ -383,6 +388,14 @@ def plan_safety_checks(device: str = "cuda") -> dict[str, Any]:
     return out
 
 
+def step_step_latency() -> dict[str, Any]:
+    """Issue 18's row: end of backward to end of ``optimizer.step()`` (CUDA events) for
+    torch's clip, today's clip and the in-backward handle, GPT-2 124M fp32 and a 1B bf16
+    GPT-2 (``python -m benchmarks.step_latency``; its JSON goes to benchmarks/results)."""
+    return _run([sys.executable, "-m", "benchmarks.step_latency", "--device", "cuda",
+                 "--rounds", "8"], LIMITS_S["step-latency"] - 5)  # fmt: skip
+
+
 def step_plan_safety() -> dict[str, Any]:
     code = ("import json\nfrom benchmarks.gpu_check import plan_safety_checks\n"
             "print(json.dumps(plan_safety_checks('cuda')))")  # fmt: skip
@@ -403,6 +416,7 @@ STEPS: dict[str, Callable[[], dict[str, Any]]] = {
     "histogram": step_histogram,
     "benchmark": step_benchmark,
     "plan-safety": step_plan_safety,
+    "step-latency": step_step_latency,
 }
 
 

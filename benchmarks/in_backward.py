@@ -41,6 +41,10 @@ AFTER_BACKWARD_TARGET = 0.05  # issue 18: phase after backward / today's fused s
 TOTAL_TARGET = 1.03  # issue 18: backward + step / today's
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_NORM = 1e9  # never reached: a no-clip step
+# no dropout: every side must compute the same gradients from the same batch
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 512, "n_positions": 64,
+             "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
 
 
 def _gpt2(quick: bool) -> Any:
@@ -49,11 +53,7 @@ def _gpt2(quick: bool) -> Any:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    # no dropout: both sides must compute the same gradients from the same batch
-    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    tiny = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 512, "n_positions": 64,
-            "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
-    config = GPT2Config(**no_dropout, **(tiny if quick else {}))
+    config = GPT2Config(**NO_DROPOUT, **(TINY_GPT2 if quick else {}))
     torch.manual_seed(0)
     return GPT2LMHeadModel(config)
 
@@ -199,4 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["ok"] else 1
 
 
-__all__ = ["AFTER_BACKWARD_TARGET", "TOTAL_TARGET", "main", "measure", "run"]
+__all__ = [
+    "AFTER_BACKWARD_TARGET",
+    "NO_DROPOUT",
+    "TINY_GPT2",
+    "TOTAL_TARGET",
+    "main",
+    "measure",
+    "run",
+]

@@ -20,7 +20,7 @@ def test_every_step_has_a_limit_and_together_they_fit_one_device_call():
     assert set(gpu_check.STEPS) == set(gpu_check.LIMITS_S)
     assert list(gpu_check.STEPS) == [
         "pytest", "big-tensor", "cuda-graph", "no-sync", "host", "histogram", "benchmark",
-        "plan-safety",
+        "plan-safety", "step-latency",
     ]  # fmt: skip
     assert sum(gpu_check.LIMITS_S.values()) <= 600  # one call of the device tool
 
