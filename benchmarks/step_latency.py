@@ -11,7 +11,9 @@ weights), each with an AdamW (fused on CUDA), on the same batch each round:
   backward);
 - ``during``: ``handle = fastgradstats.backward_stats(model)`` measures each bucket as
   backward finishes it; after backward ``handle.clip_grad_norm_(max_norm)`` only
-  finalizes (and scales when clipping).
+  finalizes (and scales when clipping);
+- ``during-side`` (CUDA only): the same with ``backward_stats(model, side_stream=True)``,
+  the bucket launches on a stream of their own that can overlap the rest of backward.
 
 No optimizer hand-off on any side, so the three differ only in the clip. On CUDA the
 times are CUDA events recorded before backward, after it and after ``optimizer.step()``
@@ -19,15 +21,13 @@ on the current stream (GPU time, host gaps included); on a CPU (``--device cpu``
 tests) ``time.perf_counter`` at the same points. The sides run in a rotating order; the
 figures are medians over rounds of ``after_backward_ms`` (end of backward to end of step)
 and ``total_ms`` (start of backward to end of step), and of the per-round ratios
-``during / after`` and ``during / torch``. The statistics run on the stream of backward:
-a side stream for them is not implemented yet (issue 18), so on a GPU ``during`` moves the
-reads into backward without overlapping them.
+``during / after`` and ``during / torch`` (and the same for ``during-side``).
 
 Models: ``gpt2-124m`` (fp32, transformers' defaults) and ``gpt2-1b-bf16`` (18 layers, 2048
 wide, 16 heads: about 1.0B parameters, bf16 weights and gradients); ``--quick``: a
 2-layer, 64-wide GPT-2 in fp32 (seconds on a CPU). Each round also checks the totals:
-``during`` equals ``after`` exactly and both are within float32 reduction-order error of
-torch's (bf16: within one bf16 rounding).
+``during`` (and ``during-side``) equals ``after`` exactly, and ``after`` is within float32
+reduction-order error of torch's (bf16: within one bf16 rounding).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ MODELS = {
     "gpt2-124m": ({}, "float32"),
     "gpt2-1b-bf16": ({"n_layer": 18, "n_embd": 2048, "n_head": 16}, "bfloat16"),
 }
-SIDES = ("torch", "after", "during")
+SIDES = ("torch", "after", "during", "during-side")  # the last on CUDA only
+IN_BACKWARD = ("during", "during-side")
 # |total - torch's total| / torch's total: float32 reduction order; bf16 totals round once
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -90,6 +91,10 @@ class _Clock:
         return float(start.elapsed_time(end))
 
 
+def _handle_clip(handle: Any, max_norm: float) -> Any:
+    return lambda: handle.clip_grad_norm_(max_norm)[0]
+
+
 def measure(name: str, rounds: int, batch: int, seq: int, quick: bool, device: Any,
             max_norm: float) -> dict[str, Any]:  # fmt: skip
     """Time the three sides for ``rounds`` rounds (plus one warm-up round)."""
@@ -98,17 +103,22 @@ def measure(name: str, rounds: int, batch: int, seq: int, quick: bool, device: A
     import fastgradstats as fgs
 
     base, dtype = _model(name, quick, device)
-    models = {side: copy.deepcopy(base) for side in SIDES}
+    sides = SIDES if device.type == "cuda" else SIDES[:3]
+    models = {side: copy.deepcopy(base) for side in sides}
     del base
     fused = device.type == "cuda"
     optimizers = {
         side: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=fused) for side, m in models.items()
     }
-    handle = fgs.backward_stats(models["during"])
+    handles = {
+        side: fgs.backward_stats(models[side], side_stream=side == "during-side")
+        for side in sides
+        if side in IN_BACKWARD
+    }
     clips = {
         "torch": lambda: torch.nn.utils.clip_grad_norm_(models["torch"].parameters(), max_norm),
         "after": lambda: fgs.clip_grad_norm_(models["after"].parameters(), max_norm),
-        "during": lambda: handle.clip_grad_norm_(max_norm)[0],
+        **{side: _handle_clip(handle, max_norm) for side, handle in handles.items()},
     }
     clock = _Clock(device)
     vocab = models["torch"].config.vocab_size
@@ -129,26 +139,30 @@ def measure(name: str, rounds: int, batch: int, seq: int, quick: bool, device: A
     samples: list[dict[str, Any]] = []
     for r in range(rounds + 1):  # round 0 warms every side up (allocator, plans, hooks)
         tokens = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-        order = SIDES[r % 3 :] + SIDES[: r % 3]
+        shift = r % len(sides)
+        order = sides[shift:] + sides[:shift]
         times = {side: one_side(side, tokens) for side in order}
         if r == 0:
             continue
         sample: dict[str, Any] = {}
-        for side in SIDES:
+        for side in sides:
             sample[f"{side}_total_ms"], sample[f"{side}_after_backward_ms"] = times[side][:2]
-        totals = {side: times[side][2] for side in SIDES}
-        for other in ("after", "torch"):
-            sample[f"after_backward_during_over_{other}"] = (
-                sample["during_after_backward_ms"] / sample[f"{other}_after_backward_ms"]
-            )
-            sample[f"total_during_over_{other}"] = (
-                sample["during_total_ms"] / sample[f"{other}_total_ms"]
-            )
+        totals = {side: times[side][2] for side in sides}
+        for side in handles:
+            for other in ("after", "torch"):
+                sample[f"after_backward_{side}_over_{other}"] = (
+                    sample[f"{side}_after_backward_ms"] / sample[f"{other}_after_backward_ms"]
+                )
+                sample[f"total_{side}_over_{other}"] = (
+                    sample[f"{side}_total_ms"] / sample[f"{other}_total_ms"]
+                )
         # the sides' weights drift apart by their updates, so only round 1 compares
         if r == 1:
             reference = float(totals["torch"])
             sample["totals"] = {side: float(t) for side, t in totals.items()}
-            sample["during_equals_after"] = bool(torch.equal(totals["during"], totals["after"]))
+            sample["during_equals_after"] = all(
+                torch.equal(totals[side], totals["after"]) for side in handles
+            )
             error = abs(float(totals["after"]) - reference)
             sample["after_close_to_torch"] = error <= TOLERANCE[dtype] * abs(reference)
         samples.append(sample)
@@ -163,7 +177,8 @@ def measure(name: str, rounds: int, batch: int, seq: int, quick: bool, device: A
         "seq": seq,
         "rounds": rounds,
         "max_norm": max_norm,
-        "buckets": handle.num_buckets,
+        "sides": list(sides),
+        "buckets": handles["during"].num_buckets,
         "medians": {k: statistics.median(s[k] for s in samples) for k in keys},
         "round1_totals": first["totals"],
         "during_equals_after": first["during_equals_after"],
@@ -180,14 +195,17 @@ def format_result(result: dict[str, Any]) -> str:
         f"{result['seq']}, {result['rounds']} rounds",
         f"  {'side':<8}{'backward + step ms':>20}{'after backward ms':>20}",
     ]
-    for side in SIDES:
+    for side in result["sides"]:
         lines.append(f"  {side:<8}{med[f'{side}_total_ms']:>20.2f}"
                      f"{med[f'{side}_after_backward_ms']:>20.2f}")  # fmt: skip
-    lines.append(
-        f"  during / after: after backward {med['after_backward_during_over_after']:.3f}, "
-        f"whole {med['total_during_over_after']:.3f}; during / torch: after backward "
-        f"{med['after_backward_during_over_torch']:.3f}, whole {med['total_during_over_torch']:.3f}"
-    )
+    for side in IN_BACKWARD:
+        if side in result["sides"]:
+            lines.append(
+                f"  {side} / after: after backward {med[f'after_backward_{side}_over_after']:.3f}, "
+                f"whole {med[f'total_{side}_over_after']:.3f}; {side} / torch: after backward "
+                f"{med[f'after_backward_{side}_over_torch']:.3f}, "
+                f"whole {med[f'total_{side}_over_torch']:.3f}"
+            )
     lines.append(f"  totals of round 1 {result['round1_totals']}: during == after "
                  f"{result['during_equals_after']}, after ~ torch "
                  f"{result['after_close_to_torch']}")  # fmt: skip
@@ -245,4 +263,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["MODELS", "SIDES", "main", "measure"]
+__all__ = ["IN_BACKWARD", "MODELS", "SIDES", "main", "measure"]

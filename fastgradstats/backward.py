@@ -95,7 +95,30 @@ def _measure_bucket(grads: list[Tensor], norm_type: float) -> GroupStats:
 
 
 def _triton_slots(
-    params: list[Tensor], ranges: list[tuple[int, int]], norm_type: float, backend: str | None
+    params: list[Tensor],
+    ranges: list[tuple[int, int]],
+    norm_type: float,
+    backend: str | None,
+    side_stream: bool = False,
+) -> Any:
+    """The Triton path's partials for ``params`` (``None``: the torch path); with
+    ``side_stream``, a ``ValueError`` when that is the torch path (only Triton has one)."""
+    slots = _pick_triton_slots(params, ranges, norm_type, backend, side_stream)
+    if side_stream and slots is None:
+        raise ValueError(
+            "side_stream=True needs the Triton path (parameter hooks, CUDA parameters "
+            "of fp32/bf16/fp16 on one device, p in {1, 2, inf}, backend not 'torch'); "
+            "these parameters are measured on the torch path"
+        )
+    return slots
+
+
+def _pick_triton_slots(
+    params: list[Tensor],
+    ranges: list[tuple[int, int]],
+    norm_type: float,
+    backend: str | None,
+    side_stream: bool,
 ) -> Any:
     """The Triton path's partials for ``params`` when dispatch would pick Triton for their
     gradients (as ``core.fused`` decides: CUDA, or ``FASTGRADSTATS_BACKEND=triton`` with
@@ -114,7 +137,7 @@ def _triton_slots(
 
     if not backward_triton.usable(params, norm_type):
         return None
-    return backward_triton.TritonSlots(params, ranges, norm_type)
+    return backward_triton.TritonSlots(params, ranges, norm_type, side_stream)
 
 
 def _loaded_class(module: str, name: str) -> type | None:
@@ -196,7 +219,9 @@ def _local_grad(param: Tensor) -> Tensor | None:
     return g._local_tensor if g is not None and _is_dtensor(g) else g
 
 
-def _check_options(bucket_bytes: Any, scaler: Any) -> None:
+def _check_options(bucket_bytes: Any, scaler: Any, side_stream: Any) -> None:
+    if not isinstance(side_stream, bool):
+        raise TypeError(f"side_stream must be a bool, got {type(side_stream).__name__}")
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
         raise TypeError(f"bucket_bytes must be an int, got {bucket_bytes!r}")
     if bucket_bytes <= 0:
@@ -238,12 +263,13 @@ class BackwardStats:
         comm_hook: Any = None,
         comm_state: Any = None,
         backend: str | None = None,
+        side_stream: bool = False,
     ) -> None:
         source = _check_source(model, source, comm_hook)
         dispatch.requested_backend(backend)  # a bad name: ValueError before any hook
         self.source = source
         self.norm_type = inputs.check_norm_type(norm_type)
-        _check_options(bucket_bytes, scaler)
+        _check_options(bucket_bytes, scaler, side_stream)
         named = _trainable_parameters(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -281,11 +307,9 @@ class BackwardStats:
         ]
         self._new_slots()
         # the Triton path's model-wide partials (None: the torch path's slots above)
-        self._triton = (
-            _triton_slots(self.params, self._ranges, self.norm_type, backend)
-            if source == "params" and not self._sharded
-            else None
-        )
+        eligible = source == "params" and not self._sharded
+        params = self.params if eligible else []  # [] -> None: the torch path
+        self._triton = _triton_slots(params, self._ranges, self.norm_type, backend, side_stream)
         # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
         # (_DEAD and -1: never measured since the last finalize)
         self._ref: list[Any] = [_DEAD] * n
@@ -424,6 +448,8 @@ class BackwardStats:
             fired = [i for i in members if self._fired[i]]
             self._measure(fired, host_to_device(fired, torch.int64, self._device))
             self._left[b] = len(members)
+        if self._triton is not None:  # later frees and writes of gradients wait for the
+            self._triton.join()  # side stream's reads (no-op without one)
 
     def _measure_range(self, b: int) -> None:
         """Measure the complete bucket ``b`` into its slots (the steady state)."""
@@ -844,6 +870,7 @@ def backward_stats(
     comm_hook: Any = None,
     comm_state: Any = None,
     backend: str | None = None,
+    side_stream: bool = False,
 ) -> BackwardStats:
     """Measure per-tensor gradient statistics during backward; finalize after it.
 
@@ -878,6 +905,11 @@ def backward_stats(
     parameters, as ``grad_stats`` gives them; ``clip_grad_norm_`` returns the total as a
     ``Replicate`` DTensor, as torch does.
 
+    ``side_stream=True`` (Triton path on CUDA only, else ``ValueError``): the bucket
+    launches go to a CUDA stream of their own that waits for backward's stream before
+    each bucket, so they can overlap the rest of backward; the current stream waits for
+    it at the end of backward and before finalize. Not yet run on a GPU.
+
     Refused (``ValueError``): FSDP1 models, whose flat parameters' hooks do not see the
     reduced, unflattened gradients, and a DDP model with a comm hook registered already.
     """
@@ -890,6 +922,7 @@ def backward_stats(
         comm_hook=comm_hook,
         comm_state=comm_state,
         backend=backend,
+        side_stream=side_stream,
     )
 
 

@@ -68,13 +68,40 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _side_stream_after(side: Any, device: torch.device) -> contextlib.AbstractContextManager:
+    """``side`` made current, after waiting for what the current stream of ``device`` has
+    queued so far (the bucket's gradients are final there)."""
+    side.wait_stream(torch.cuda.current_stream(device))
+    return torch.cuda.stream(side)
+
+
+def _wait_for(side: Any, device: torch.device) -> None:
+    """The current stream of ``device`` waits for what ``side`` has queued so far."""
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 class TritonSlots:
-    """The model-wide partials of a :class:`~fastgradstats.backward.BackwardStats`."""
+    """The model-wide partials of a :class:`~fastgradstats.backward.BackwardStats`.
+
+    ``side_stream`` (CUDA only): the bucket launches go to a stream of their own, which
+    first waits for backward's stream (the bucket's gradients are final there), so they
+    can overlap the rest of backward; :meth:`join` makes the current stream wait for them
+    (at the end of backward, and before any finalize, unscale or catch-up reads the
+    partials), so no gradient is freed or overwritten, and no partial read, before the
+    side stream's reads and writes are done.
+    """
 
     def __init__(
-        self, params: list[Tensor], ranges: list[tuple[int, int]], norm_type: float
+        self,
+        params: list[Tensor],
+        ranges: list[tuple[int, int]],
+        norm_type: float,
+        side_stream: bool = False,
     ) -> None:
         self.device = params[0].device
+        if side_stream and self.device.type != "cuda":
+            raise ValueError(f"side_stream=True needs CUDA parameters; these are on {self.device}")
+        self._side = torch.cuda.Stream(self.device) if side_stream else None
         self.norm_type = float(norm_type)
         self.block = block = kernels.block_size()
         n = len(params)
@@ -137,12 +164,24 @@ class TritonSlots:
         if ptrs != steady[0] or not steady[2].check(*grads):
             return False
         if self._cuda:  # the stream ordering / graph pinning of the table
-            tables.ready_for_launch(steady[1])
-            with _on_device(self.device):
+            with _on_device(self.device), self._launch_stream():
+                tables.ready_for_launch(steady[1])
                 stats_kernels.replay_stats(steady[3])
         else:
             stats_kernels.replay_stats(steady[3])
         return True
+
+    def _launch_stream(self) -> contextlib.AbstractContextManager:
+        """Where a bucket's launches go: the current stream, or the side stream after it."""
+        if self._side is None:
+            return contextlib.nullcontext()
+        return _side_stream_after(self._side, self.device)
+
+    def join(self) -> None:
+        """The current stream waits for the side stream's launches so far (no-op without
+        one): at the end of backward, and before the partials are read or rescaled."""
+        if self._side is not None:
+            _wait_for(self._side, self.device)
 
     def measure_bucket(
         self, b: int, grads: list[Tensor | None], wanted: list[bool] | None = None
@@ -188,8 +227,8 @@ class TritonSlots:
         )
 
     def _launch(self, b: int, table: tables.TensorTable) -> None:
-        table = tables.ready_for_launch(table)
-        with _on_device(self.device):
+        with _on_device(self.device), self._launch_stream():
+            table = tables.ready_for_launch(table)
             stats_kernels.replay_stats(self._launches(b, table))
 
     def unscale(self, indices: list[int], inv_scale: Tensor) -> None:
@@ -197,6 +236,7 @@ class TritonSlots:
         the power of two ``inv_scale`` would (exact unless a value under/overflows): the
         p-partial by ``inv_scale ** p`` (sum g^2, sum |g|, max |g|), max |g| by it; the
         counts do not change."""
+        self.join()
         factor = inv_scale.to(self.device, torch.float32).reshape(())
         power = factor * factor if self.norm_type == 2.0 else factor
         if len(indices) == len(self.numels):  # every tensor: whole rows (padding too)
@@ -245,6 +285,7 @@ class TritonSlots:
         only, in that order): per-tensor results, the total (in the promoted gradient
         dtype, torch's roundings) and, with ``max_norm``, the clip coefficient. Reads no
         gradient."""
+        self.join()  # the side stream's bucket and catch-up launches wrote the partials
         table, result = self._finalize_table(listed)
         n, device = table.n_tensors, self.device
         floats = torch.empty((2, n), device=device)

@@ -451,3 +451,97 @@ def test_steady_bucket_checks_dtype_shape_and_strides_behind_the_same_addresses(
     assert slots.measure_bucket(0, [as_bf16, grads[1], grads[2]]) == [False, True, True]
     wanted = [False, True, False]  # a catch-up never takes the steady state's table
     assert slots.measure_bucket(0, grads, wanted) == wanted
+
+
+class _StreamLog:
+    """Stands in for the side stream's two CUDA operations and for ``kernels.launch``
+    (launches run for real), logging in order: "side waits", "main waits", and each
+    launch as (kernel name, on the side stream or not)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from fastgradstats import backward_triton
+
+        self.events: list = []
+        self.on_side = False
+        self.paused = False  # the plain twin's launches are not logged
+        log = self
+
+        class SideContext:
+            def __enter__(self):
+                log.on_side = True
+
+            def __exit__(self, *exc):
+                log.on_side = False
+
+        def side_after(side, device):
+            self.events.append("side waits")
+            return SideContext()
+
+        real = kernels.launch
+
+        def launch(kernel, *args, **kwargs):
+            if not self.paused:
+                self.events.append((kernel.__name__, self.on_side))
+            real(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(backward_triton, "_side_stream_after", side_after)
+        monkeypatch.setattr(backward_triton, "_wait_for", lambda s, d: self.events.append(
+            "main waits"))  # fmt: skip
+        monkeypatch.setattr(kernels, "launch", launch)
+
+
+def test_side_stream_orders_bucket_launches_after_backward_and_finalize_after_them(monkeypatch):
+    """The stream logic of ``side_stream=True`` (no CUDA here: the two stream operations
+    are logged instead): every stats launch runs on the side stream right after it waited
+    for backward's stream; the current stream waits for it at the end of backward and
+    before the finalize launch; finalize and scale run on the current stream; the
+    results are those of the plain handle. Step 1 builds each bucket's table (``_launch``),
+    step 2 replays it (``measure_steady``)."""
+    model = _Net()
+    twin = copy.deepcopy(model)
+    handle = fgs.backward_stats(model, bucket_bytes=600)
+    plain = fgs.backward_stats(twin, bucket_bytes=600)
+    assert handle.num_buckets >= 2
+    handle._triton._side = object()  # what the CUDA constructor would make
+    handle._triton._cuda = True  # as on CUDA: the steady state's stream-aware branch
+    log = _StreamLog(monkeypatch)
+    for step in range(2):
+        _loss(model, seed=step).backward()
+        log.events.append("end of backward")
+        total, stats = handle.clip_grad_norm_(1e-3)
+        log.paused = True
+        _loss(twin, seed=step).backward()
+        expected_total, expected = plain.clip_grad_norm_(1e-3)
+        log.paused = False
+        assert_same_stats(stats, expected)
+        assert_same_tensors([total], [expected_total])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_same_tensors([p.grad], [q.grad])
+    events = log.events
+    stats_at = [k for k, e in enumerate(events) if isinstance(e, tuple) and e[0] == "stats_kernel"]
+    assert stats_at and all(events[k][1] for k in stats_at), events  # on the side stream
+    for k in stats_at:  # each right after a wait for backward (per bucket: per dtype)
+        back = k - 1
+        while isinstance(events[back], tuple) and events[back][0] == "stats_kernel":
+            back -= 1
+        assert events[back] == "side waits", events[back - 2 : k + 1]
+    for k, e in enumerate(events):
+        if e == "end of backward":
+            assert events[k - 1] == "main waits", events[k - 3 : k + 1]
+        if isinstance(e, tuple) and e[0] in ("finalize_kernel", "scale_kernel"):
+            assert not e[1], e  # on the current stream
+        if isinstance(e, tuple) and e[0] == "finalize_kernel":
+            assert events[k - 1] == "main waits", events[k - 3 : k + 1]
+
+
+def test_side_stream_refused_where_it_cannot_run(monkeypatch):
+    model = _Net()
+    with pytest.raises(TypeError, match="side_stream"):
+        fgs.backward_stats(model, side_stream=1)
+    if DEVICE == "cpu":  # the Triton path on CPU tensors (interpreter): no CUDA stream
+        with pytest.raises(ValueError, match="side_stream=True needs CUDA"):
+            fgs.backward_stats(model, side_stream=True)
+    with pytest.raises(ValueError, match="side_stream=True needs the Triton path"):
+        fgs.backward_stats(model, side_stream=True, backend="torch")
+    for p in model.parameters():  # no hook was left behind by the refusals
+        assert not p._post_accumulate_grad_hooks
