@@ -72,10 +72,21 @@ def _workload(name: str, device: Any) -> list[Any]:
 def _ops(params: list[Any]) -> dict[str, Any]:
     import fastgradstats as fgs
 
-    grads = [p.grad for p in params]
-    monitor = fgs.GradMonitor(params, max_norm=1.0, backend="triton", hand_off=False)
     return {
         "floor": lambda: hash(tuple(g.data_ptr() for g in [p.grad for p in params])),
+        **calls(fgs, params),
+    }
+
+
+def calls(fgs: Any, params: list[Any]) -> dict[str, Any]:
+    """The timed calls of ``fgs`` (this package, or an earlier commit's copy: see
+    ``host_ab``) on ``params``, all on the Triton path."""
+    grads = [p.grad for p in params]
+    try:
+        monitor = fgs.GradMonitor(params, max_norm=1.0, backend="triton", hand_off=False)
+    except TypeError:  # a commit before the optimizer hand-off
+        monitor = fgs.GradMonitor(params, max_norm=1.0, backend="triton")
+    return {
         "clip_grad_norm_": lambda: fgs.clip_grad_norm_(params, 1.0, backend="triton"),
         "clip_grad_norm_(return_stats)": lambda: fgs.clip_grad_norm_(
             params, 1.0, return_stats=True, backend="triton"
@@ -254,4 +265,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["ok"] else 1
 
 
-__all__ = ["TARGETS", "main", "measure", "run"]
+__all__ = ["TARGETS", "calls", "main", "measure", "run"]

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .host import RESULTS
+from .host import RESULTS, calls
 
 BASELINE = "fastgradstats_baseline"
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,24 +55,6 @@ def _import_baseline(commit: str, folder: Path) -> Any:
     sys.path.insert(0, str(folder))
     importlib.import_module(f"{BASELINE}.kernels")  # the launch point, stubbed below
     return importlib.import_module(BASELINE)
-
-
-def _calls(fgs: Any, params: list[Any]) -> dict[str, Any]:
-    grads = [p.grad for p in params]
-    try:  # hand_off is newer than some baselines
-        monitor = fgs.GradMonitor(params, max_norm=1.0, backend="triton", hand_off=False)
-    except TypeError:
-        monitor = fgs.GradMonitor(params, max_norm=1.0, backend="triton")
-    return {
-        "clip_grad_norm_": lambda: fgs.clip_grad_norm_(params, 1.0, backend="triton"),
-        "clip_grad_norm_(return_stats)": lambda: fgs.clip_grad_norm_(
-            params, 1.0, return_stats=True, backend="triton"
-        ),
-        "grad_stats": lambda: fgs.grad_stats(params, backend="triton"),
-        "get_total_norm": lambda: fgs.get_total_norm(grads, backend="triton"),
-        "grad_stats(histogram)": lambda: fgs.grad_stats(params, histogram=True, backend="triton"),
-        "GradMonitor.step(max_norm)": monitor.step,
-    }
 
 
 def _launches(kernels: Any, call: Any) -> int:
@@ -97,7 +79,7 @@ def compare(baseline: Any, ours: Any, rounds: int) -> list[dict[str, Any]]:
     rows = []
     for workload in ("gpt2-124m", "tiny10k"):
         params = _workload(workload, torch.device("cpu"))
-        theirs_calls, our_calls = _calls(baseline, params), _calls(ours, params)
+        theirs_calls, our_calls = calls(baseline, params), calls(ours, params)
         batch = 20 if workload == "gpt2-124m" else 3
         for name, our_call in our_calls.items():
             their_call = theirs_calls[name]

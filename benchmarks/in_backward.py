@@ -58,6 +58,21 @@ def _gpt2(quick: bool) -> Any:
     return GPT2LMHeadModel(config)
 
 
+def timed_step(
+    model: Any, tokens: Any, after_backward: Any, mark: Any = time.perf_counter
+) -> tuple[tuple[Any, Any, Any], Any]:
+    """One training step of a language model: ``zero_grad``, forward (not timed), then
+    ``mark()`` before backward, after it and after ``after_backward()``; returns the
+    three marks and what ``after_backward`` returned."""
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, labels=tokens).loss
+    start = mark()
+    loss.backward()
+    mid = mark()
+    result = after_backward()
+    return (start, mid, mark()), result
+
+
 def measure(rounds: int, batch: int, seq: int, quick: bool) -> dict[str, Any]:
     """Time both sides for ``rounds`` rounds; see the module docstring for what is timed."""
     import torch
@@ -77,14 +92,7 @@ def measure(rounds: int, batch: int, seq: int, quick: bool) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
 
     def one_side(side: str, tokens: torch.Tensor) -> tuple[float, float, Any]:
-        model = models[side]
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens, labels=tokens).loss
-        start = time.perf_counter()
-        loss.backward()
-        mid = time.perf_counter()
-        total = monitors[side].step()
-        end = time.perf_counter()
+        (start, mid, end), total = timed_step(models[side], tokens, monitors[side].step)
         return mid - start, end - mid, (total, monitors[side].last_stats)
 
     samples: list[dict[str, Any]] = []

@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .in_backward import NO_DROPOUT, TINY_GPT2
+from .in_backward import NO_DROPOUT, TINY_GPT2, timed_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -125,15 +125,12 @@ def measure(name: str, rounds: int, batch: int, seq: int, quick: bool, device: A
     gen = torch.Generator().manual_seed(1)
 
     def one_side(side: str, tokens: Any) -> tuple[float, float, Any]:
-        model = models[side]
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens, labels=tokens).loss
-        start = clock.mark()
-        loss.backward()
-        mid = clock.mark()
-        total = clips[side]()
-        optimizers[side].step()
-        end = clock.mark()
+        def clip_and_step() -> Any:
+            total = clips[side]()
+            optimizers[side].step()
+            return total
+
+        (start, mid, end), total = timed_step(models[side], tokens, clip_and_step, clock.mark)
         return clock.ms(start, end), clock.ms(mid, end), total.detach().float().cpu()
 
     samples: list[dict[str, Any]] = []

@@ -100,3 +100,25 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def run_benchmark(
+    module_args: list[str], out, pattern: str, interpreter: bool = False
+) -> tuple[dict, str]:
+    """``python -m <module_args> --out <out>`` from the repository root (the Triton
+    interpreter on when asked); asserts it exits 0 and returns its one JSON ``pattern``
+    (parsed) and its standard output."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if interpreter else {}))
+    proc = subprocess.run(
+        [sys.executable, "-m", *module_args, "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [path] = Path(out).glob(pattern)
+    return json.loads(path.read_text()), proc.stdout

@@ -26,6 +26,8 @@ Partials are a float32 ``[4, num_blocks]`` workspace: p-partial, max |g|, #NaN, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -378,25 +380,10 @@ def finalize_config(norm_type: float, stats: bool, finish: int, result: torch.dt
     )
 
 
-def launch_stats(
-    table: TensorTable,
-    partials: Tensor,
-    norm_type: float,
-    stats: bool,
-    histogram: tuple[Tensor, Tensor] | None = None,
-    row_stride: int | None = None,
-) -> None:
-    """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``.
-
-    ``histogram``: zero-filled int64 ``([n, NUM_BINS], [n])`` tensors that the same read
-    also adds each tensor's bin counts and exact zeros to.
-
-    ``row_stride``: the partials' row stride when ``partials`` is a column slice of a
-    wider buffer (block ``b`` of the table lands in column ``b`` of the slice; default
-    ``partials.shape[1]``). ``fastgradstats.backward`` measures each bucket into its own
-    columns of one model-wide buffer this way, with the kernel unchanged.
-    """
-    replay_stats(stats_launches(table, partials, norm_type, stats, histogram, row_stride))
+def launch_stats(*args: Any, **kwargs: Any) -> None:
+    """One :func:`stats_kernel` launch per segment of ``table``, into ``partials``: the
+    launches :func:`stats_launches` lists for the same arguments, made at once."""
+    replay_stats(stats_launches(*args, **kwargs))
 
 
 def stats_launches(
@@ -407,11 +394,21 @@ def stats_launches(
     histogram: tuple[Tensor, Tensor] | None = None,
     row_stride: int | None = None,
 ) -> list[tuple[tuple[int], tuple, dict]]:
-    """The ``(grid, args, config)`` of each :func:`stats_kernel` launch that
-    :func:`launch_stats` makes (same arguments). A caller that launches the same table
-    into the same buffer again and again (``fastgradstats.backward``, once per bucket per
-    backward) keeps this list and replays it with :func:`replay_stats`: a launch then
-    builds no argument tuple and looks up no config."""
+    """The ``(grid, args, config)`` of each :func:`stats_kernel` launch, one per segment
+    of ``table``, into ``partials`` (:func:`launch_stats` makes them at once). A caller
+    that launches the same table into the same buffer again and again
+    (``fastgradstats.backward``, once per bucket per backward) keeps this list and replays
+    it with :func:`replay_stats`: a launch then builds no argument tuple and looks up no
+    config.
+
+    ``histogram``: zero-filled int64 ``([n, NUM_BINS], [n])`` tensors that the same read
+    also adds each tensor's bin counts and exact zeros to.
+
+    ``row_stride``: the partials' row stride when ``partials`` is a column slice of a
+    wider buffer (block ``b`` of the table lands in column ``b`` of the slice; default
+    ``partials.shape[1]``). ``fastgradstats.backward`` measures each bucket into its own
+    columns of one model-wide buffer this way, with the kernel unchanged.
+    """
     # Off: any int64 tensor stands in (never read), so the launched signature is the one
     # ``benchmarks codegen`` compiles (``*i64`` for both).
     hist, zeros = histogram if histogram is not None else (table.data, table.data)

@@ -7,14 +7,11 @@ timing is asserted (CI machines are shared).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_benchmark
 
 pytest.importorskip("triton")
 
@@ -27,15 +24,8 @@ CALLS = {"clip_grad_norm_", "clip_grad_norm_(return_stats)", "grad_stats", "get_
 def test_host_ab_against_head_compares_every_call(tmp_path):
     if not (REPO / ".git").exists():
         pytest.skip("needs a git checkout (the baseline comes from git archive)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "host-ab", "--baseline", "HEAD", "--rounds", "1",
-         "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    [path] = tmp_path.glob("host-ab-cpu-*.json")
-    result = json.loads(path.read_text())
+    result, _ = run_benchmark(["benchmarks", "host-ab", "--baseline", "HEAD", "--rounds", "1"],
+                           tmp_path, "host-ab-cpu-*.json", interpreter=True)  # fmt: skip
     assert result["meta"]["baseline"] == "HEAD"
     rows = result["rows"]
     for workload in ("gpt2-124m", "tiny10k"):

@@ -6,30 +6,16 @@ targets in a full run. The launch counts, though, are exact and checked.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import run_benchmark
 
 pytest.importorskip("triton")
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_host_benchmark_quick_run(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "host", "--quick", "--device", "cpu",
-         "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    [path] = tmp_path.glob("host-cpu-*.json")
-    result = json.loads(path.read_text())
+    result, stdout = run_benchmark(["benchmarks", "host", "--quick", "--device", "cpu"], tmp_path,
+                           "host-cpu-*.json", interpreter=True)  # fmt: skip
     assert set(result["workloads"]) == {"gpt2-124m", "tiny10k"}
     assert result["workloads"]["gpt2-124m"]["tensors"] == 148
     assert result["workloads"]["tiny10k"]["tensors"] == 10_000
@@ -48,4 +34,4 @@ def test_host_benchmark_quick_run(tmp_path):
         assert row["launches_backward"] == row["buckets"] and row["launches_finalize"] == 1
         assert row["hook_us_per_tensor"] == row["hook_us_per_tensor"]  # not NaN
         assert "ok" in row and row["hook_target_us"] == 3.0 and row["finalize_target"] == 1.5
-    assert "host targets" in proc.stdout and "backward_stats" in proc.stdout
+    assert "host targets" in stdout and "backward_stats" in stdout

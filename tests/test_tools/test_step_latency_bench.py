@@ -7,28 +7,17 @@ per-side medians' rounds, the JSON written.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import run_benchmark
 
 pytest.importorskip("transformers")
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_step_latency_quick_run_on_cpu(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.step_latency", "--device", "cpu", "--quick",
-         "--rounds", "3", "--batch", "2", "--seq", "16", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    [path] = tmp_path.glob("step-latency-cpu-*.json")
-    result = json.loads(path.read_text())
+    result, _ = run_benchmark(["benchmarks.step_latency", "--device", "cpu", "--quick",
+                            "--rounds", "3", "--batch", "2", "--seq", "16"], tmp_path,
+                           "step-latency-cpu-*.json")  # fmt: skip
     assert result["ok"] is True
     [run] = result["runs"]
     assert run["model"] == "gpt2-tiny" and run["rounds"] == 3 and len(run["samples"]) == 3
