@@ -545,3 +545,32 @@ def test_side_stream_refused_where_it_cannot_run(monkeypatch):
         fgs.backward_stats(model, side_stream=True, backend="torch")
     for p in model.parameters():  # no hook was left behind by the refusals
         assert not p._post_accumulate_grad_hooks
+
+
+def test_reset_after_an_interrupted_backward_lets_the_next_one_measure_in_backward():
+    """A backward that raises after some hooks fired leaves buckets half counted (and the
+    end-of-backward callback unrun): ``reset()`` clears that in the lists the hooks read,
+    so the next backward measures every bucket during backward, with no catch-up."""
+
+    class Boom(Exception):
+        pass
+
+    def boom(grad):
+        raise Boom
+
+    def arm(module, args):  # the gradient reaching layer c's input raises
+        args[0].register_hook(boom)
+
+    model = _Net()
+    handle = fgs.backward_stats(model, bucket_bytes=600)
+    armed = model.c.register_forward_pre_hook(arm)
+    with pytest.raises(Boom):
+        _loss(model).backward()
+    armed.remove()
+    assert any(handle._fired)  # layer c's hooks fired before the error
+    handle.reset()
+    model.zero_grad(set_to_none=True)
+    _loss(model, seed=2).backward()
+    stats = handle.finalize()
+    assert stats.catchup_tensors == 0
+    assert_same_stats(stats, _fused(model))
