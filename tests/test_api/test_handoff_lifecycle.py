@@ -103,15 +103,28 @@ def test_disabled_scaler_nan_step_skips_once_then_updates_resume(backend):
 
 
 def test_handoff_inspects_no_call_stack(monkeypatch):
-    """The GradScaler is not looked for in the caller's frames (none is needed)."""
-    import sys
+    """The GradScaler is not looked for in the caller's frames (none is needed).
 
-    def forbidden(*args):
-        raise AssertionError("sys._getframe called")
+    Only calls made by the library (or through ``inspect``) fail: torch and typing call
+    ``sys._getframe`` themselves inside ``opt.step()`` (``record_function`` builds
+    ``Optional[...]``, which typing_extensions resolves with a frame when typing's cache
+    of such types has evicted it, as it does after enough other tests in one process)."""
+    import sys
+    import typing
+
+    real = sys._getframe
+
+    def forbidden(depth=0):
+        caller = real(1).f_globals.get("__name__", "")
+        if caller.startswith("fastgradstats") or caller == "inspect":
+            raise AssertionError(f"sys._getframe called from {caller}")
+        return real(depth + 1)
 
     ref, _, ours, opt = _pair()
     _grads(ref, ours, torch.Generator().manual_seed(3))
     fgs.clip_grad_norm_(ours, 0.5, optimizer=opt)
+    for clear in getattr(typing, "_cleanups", []):  # as after many other tests: cold caches
+        clear()
     with monkeypatch.context() as m:
         m.setattr(sys, "_getframe", forbidden)
         opt.step()
