@@ -19,12 +19,20 @@ pytestmark = pytest.mark.backend_independent
 
 
 @pytest.mark.slow
-def test_quick_run_writes_agreeing_sides(tmp_path, capsys):
+@pytest.mark.parametrize("cpu_time", [False, True])
+def test_quick_run_writes_agreeing_sides(tmp_path, capsys, cpu_time):
+    import torch
+
     from benchmarks import in_backward
 
-    assert in_backward.main(["--quick", "--out", str(tmp_path)]) == 0
-    [path] = tmp_path.glob("in-backward-cpu-*.json")
+    threads = torch.get_num_threads()
+    flags = ["--cpu-time"] if cpu_time else []
+    assert in_backward.main(["--quick", "--out", str(tmp_path), *flags]) == 0
+    assert torch.get_num_threads() == threads  # --cpu-time's one thread is undone
+    [path] = tmp_path.glob("in-backward-cpu-*-cputime.json" if cpu_time else "*[0-9].json")
     result = json.loads(path.read_text())
+    assert result["meta"]["clock"].startswith("thread_time" if cpu_time else "perf_counter")
+    assert result["meta"]["cpu_threads"] == (1 if cpu_time else threads)
     assert result["tensors"] == 28  # 2 blocks x 12, wte, wpe, ln_f (lm_head is tied to wte)
     assert result["same_total_every_round"] is True
     assert result["catchup_tensors"] == 0 and result["buckets"] >= 1
