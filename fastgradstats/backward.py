@@ -450,6 +450,7 @@ class BackwardStats:
             self._left[b] = len(members)
         if self._triton is not None:  # later frees and writes of gradients wait for the
             self._triton.join()  # side stream's reads (no-op without one)
+            self._triton.prepare_outputs()  # the step after backward allocates nothing
 
     def _measure_range(self, b: int) -> None:
         """Measure the complete bucket ``b`` into its slots (the steady state)."""
@@ -722,15 +723,15 @@ class BackwardStats:
         assert self._triton is not None
         self._count_catchup(len(stale), len(grads))
         done = self._triton.finalize(listed, max_norm)
-        floats, counts = done.floats, done.counts
+        norms, max_abs, nan_count, inf_count = done.rows
         stats = GradStats(
             names=list(names),
-            norms=floats[0],
-            max_abs=floats[1],
-            nan_count=counts[0],
-            inf_count=counts[1],
+            norms=norms,
+            max_abs=max_abs,
+            nan_count=nan_count,
+            inf_count=inf_count,
             total_norm=done.exact_total,  # as the fused path's stats
-            _packed=(floats, counts),
+            _packed=(done.floats, done.counts),
             norm_type=self.norm_type,
             clip_coef=done.coef,
             numels=list(self._numels) if listed is None else [self._numels[i] for i in listed],

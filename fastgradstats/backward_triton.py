@@ -48,6 +48,17 @@ class Finished:
     floats: Tensor  # float32 [2, n]: per-tensor p-norm, max |g|
     counts: Tensor  # int64 [2, n]: NaN, Inf counts
     coef: Tensor | None  # 0-d float32 clip coefficient (``max_norm`` given)
+    rows: tuple[Tensor, ...]  # [n] views: p-norm, max |g|, NaN count, Inf count
+
+
+def _outputs(n: int, result: torch.dtype, device: torch.device) -> tuple:
+    """A finalize launch's outputs for ``n`` tensors and their views: ``(floats, counts,
+    total, (exact total, coefficient), (norms, max |g|, NaN, Inf))``."""
+    floats = torch.empty((2, n), device=device)
+    counts = torch.empty((2, n), dtype=torch.int64, device=device)
+    total = torch.empty((), dtype=result, device=device)
+    scalars = torch.empty(2, device=device)
+    return floats, counts, total, scalars.unbind(), (*floats.unbind(), *counts.unbind())
 
 
 def usable(params: list[Tensor], norm_type: float) -> bool:
@@ -134,6 +145,9 @@ class TritonSlots:
         self._steady = [None] * len(ranges)
         self._cuda = self.device.type == "cuda"
         self._finalize_tables: dict[tuple | None, tuple[tables.TensorTable, torch.dtype]] = {}
+        # the next finalize's outputs (every tensor listed), made at the end of backward,
+        # with the stream current then; see ``prepare_outputs``
+        self._ready: tuple[Any, tuple] | None = None
 
     # --- during backward ---------------------------------------------------------------
 
@@ -280,26 +294,35 @@ class TritonSlots:
             entry = self._finalize_tables[key] = (table, result)
         return tables.ready_for_launch(entry[0]), entry[1]
 
+    def prepare_outputs(self) -> None:
+        """Allocate the next :meth:`finalize`'s outputs now (called at the end of
+        backward): the step after backward then allocates nothing. Used only by a finalize
+        of every tensor on the same stream (memory is ordered on its stream)."""
+        with _on_device(self.device):
+            result = self._finalize_table(None)[1]
+            stream = tables.current_stream(self.device)
+            self._ready = (stream, _outputs(len(self.numels), result, self.device))
+
     def finalize(self, listed: list[int] | None, max_norm: float | None) -> Finished:
         """ONE finalize launch over the partials of every tensor (``listed``: of those
         only, in that order): per-tensor results, the total (in the promoted gradient
         dtype, torch's roundings) and, with ``max_norm``, the clip coefficient. Reads no
-        gradient."""
+        gradient. The outputs are new tensors each call (made by :meth:`prepare_outputs`
+        when it could)."""
         self.join()  # the side stream's bucket and catch-up launches wrote the partials
         table, result = self._finalize_table(listed)
-        n, device = table.n_tensors, self.device
-        floats = torch.empty((2, n), device=device)
-        counts = torch.empty((2, n), dtype=torch.int64, device=device)
-        total = torch.empty((), dtype=result, device=device)
-        scalars = torch.empty(2, device=device)  # exact total, clip coefficient
+        ready, self._ready = self._ready, None
+        if ready is None or listed is not None or ready[0] != tables.current_stream(self.device):
+            ready = (None, _outputs(table.n_tensors, result, self.device))
+        floats, counts, total, (exact, coef), rows = ready[1]
         clip = max_norm is not None
-        with _on_device(device):
+        with _on_device(self.device):
             stats_kernels.launch_finalize(
                 table, self.partials, floats, counts, self.norm_type, True,
                 stats_kernels.FINISH_CLIP if clip else stats_kernels.FINISH_TOTAL,
-                total, scalars[0], scalars[1], self.ticket, max_norm if clip else 0.0,
+                total, exact, coef, self.ticket, max_norm if clip else 0.0,
             )  # fmt: skip
-        return Finished(total, scalars[0], floats, counts, scalars[1] if clip else None)
+        return Finished(total, exact, floats, counts, coef if clip else None, rows)
 
 
 __all__ = ["Finished", "TritonSlots", "usable"]

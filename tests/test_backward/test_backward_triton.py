@@ -574,3 +574,34 @@ def test_reset_after_an_interrupted_backward_lets_the_next_one_measure_in_backwa
     stats = handle.finalize()
     assert stats.catchup_tensors == 0
     assert_same_stats(stats, _fused(model))
+
+
+def test_step_after_backward_allocates_nothing_and_each_finalize_returns_new_tensors(
+    monkeypatch,
+):
+    """The next finalize's outputs are made at the end of backward: the step after it runs
+    no torch op at all (launches stubbed: the interpreter's own ops stay out). Each
+    finalize still hands out tensors of its own, so a step's statistics survive the next."""
+    model = _Net()
+    handle = fgs.backward_stats(model, bucket_bytes=600)
+    _loss(model).backward()
+    first = handle.finalize()
+    kept = [t.clone() for t in (first.norms, first.max_abs, first.total_norm)]
+    with monkeypatch.context() as m:
+        launches = Launches(m)
+        _loss(model, seed=5).backward()
+        with OpRecorder() as recorder:
+            handle.finalize()
+        assert recorder.ops == [], recorder.ops
+        assert launches.names[-1:] == ["finalize_kernel"]
+    _loss(model, seed=6).backward()
+    second = handle.finalize()
+    assert second.catchup_tensors == 0
+    assert_same_stats(second, _fused(model))
+    assert_same_tensors([first.norms, first.max_abs, first.total_norm], kept)
+    assert second.norms.data_ptr() != first.norms.data_ptr()
+    # a finalize with no backward before it (catch-up of every tensor) allocates its own
+    third = handle.finalize()
+    assert third.catchup_tensors == len(third)
+    assert third.norms.data_ptr() != second.norms.data_ptr()
+    assert_same_stats(third, second)
