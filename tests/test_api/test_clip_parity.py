@@ -125,7 +125,14 @@ def test_clipped_grads_every_dtype_against_float64(backend, dtype):
     total = fgs.clip_grad_norm_(params, max_norm)
     total64 = ref_norm(original, 2.0)
     coef = min(max_norm / (total64 + 1e-6), 1.0)
-    assert rel_err(float(total), total64) < (1e-12 if dtype == torch.float64 else 5e-3)
+    # 16-bit: each per-tensor norm is rounded to the gradient dtype and so is the total
+    # (torch's roundings): two unit roundoffs, i.e. one eps (bf16 drew 5.7e-3 in 2000 draws,
+    # over the 5e-3 this used to allow)
+    if dtype in (torch.bfloat16, torch.float16):
+        tol = torch.finfo(dtype).eps + 1e-6
+    else:
+        tol = 1e-12 if dtype == torch.float64 else 5e-3
+    assert rel_err(float(total), total64) < tol
     # 16-bit: the coefficient is computed in the gradient dtype as torch does (4 roundings
     # of half an ulp each) before the product's own rounding: up to 5 half-ulps in all
     # (1.5e-3 for fp16 was below that bound: a fresh draw reached 1.58e-3 on 2026-12-05)
