@@ -268,9 +268,10 @@ def fused(
     ``histogram=True`` (with ``stats``): the stats launches also bin every element (the
     same single read), filling ``Fused.histogram`` and ``Fused.zero_count``.
 
-    The steady state walks the gradients once: ``.grad``, then ``data_ptr()`` (the plan
-    key), then one C++ check that every gradient's dtype, shape and strides are unchanged
-    behind those addresses (``Plan.matches``).
+    The steady state reads ``.grad``, then checks the cached plan in one walk: every
+    gradient's address and, by one C++ check per run of 1,024 gradients, its dtype, shape
+    and strides (``Plan.matches``). A miss (or a ``None`` gradient) walks the addresses
+    once more to find or build the plan.
     """
     if not items or norm_type not in _FUSED_NORMS:
         return None
@@ -278,6 +279,7 @@ def fused(
     if requested == "torch" or torch.compiler.is_compiling():  # traced code: custom ops (generic)
         return None
     names = None
+    plan = None
     try:
         tensors = items
         if type(items) is NamedTensors:  # pairs split and checked once, by the caller
@@ -294,28 +296,34 @@ def fused(
             if not all(issubclass(kind, Tensor) for kind in set(map(type, tensors))):
                 return None
         grads = list(map(_GRAD, tensors)) if use_grad else tensors
-        try:
-            ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
-        except TypeError:
-            if not use_grad:
+        first = grads[0]
+        # auto: Triton on CUDA only (and Triton is not imported for CPU gradients)
+        if first is not None and (requested != "auto" or first.device.type == "cuda"):
+            impl = triton_module()
+            plan = impl.cached_plan(grads) if impl is not None else None
+        if plan is None:
+            try:
+                ptrs = tuple(map(Tensor.data_ptr, grads))  # raises for None, DTensor, non-tensors
+            except TypeError:
+                if not use_grad:
+                    return None
+                grads = [g for g in grads if g is not None]  # parameters without a gradient
+                if names is not None:
+                    names = [n for n, t in zip(names, tensors) if t.grad is not None]
+                ptrs = tuple(map(Tensor.data_ptr, grads))
+            if not grads:
                 return None
-            grads = [g for g in grads if g is not None]  # parameters without a gradient
-            if names is not None:
-                names = [n for n, t in zip(names, tensors) if t.grad is not None]
-            ptrs = tuple(map(Tensor.data_ptr, grads))
-        if not grads:
-            return None
-        if requested == "auto" and grads[0].device.type != "cuda":
-            return None  # auto: Triton on CUDA only
+            if requested == "auto" and grads[0].device.type != "cuda":
+                return None
     except (AttributeError, TypeError, RuntimeError):
         return None
-    impl = triton_module()
-    if impl is None:
-        return None  # the generic path says why (or falls back to torch for auto)
-    kernels = impl.kernels
-    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads)
     if plan is None:
-        return None
+        impl = triton_module()
+        if impl is None:
+            return None  # the generic path says why (or falls back to torch for auto)
+        plan = impl.plan_for(ptrs, grads)
+        if plan is None:
+            return None
     if stats and names is None and use_grad and len(grads) < len(tensors):
         names = [str(i) for i, t in enumerate(tensors) if t.grad is not None]
     out = impl.run_fused(plan, norm_type, stats=stats, max_norm=max_norm, histogram=histogram)
@@ -343,8 +351,7 @@ def zero_where_fused(params: list[Tensor], flag: Tensor, backend: str | None) ->
     impl = triton_module()
     if impl is None:
         return False
-    kernels = impl.kernels
-    plan = impl.plan_for((hash(ptrs), kernels.BLOCK, kernels.TILE), ptrs, grads)
+    plan = impl.plan_for(ptrs, grads)
     if plan is None:
         return False
     impl.zero_fused(plan, flag, grads)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, torch_backend
+from .constants import NUM_BINS
 from .env import triton_interpreter_on
 from .kernels import scale as scale_kernels
 from .kernels import stats as stats_kernels
@@ -53,6 +54,9 @@ from .torch_backend import GroupStats
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_NORMS = (1.0, 2.0, math.inf)
 _DTYPE = operator.attrgetter("dtype")
+_DATA_PTR = Tensor.data_ptr
+CHECK_CHUNK = 1024  # gradients per run of Plan.matches (see there)
+_Chunk = tuple[int, int, tuple[int, ...], Any]  # start, stop, addresses, guard (or None)
 try:  # the C++ tensor check torch.compile's guards use (dtype, device, shape, strides)
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover (older or stripped torch builds)
@@ -290,6 +294,8 @@ class Workspace:
     floats: Tensor  # float32 [2, n]: per-tensor results nobody asked for
     counts: Tensor  # int64 [2, n]
     ticket: Tensor  # int32 [1], 0 between calls (the finalize resets it)
+    # (norm_type, stats, tuning settings) -> the stats launches into ``partials``
+    launches: dict[tuple, list] = field(default_factory=dict)
 
 
 def _workspace(table: tables.TensorTable) -> Workspace:
@@ -317,7 +323,27 @@ class Plan:
     _names: list[str] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     pinned: bool = False  # used under CUDA-graph capture: kept for the process's life
-    guard: Any = None  # TensorGuards of the gradients (see ``matches``), or None
+    # (start, stop, addresses, TensorGuards or None) per run of CHECK_CHUNK gradients
+    chunks: list[_Chunk] = field(default_factory=list)
+    _scale: dict[tuple, list] = field(default_factory=dict)  # tuning -> scale launches
+
+    def stats_launches(self, ws: Workspace, norm_type: float, stats: bool) -> list:
+        """The stats launches of this plan into ``ws`` (made once per setting: a steady
+        call builds no argument tuple and looks up no config)."""
+        key = (norm_type, stats, kernels.tuning())
+        launches = ws.launches.get(key)
+        if launches is None:
+            launches = stats_kernels.stats_launches(self.table, ws.partials, norm_type, stats)
+            ws.launches[key] = launches
+        return launches
+
+    def scale_launches(self) -> list:
+        """The scale launches of this plan (made once per setting)."""
+        key = kernels.tuning()
+        launches = self._scale.get(key)
+        if launches is None:
+            launches = self._scale[key] = scale_kernels.scale_launches(self.table)
+        return launches
 
     @property
     def position_names(self) -> list[str]:
@@ -326,25 +352,38 @@ class Plan:
             self._names = [str(i) for i in range(self.table.n_tensors)]
         return self._names
 
-    def matches(self, ptrs: tuple[int, ...], grads: list[Tensor]) -> bool:
-        """Same addresses (the key holds only their hash), and every gradient's dtype,
-        size and density unchanged behind them: a gradient that became bf16 at the same
-        address and size must not be read (and scaled) as fp32.
+    def matches(self, grads: list[Tensor]) -> bool:
+        """Same addresses, and every gradient's dtype, size and density unchanged behind
+        them: a gradient that became bf16 at the same address and size must not be read
+        (and scaled) as fp32. ``False`` too for a ``None`` or non-tensor item.
 
-        First one C++ pass (``guard``: torch.compile's tensor check of type, dtype,
-        device, shape and strides), which costs about what the former ``numel()`` pass
-        alone cost. When it is missing or refuses (a dispatch mode or grad-mode state
-        other than at build, a new stride order), a Python walk decides: sizes, dtypes,
-        and :func:`tables.is_dense` (what the kernels need of a layout).
+        One walk in runs of :data:`CHECK_CHUNK` gradients: each run's addresses, then
+        its C++ layout check (``guard``: torch.compile's tensor check of type, dtype,
+        device, shape and strides) while the run's tensors are still in cache. Checked
+        as two whole-list passes, the second misses the cache at 10,000 tensors and the
+        pair costs about a third more. Where the guard is missing or refuses (a dispatch
+        mode or grad-mode state other than at build, a new stride order), a Python walk
+        decides: sizes, dtypes, and :func:`tables.is_dense` (what the kernels need).
         """
-        if ptrs != self.ptrs:
+        if len(grads) != len(self.ptrs):
             return False
-        if self.guard is not None and self.guard.check(*grads):
-            return True
+        try:
+            for start, stop, ptrs, guard in self.chunks:
+                part = grads if stop - start == len(grads) else grads[start:stop]
+                if tuple(map(_DATA_PTR, part)) != ptrs:
+                    return False
+                checked = guard is not None and guard.check(*part)
+                if not checked and not self._same_layout(part, start, stop):
+                    return False
+        except (AttributeError, TypeError, RuntimeError):  # None, DTensor, not a tensor
+            return False
+        return True
+
+    def _same_layout(self, part: list[Tensor], start: int, stop: int) -> bool:
         return (
-            tuple(map(Tensor.numel, grads)) == self.numels
-            and tuple(map(_DTYPE, grads)) == self.dtypes
-            and all(map(tables.is_dense, grads))
+            tuple(map(Tensor.numel, part)) == self.numels[start:stop]
+            and tuple(map(_DTYPE, part)) == self.dtypes[start:stop]
+            and all(map(tables.is_dense, part))
         )
 
     def prepare(self) -> Any:
@@ -414,6 +453,14 @@ def guard_for(grads: list[Tensor]) -> Any:
         return None
 
 
+def _check_chunks(grads: list[Tensor], ptrs: tuple[int, ...]) -> list[_Chunk]:
+    return [
+        (start, min(start + CHECK_CHUNK, len(grads)), ptrs[start : start + CHECK_CHUNK],
+         guard_for(grads[start : start + CHECK_CHUNK]))
+        for start in range(0, len(grads), CHECK_CHUNK)
+    ]  # fmt: skip
+
+
 def build_plan(grads: list[Tensor]) -> Plan | None:
     """A plan for ``grads``, or ``None`` when they cannot take the fused path."""
     if not grads or not _fusable(grads):
@@ -430,32 +477,54 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
         )
     ptrs = tuple(g.data_ptr() for g in grads)
     return Plan(table, ptrs, tuple(numels), tuple(dtypes), result, device,
-                numel_list=numels, guard=guard_for(grads))  # fmt: skip
+                numel_list=numels, chunks=_check_chunks(grads, ptrs))  # fmt: skip
 
 
-def plan_for(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
-    """The cached plan for ``key`` (the hash of ``ptrs`` and the settings) after checking
-    ``ptrs``, sizes and dtypes, else a new one; ``None`` when the gradients cannot be
-    fused (remembered too). Hashing 10,000 addresses costs as much as reading them, so
-    the key is hashed once per call.
+def _key(n: int, first: int, last: int) -> tuple:
+    # The list's length and end addresses and the tiling settings (a table depends on
+    # them): cheap to form, and ``Plan.matches`` checks the rest. Two lists that agree
+    # here and differ inside share one cache slot; each call then rebuilds (correct, slow).
+    return (n, first, last, kernels.BLOCK, kernels.TILE)
 
-    The check is every gradient's dtype, size and density (a caching allocator reusing a
-    block, or a flat gradient buffer, can put a gradient of another dtype behind the same
-    address and size; ``p.grad = buf[:, ::2]`` has the address and size of a dense
-    gradient), see ``Plan.matches``.
+
+def cached_plan(grads: list[Tensor]) -> Plan | None:
+    """The cached plan of ``grads`` when every gradient's address and layout are those it
+    was built for (the steady state: one chunked walk, no hash of the addresses), else
+    ``None`` (a miss, a ``None`` or non-tensor item, a list that cannot fuse)."""
+    try:
+        key = _key(len(grads), grads[0].data_ptr(), grads[-1].data_ptr())
+    except (AttributeError, TypeError, RuntimeError, IndexError):
+        return None
+    entry = _plans.get(key)
+    if type(entry) is Plan and entry.matches(grads):
+        plan_stats["hits"] += 1
+        return entry
+    return None
+
+
+def plan_for(ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
+    """The cached plan for ``grads`` (non-empty; ``ptrs`` their addresses) after checking
+    every address and layout, else a new one; ``None`` when the gradients cannot be
+    fused (remembered too, by their addresses).
+
+    The check is every gradient's address, dtype, size and density (a caching allocator
+    reusing a block, or a flat gradient buffer, can put a gradient of another dtype
+    behind the same address and size; ``p.grad = buf[:, ::2]`` has the address and size
+    of a dense gradient), see ``Plan.matches``.
 
     Called under CUDA-graph capture, a plan it builds is pinned and not cached (its table
     is filled by the graph's copy, at replay only).
     """
+    key = _key(len(ptrs), ptrs[0], ptrs[-1])
     entry = _plans.get(key)
     # Checked outside the cache's lock: a walk of 10,000 gradients must not serialize
-    # threads (a tuple entry: a hash collision with a list that could not be fused).
+    # threads (a tuple entry: the addresses of a list that could not be fused).
     if entry is not None:
         if type(entry) is tuple:
             if entry == ptrs:
                 plan_stats["hits"] += 1
                 return None
-        elif entry.matches(ptrs, grads):
+        elif entry.matches(grads):
             plan_stats["hits"] += 1
             return entry
     plan = build_plan(grads)
@@ -519,14 +588,15 @@ def run_fused(
     clip = max_norm is not None
     bins: tuple[Tensor, Tensor] | None = None
     if histogram:
-        from .constants import NUM_BINS
-
         bins = (
             torch.zeros((n, NUM_BINS), dtype=torch.int64, device=device),
             torch.zeros(n, dtype=torch.int64, device=device),
         )
     with _on_device(device), plan.lock:
-        stats_kernels.launch_stats(plan.table, ws.partials, norm_type, stats, bins)
+        if bins is None:
+            stats_kernels.replay_stats(plan.stats_launches(ws, norm_type, stats))
+        else:  # new output tensors every call: nothing to keep
+            stats_kernels.launch_stats(plan.table, ws.partials, norm_type, stats, bins)
         stats_kernels.launch_finalize(
             plan.table,
             ws.partials,
@@ -549,7 +619,7 @@ def scale_fused(plan: Plan, coef: Tensor, grads: list[Tensor]) -> None:
     """Scale every gradient of ``plan`` by the device coefficient (no write when >= 1)."""
     plan.prepare()
     with _on_device(plan.device):
-        scale_kernels.scale_(plan.table, coef)
+        scale_kernels.replay_scale(plan.scale_launches(), coef)
     _bump_versions(grads)
 
 
@@ -565,6 +635,7 @@ __all__ = [
     "FusedResult",
     "Plan",
     "build_plan",
+    "cached_plan",
     "clamp_",
     "clear_plans",
     "group_norms",

@@ -117,6 +117,9 @@ def elementwise_config(dtype: torch.dtype, block: int, aligned: bool) -> dict:
     return settings.launch_config(key, lambda: settings.base_config(dtype, block, aligned))
 
 
+ScaleLaunch = tuple[tuple[int], Tensor, int, int, dict]  # grid, table, n_tensors, block_lo, config
+
+
 def scale_(table: TensorTable, coef: Tensor) -> None:
     """Multiply every gradient of ``table`` by the 0-d device tensor ``coef``, in place.
 
@@ -125,17 +128,25 @@ def scale_(table: TensorTable, coef: Tensor) -> None:
     launch at once. Clamp and zero need no rounds: they store the same values whichever
     program gets there first.
     """
-    for part in table.write_rounds or (table,):
-        for seg in part.segments:
-            settings.launch(
-                scale_kernel,
-                (seg.num_blocks,),
-                part.data,
-                coef,
-                part.n_tensors,
-                seg.lo,
-                **elementwise_config(seg.dtype, table.block, seg.aligned),
-            )
+    replay_scale(scale_launches(table), coef)
+
+
+def scale_launches(table: TensorTable) -> list[ScaleLaunch]:
+    """The ``(grid, table, n_tensors, block_lo, config)`` of each :func:`scale_` launch,
+    in order. A caller that scales the same table again and again (a cached plan) keeps
+    this list and replays it with :func:`replay_scale`: a launch then builds no config."""
+    return [
+        ((seg.num_blocks,), part.data, part.n_tensors, seg.lo,
+         elementwise_config(seg.dtype, table.block, seg.aligned))
+        for part in table.write_rounds or (table,)
+        for seg in part.segments
+    ]  # fmt: skip
+
+
+def replay_scale(launches: list[ScaleLaunch], coef: Tensor) -> None:
+    """Make the launches :func:`scale_launches` listed, each reading ``coef``."""
+    for grid, data, n_tensors, block_lo, config in launches:
+        settings.launch(scale_kernel, grid, data, coef, n_tensors, block_lo, **config)
 
 
 def zero_where_(table: TensorTable, flag: Tensor) -> None:
@@ -171,8 +182,10 @@ __all__ = [
     "clamp_",
     "clamp_kernel",
     "elementwise_config",
+    "replay_scale",
     "scale_",
     "scale_kernel",
+    "scale_launches",
     "zero_kernel",
     "zero_where_",
 ]

@@ -82,6 +82,56 @@ def test_a_gradient_replaced_by_a_gapped_view_at_the_same_address_is_not_read_de
     torch.testing.assert_close(total, torch.linalg.vector_norm(gapped), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("change", ["bf16 at the same address", "gapped view"])
+def test_a_gradient_changed_in_a_later_run_of_the_check_is_seen(change, monkeypatch):
+    """``Plan.matches`` checks the list in runs of ``CHECK_CHUNK`` gradients: a change
+    in the last run (not the first, not at either end of the list) must still be seen."""
+    monkeypatch.setattr(triton_backend, "CHECK_CHUNK", 2)
+    buf = torch.randn(96, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    grads = [buf[16 * i : 16 * i + 16] for i in range(6)]  # runs (0, 1) (2, 3) (4, 5)
+    fgs.get_total_norm(grads, backend="triton")
+    assert len(_the_plan().chunks) == 3
+    if change == "gapped view":
+        new = buf[64:96:2]  # index 4: same address and size, every other element
+    else:
+        new = buf[64:80].view(torch.bfloat16)[:16]
+        new.copy_(torch.randn(16, generator=torch.Generator().manual_seed(6)))
+    assert new.data_ptr() == grads[4].data_ptr() and new.numel() == grads[4].numel()
+    changed = [*grads[:4], new, grads[5]]
+    total = fgs.get_total_norm(changed, backend="triton")
+    # torch's roundings: the bf16 tensor's norm is rounded to bf16
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm(changed), rtol=1e-6, atol=0)
+    assert triton_backend.plan_stats["builds"] == 2
+
+
+def test_lists_that_share_length_and_end_gradients_each_get_their_own_result():
+    """The cache finds a plan by the list's length and first and last addresses; two lists
+    that agree there and differ inside must never be served each other's plan (``d``
+    has ``b``'s size and dtype: only its address tells them apart)."""
+    a, b, c, d = _grads((30, 50, 20, 50), seed=7)
+    first, second = [a, b, c], [a, d, c]
+    for grads in (first, second, first, second, first):
+        total = fgs.get_total_norm(grads, backend="triton")
+        expected = torch.linalg.vector_norm(torch.cat(grads).double())
+        torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_parameters_without_gradient_keep_hitting_the_plan():
+    """A ``None`` gradient makes the one-walk check miss; the second walk (``None``s left
+    out) still finds the cached plan and builds nothing."""
+    params = _params_on(_grads((40, 9, 60), seed=8))
+    params.insert(1, torch.nn.Parameter(torch.zeros(5, device=DEVICE)))  # no .grad
+    reference = [p.grad.clone() if p.grad is not None else None for p in params]
+    for _ in range(3):
+        total = fgs.get_total_norm([p.grad for p in params if p.grad is not None])
+        stats = fgs.grad_stats(params, backend="triton")
+        assert stats.names == ["0", "2", "3"]
+    expected = torch.linalg.vector_norm(torch.cat([g for g in reference if g is not None]))
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats.total_norm, expected, rtol=1e-6, atol=0)
+    assert triton_backend.plan_stats["builds"] == 1
+
+
 def test_steady_calls_reuse_the_plan_with_and_without_duplicates():
     grads = _grads((50, 200, 7))
     for lists in ([grads], [[grads[0], grads[1], grads[0]]]):
@@ -367,7 +417,7 @@ def test_two_threads_launches_do_not_interleave(monkeypatch):
     grads = _grads((50, 200, 7))
     plan = triton_backend.build_plan(grads)
     order: list = []
-    real_stats, real_finalize = stats_kernels.launch_stats, stats_kernels.launch_finalize
+    real_stats, real_finalize = stats_kernels.replay_stats, stats_kernels.launch_finalize
 
     def slow_stats(*args, **kw):
         order.append(("stats", threading.get_ident()))
@@ -378,7 +428,7 @@ def test_two_threads_launches_do_not_interleave(monkeypatch):
         order.append(("finalize", threading.get_ident()))
         real_finalize(*args, **kw)
 
-    monkeypatch.setattr(stats_kernels, "launch_stats", slow_stats)
+    monkeypatch.setattr(stats_kernels, "replay_stats", slow_stats)  # every stats launch
     monkeypatch.setattr(stats_kernels, "launch_finalize", finalize)
     results = {}
 
