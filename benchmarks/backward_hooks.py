@@ -7,7 +7,11 @@ and the after-backward step (``finalize``) at most 1.5x the one-pass floor
 The model is ``n`` tiny parameters (4 elements each) feeding one sum, so backward itself is
 cheap and the difference is the hooks. Each round times a batch of backward passes
 without the handle, then with it (interleaved: machine load hits both alike); the cost per
-tensor is the median over rounds of (with - without) / n. "stubbed": the measurement seam
+tensor is the median over rounds of (with - without) / n. Each round makes a new handle,
+whose first backward builds every bucket's table, layout check and launches (once per
+handle and gradient layout in a training run): that backward is timed apart
+(``first_backward_us_per_tensor``) and the batch after it, a finalize after each
+backward as in training, is the steady state. "stubbed": the measurement seam
 ``fastgradstats.backward._measure_bucket`` returns preallocated results (a GPU would only
 enqueue its launches); "torch": the real torch-path measurement on the CPU; "triton": the
 Triton path with its launches stubbed (``python -m benchmarks host`` runs this row, with
@@ -120,7 +124,7 @@ def measure(n: int, buckets: int, rounds: int, batch: int, mode: str) -> dict[st
         handle.finalize()
         launches_finalize = counter.count - launches_backward
         handle.remove()
-        noop, hooked, fin, flo, ratios = [], [], [], [], []
+        noop, hooked, first, fin, flo, ratios = [], [], [], [], [], []
         for _ in range(rounds):
             # interleaved: plain backward, no-op hooks (any hook's floor), the handle
             without = timed(backward)
@@ -129,7 +133,19 @@ def measure(n: int, buckets: int, rounds: int, batch: int, mode: str) -> dict[st
             for r in removable:
                 r.remove()
             handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes, backend=backend)
-            hooked.append((timed(backward) - without) / n * 1e6)
+            # a new handle's first backward builds each bucket's table, check and launches
+            # (once per handle and layout): timed apart, then the steady state
+            start = _clock()
+            backward()
+            first.append((_clock() - start - without) / n * 1e6)
+            handle.finalize()
+            spent = 0.0
+            for _ in range(batch):  # as in training: a finalize after each backward
+                start = _clock()
+                backward()
+                spent += _clock() - start
+                handle.finalize()
+            hooked.append((spent / batch - without) / n * 1e6)
             # after backward: finalize against the one-pass floor, on the same gradients
             f_sum = floor_sum = 0.0
             for _ in range(batch):
@@ -157,6 +173,7 @@ def measure(n: int, buckets: int, rounds: int, batch: int, mode: str) -> dict[st
         "launches_finalize": launches_finalize if mode == "triton" else None,
         "noop_hook_us_per_tensor": round(statistics.median(noop), 3),
         "hook_us_per_tensor": round(statistics.median(hooked), 3),
+        "first_backward_us_per_tensor": round(statistics.median(first), 3),
         "finalize_us": round(statistics.median(fin), 1),
         "floor_us": round(statistics.median(flo), 1),
         "finalize_x_floor": round(statistics.median(ratios), 2),
@@ -182,11 +199,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(json.dumps(rows, indent=1))
     else:
         print(f"{'tensors':>8}{'buckets':>8}  {'measure':<8}{'no-op hook':>11}"
-              f"{'hook us/tensor':>15}"
+              f"{'hook us/tensor':>15}{'(1st bw)':>10}"
               f"{'finalize us':>13}{'floor us':>10}{'x floor':>9}")  # fmt: skip
         for r in rows:
             print(f"{r['tensors']:>8}{r['buckets']:>8}  {r['measure']:<8}"
                   f"{r['noop_hook_us_per_tensor']:>11.2f}{r['hook_us_per_tensor']:>15.2f}"
+                  f"{r['first_backward_us_per_tensor']:>10.2f}"
                   f"{r['finalize_us']:>13.1f}{r['floor_us']:>10.1f}"
                   f"{r['finalize_x_floor']:>9.2f}")  # fmt: skip
     return rows

@@ -28,5 +28,10 @@ def test_backward_hooks_benchmark_smoke(mode):
         # one stats launch per bucket during backward, ONE finalize after
         assert row["launches_backward"] == row["buckets"] and row["launches_finalize"] == 1
     assert row["tensors"] == 30 and row["buckets"] >= 3
-    for key in ("hook_us_per_tensor", "noop_hook_us_per_tensor", "finalize_x_floor"):
+    for key in (
+        "hook_us_per_tensor",
+        "noop_hook_us_per_tensor",
+        "first_backward_us_per_tensor",
+        "finalize_x_floor",
+    ):
         assert math.isfinite(row[key])
