@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", required=True, help="a commit of this repository")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS,
-                        help=f"folder for host-ab-cpu-<date>-<commit>.json (default {RESULTS})")  # fmt: skip
+                        help=f"folder of host-ab-cpu-<date>-<commit>.json, {RESULTS}")  # fmt: skip
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         if "triton" in sys.modules:

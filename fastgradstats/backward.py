@@ -311,7 +311,7 @@ class BackwardStats:
         params = self.params if eligible else []  # [] -> None: the torch path
         self._triton = _triton_slots(params, self._ranges, self.norm_type, backend, side_stream)
         # freshness: slot i was measured from the gradient _ref[i]() at version _version[i]
-        # (_DEAD and -1: never measured since the last finalize)
+        # (version -1: not measured since the last finalize; _DEAD: never, or unreadable)
         self._ref: list[Any] = [_DEAD] * n
         self._version = [-1] * n
         # firing: which tensors fired since their bucket was last measured
@@ -755,9 +755,11 @@ class BackwardStats:
         )
 
     def _reset_slots(self) -> None:
-        n = len(self.params)
-        self._ref = [_DEAD] * n
-        self._version = [-1] * n
+        # Version -1 makes every slot stale. The weak references stay: freeing 10,000 of
+        # them here and making them again in the next backward's hooks would cost both
+        # sides (``weakref.ref(g)`` hands back g's live reference instead of a new one),
+        # and a weak reference keeps no gradient alive.
+        self._version = [-1] * len(self.params)
         self._unscaled_here = set()
 
     def _count_catchup(self, caught: int, total: int) -> None:

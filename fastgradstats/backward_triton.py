@@ -295,13 +295,30 @@ class TritonSlots:
         return tables.ready_for_launch(entry[0]), entry[1]
 
     def prepare_outputs(self) -> None:
-        """Allocate the next :meth:`finalize`'s outputs now (called at the end of
-        backward): the step after backward then allocates nothing. Used only by a finalize
-        of every tensor on the same stream (memory is ordered on its stream)."""
+        """Make the next :meth:`finalize` now (called at the end of backward): its outputs,
+        its launch arguments and configs, and what it hands back; the step after backward
+        then allocates nothing and builds no launch. Used only by a finalize of every
+        tensor on the same stream (memory is ordered on its stream)."""
         with _on_device(self.device):
-            result = self._finalize_table(None)[1]
+            table, result = self._finalize_table(None)
             stream = tables.current_stream(self.device)
-            self._ready = (stream, _outputs(len(self.numels), result, self.device))
+            floats, counts, total, (exact, coef), rows = _outputs(
+                len(self.numels), result, self.device
+            )
+        args = stats_kernels.finalize_args(
+            table, self.partials, floats, counts, total, exact, coef, self.ticket
+        )
+        finished = {  # clip or not: (the finish's config, what finalize hands back)
+            clip: (
+                stats_kernels.finalize_config(
+                    self.norm_type, True,
+                    stats_kernels.FINISH_CLIP if clip else stats_kernels.FINISH_TOTAL, result,
+                ),
+                Finished(total, exact, floats, counts, coef if clip else None, rows),
+            )
+            for clip in (False, True)
+        }  # fmt: skip
+        self._ready = (stream, table, args, finished)
 
     def finalize(self, listed: list[int] | None, max_norm: float | None) -> Finished:
         """ONE finalize launch over the partials of every tensor (``listed``: of those
@@ -310,12 +327,22 @@ class TritonSlots:
         gradient. The outputs are new tensors each call (made by :meth:`prepare_outputs`
         when it could)."""
         self.join()  # the side stream's bucket and catch-up launches wrote the partials
-        table, result = self._finalize_table(listed)
         ready, self._ready = self._ready, None
-        if ready is None or listed is not None or ready[0] != tables.current_stream(self.device):
-            ready = (None, _outputs(table.n_tensors, result, self.device))
-        floats, counts, total, (exact, coef), rows = ready[1]
         clip = max_norm is not None
+        if ready is not None and listed is None:
+            stream, table, args, finished = ready
+            if not self._cuda:  # the CPU (interpreter): no stream, no capture
+                config, done = finished[clip]
+                stats_kernels.replay_finalize(args, max_norm if clip else 0.0, config)
+                return done
+            if stream == tables.current_stream(self.device):
+                config, done = finished[clip]
+                with _on_device(self.device):
+                    tables.ready_for_launch(table)
+                    stats_kernels.replay_finalize(args, max_norm if clip else 0.0, config)
+                return done
+        table, result = self._finalize_table(listed)
+        floats, counts, total, (exact, coef), rows = _outputs(table.n_tensors, result, self.device)
         with _on_device(self.device):
             stats_kernels.launch_finalize(
                 table, self.partials, floats, counts, self.norm_type, True,

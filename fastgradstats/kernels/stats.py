@@ -446,10 +446,25 @@ def launch_finalize(
     max_norm: float = 0.0,
 ) -> None:
     """The :func:`finalize_kernel` launch (grid: one program per tensor)."""
+    args = finalize_args(table, partials, floats, counts, total, exact_total, coef, ticket)
     result = total.dtype if total is not None else torch.float32
-    settings.launch(
-        finalize_kernel,
-        (table.n_tensors,),
+    replay_finalize(args, max_norm, finalize_config(norm_type, stats, finish, result))
+
+
+def finalize_args(
+    table: TensorTable,
+    partials: Tensor,
+    floats: Tensor,
+    counts: Tensor,
+    total: Tensor | None = None,
+    exact_total: Tensor | None = None,
+    coef: Tensor | None = None,
+    ticket: Tensor | None = None,
+) -> tuple:
+    """The positional arguments of a :func:`finalize_kernel` launch but ``max_norm`` (see
+    :func:`launch_finalize`): a caller that finalizes into the same outputs again makes
+    them once and launches with :func:`replay_finalize`."""
+    return (
         table.data,
         partials,
         floats,
@@ -460,9 +475,13 @@ def launch_finalize(
         ticket if ticket is not None else counts,
         table.n_tensors,
         partials.shape[1],
-        float(max_norm),
-        **finalize_config(norm_type, stats, finish, result),
     )
+
+
+def replay_finalize(args: tuple, max_norm: float, config: dict) -> None:
+    """The :func:`finalize_kernel` launch of :func:`finalize_args`' ``args``, with
+    ``config`` from :func:`finalize_config`."""
+    settings.launch(finalize_kernel, (args[8],), *args, float(max_norm), **config)
 
 
 def group_stats(table: TensorTable, norm_type: float) -> tuple[Tensor, Tensor]:
@@ -487,12 +506,14 @@ __all__ = [
     "FINISH_TOTAL",
     "NORM_CODES",
     "block_location",
+    "finalize_args",
     "finalize_config",
     "finalize_kernel",
     "group_stats",
     "launch_finalize",
     "launch_stats",
     "max_nan",
+    "replay_finalize",
     "replay_stats",
     "round_to",
     "round_trip",
