@@ -644,7 +644,7 @@ class BackwardStats:
         if self._triton is not None:
             if stale:
                 self._measure(stale, None)  # their own columns of the partials
-            if not any(self._ref[i]() is not self.params[i].grad for i in stale):
+            if not stale or not any(self._ref[i]() is not self.params[i].grad for i in stale):
                 return self._finish_triton(stale, listed, names, grads, max_norm)
             # a gradient the kernels cannot read in place: the torch path, every tensor
             stale = list(range(len(self.params))) if listed is None else list(listed)
