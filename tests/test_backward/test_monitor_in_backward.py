@@ -107,6 +107,24 @@ def test_step_after_backward_touches_no_gradient_storage(max_norm, monkeypatch):
         assert rec.ops  # the recorder saw the step's ops at all
 
 
+def test_a_clip_step_after_backward_touches_gradients_only_to_scale_them(monkeypatch):
+    """With clipping, the in-backward step writes the gradients once, the scale, and reads
+    them for nothing else (the after-backward monitor reads every gradient first)."""
+    monkeypatch.setenv(ENV_BACKEND, "torch")
+    model = _model()
+    monitor = GradMonitor(model, max_norm=1e-3, in_backward=True)
+    model(torch.randn(4, 7)).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    before = [g.clone() for g in grads]
+    with _GradStorageRecorder(grads) as rec:
+        monitor.step()
+    assert rec.touching == ["aten._foreach_mul_.Tensor"], rec.touching
+    coef = float(monitor.history().clip_coef[-1])
+    assert coef < 1.0
+    for g, b in zip(grads, before):
+        torch.testing.assert_close(g, b * coef)
+
+
 def test_in_backward_refuses_what_it_cannot_do():
     model = _model()
     with pytest.raises(TypeError, match="in_backward=True needs the model"):
