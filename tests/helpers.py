@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ODD_SIZES = [0, 1, 7, 13, 127, 1023, 1031]  # 13, 127, 1031 are primes
@@ -100,6 +101,25 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+class GradStorageRecorder(OpRecorder):
+    """Records every aten op whose inputs or outputs share storage with a gradient."""
+
+    def __init__(self, grads: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.storages = {g.untyped_storage().data_ptr() for g in grads}
+        self.touching: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat, _ = tree_flatten((args, kwargs, out))
+        for t in flat:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages:
+                self.touching.append(str(func))
+                break
+        self.ops.append(str(func))
+        return out
 
 
 def run_benchmark(

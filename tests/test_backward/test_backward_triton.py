@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import OpRecorder, assert_same_tensors
+from helpers import GradStorageRecorder, OpRecorder, assert_same_tensors
 
 from fastgradstats import dispatch
 
@@ -385,17 +385,19 @@ def _monitored(in_backward: bool, max_norm: float | None, monkeypatch, steps: in
     model = _Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = GradMonitor(model, max_norm=max_norm, in_backward=in_backward)
-    grads, launched = [], []
+    grads, launched, touching = [], [], []
     for step in range(steps):
         _loss(model, seed=step).backward()
         names = _counting(monkeypatch)
-        monitor.step()
+        with GradStorageRecorder([p.grad for p in model.parameters()]) as recorder:
+            monitor.step()
         monkeypatch.setattr(kernels, "launch", kernels.launch.__wrapped__)
         launched.append(names)
+        touching.append(recorder.touching)
         grads.append([p.grad.clone() for p in model.parameters()])
         opt.step()
         opt.zero_grad()
-    return monitor, grads, launched
+    return monitor, grads, launched, touching
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.05])
@@ -404,8 +406,8 @@ def test_monitor_in_backward_equals_the_after_backward_monitor(max_norm, monkeyp
 
     from fastgradstats.monitor.history import ARRAY_FIELDS
 
-    after, after_grads, _ = _monitored(False, max_norm, monkeypatch)
-    during, during_grads, launched = _monitored(True, max_norm, monkeypatch)
+    after, after_grads, _, _ = _monitored(False, max_norm, monkeypatch)
+    during, during_grads, launched, touching = _monitored(True, max_norm, monkeypatch)
     assert during.backward_stats._triton is not None
     for a, b in zip(after_grads, during_grads):
         assert_same_tensors(a, b)
@@ -415,6 +417,9 @@ def test_monitor_in_backward_equals_the_after_backward_monitor(max_norm, monkeyp
     # the step after backward: the finalize, and the scale only when clipping
     expected = ["finalize_kernel"] + (["scale_kernel"] if max_norm is not None else [])
     assert launched == [expected] * len(launched)
+    # ... and no aten op on gradient memory either (a torch-path catch-up or fallback
+    # would show here; the kernels' own reads are the launches above)
+    assert touching == [[]] * len(touching), touching
 
 
 def test_steady_bucket_checks_dtype_shape_and_strides_behind_the_same_addresses(monkeypatch):

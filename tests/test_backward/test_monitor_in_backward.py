@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import OpRecorder
-from torch.utils._pytree import tree_flatten
+from helpers import GradStorageRecorder
 
 from fastgradstats import GradMonitor
 from fastgradstats.dispatch import ENV_BACKEND
@@ -72,25 +71,6 @@ def test_in_backward_monitor_skips_a_nonfinite_step(monkeypatch):
         )
 
 
-class _GradStorageRecorder(OpRecorder):
-    """Records every aten op whose inputs or outputs share storage with a gradient."""
-
-    def __init__(self, grads: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.storages = {g.untyped_storage().data_ptr() for g in grads}
-        self.touching: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        flat, _ = tree_flatten((args, kwargs, out))
-        for t in flat:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages:
-                self.touching.append(str(func))
-                break
-        self.ops.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("max_norm", [None, 1e6])
 def test_step_after_backward_touches_no_gradient_storage(max_norm, monkeypatch):
     """Issue 18's acceptance on the torch path: a no-clip step after backward runs no
@@ -101,7 +81,7 @@ def test_step_after_backward_touches_no_gradient_storage(max_norm, monkeypatch):
         monitor = GradMonitor(model, max_norm=max_norm, in_backward=in_backward)
         model(torch.randn(4, 7)).sum().backward()
         grads = [p.grad for p in model.parameters()]
-        with _GradStorageRecorder(grads) as rec:
+        with GradStorageRecorder(grads) as rec:
             monitor.step()
         assert bool(rec.touching) == expect_reads, (in_backward, rec.touching)
         assert rec.ops  # the recorder saw the step's ops at all
@@ -116,7 +96,7 @@ def test_a_clip_step_after_backward_touches_gradients_only_to_scale_them(monkeyp
     model(torch.randn(4, 7)).sum().backward()
     grads = [p.grad for p in model.parameters()]
     before = [g.clone() for g in grads]
-    with _GradStorageRecorder(grads) as rec:
+    with GradStorageRecorder(grads) as rec:
         monitor.step()
     assert rec.touching == ["aten._foreach_mul_.Tensor"], rec.touching
     coef = float(monitor.history().clip_coef[-1])
