@@ -420,7 +420,7 @@ class Plan:
         return self._lock
 
 
-PLAN_CACHE_SIZE = 16
+PLAN_CACHE_SIZE = 32  # keys: two per layout (see plan_for), so 16 layouts
 _plans = Lru(PLAN_CACHE_SIZE)  # key -> Plan, or the addresses of a list that cannot fuse
 _pinned_plans: list[Plan] = []  # used under CUDA-graph capture; never evicted nor cleared
 _plans_lock = threading.Lock()  # the pinned list and the plans' workspaces
@@ -482,8 +482,8 @@ def build_plan(grads: list[Tensor]) -> Plan | None:
 
 def _key(n: int, first: int, last: int) -> tuple:
     # The list's length and end addresses and the tiling settings (a table depends on
-    # them): cheap to form, and ``Plan.matches`` checks the rest. Two lists that agree
-    # here and differ inside share one cache slot; each call then rebuilds (correct, slow).
+    # them): cheap to form, and ``Plan.matches`` checks the rest (see ``plan_for`` for
+    # lists that agree here and differ inside).
     return (n, first, last, kernels.BLOCK, kernels.TILE)
 
 
@@ -502,6 +502,19 @@ def cached_plan(grads: list[Tensor]) -> Plan | None:
     return None
 
 
+def _lookup(key: tuple, ptrs: tuple[int, ...], grads: list[Tensor]) -> tuple[bool, Plan | None]:
+    """``(True, plan)`` when the entry under ``key`` is the plan of ``grads``, or
+    ``(True, None)`` when it says they cannot be fused; ``(False, None)`` otherwise.
+    Checked outside the cache's lock: a walk of 10,000 gradients must not serialize
+    threads."""
+    entry = _plans.get(key)
+    if entry is None:
+        return False, None
+    if type(entry) is tuple:  # the addresses of a list that could not be fused
+        return entry == ptrs, None
+    return (True, entry) if entry.matches(grads) else (False, None)
+
+
 def plan_for(ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
     """The cached plan for ``grads`` (non-empty; ``ptrs`` their addresses) after checking
     every address and layout, else a new one; ``None`` when the gradients cannot be
@@ -512,21 +525,25 @@ def plan_for(ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
     behind the same address and size; ``p.grad = buf[:, ::2]`` has the address and size
     of a dense gradient), see ``Plan.matches``.
 
+    Each plan is cached under two keys: its head (length, end addresses: what
+    :func:`cached_plan` looks up without hashing every address) and its head plus the
+    hash of every address. Lists that share a head (the same count and end gradients,
+    others in between) then keep a plan each, as when they alternate; the head points
+    at the one used last.
+
     Called under CUDA-graph capture, a plan it builds is pinned and not cached (its table
     is filled by the graph's copy, at replay only).
     """
-    key = _key(len(ptrs), ptrs[0], ptrs[-1])
-    entry = _plans.get(key)
-    # Checked outside the cache's lock: a walk of 10,000 gradients must not serialize
-    # threads (a tuple entry: the addresses of a list that could not be fused).
-    if entry is not None:
-        if type(entry) is tuple:
-            if entry == ptrs:
-                plan_stats["hits"] += 1
-                return None
-        elif entry.matches(grads):
-            plan_stats["hits"] += 1
-            return entry
+    head = _key(len(ptrs), ptrs[0], ptrs[-1])
+    hit, plan = _lookup(head, ptrs, grads)
+    if not hit:  # hashing every address only when the head did not do
+        full = (*head, hash(ptrs))
+        hit, plan = _lookup(full, ptrs, grads)
+        if hit and plan is not None:
+            _plans.put(head, plan)  # the next steady call finds it by its head
+    if hit:
+        plan_stats["hits"] += 1
+        return plan
     plan = build_plan(grads)
     if plan is not None and tables.capturing(plan.device):
         # Built under capture: its table is filled by the graph's copy, at replay only.
@@ -534,13 +551,14 @@ def plan_for(ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
         _pin(plan)
         return plan
     plan_stats["builds"] += 1
-    _plans.put(key, plan if plan is not None else ptrs)
+    _plans.put(full, plan if plan is not None else ptrs)
+    _plans.put(head, plan if plan is not None else ptrs)
     return plan
 
 
 def _pin(plan: Plan) -> None:
     """Keep ``plan`` (its table, its workspaces) for the life of the process: a CUDA graph
-    captured with it replays its raw pointers; a 16-entry LRU must not free them."""
+    captured with it replays its raw pointers; the LRU must not free them."""
     with _plans_lock:
         if not plan.pinned:
             _pinned_plans.append(plan)
