@@ -145,9 +145,10 @@ class TritonSlots:
         self._steady = [None] * len(ranges)
         self._cuda = self.device.type == "cuda"
         self._finalize_tables: dict[tuple | None, tuple[tables.TensorTable, torch.dtype]] = {}
-        # the next finalize's outputs (every tensor listed), made at the end of backward,
-        # with the stream current then; see ``prepare_outputs``
-        self._ready: tuple[Any, tuple] | None = None
+        # the next finalize of every tensor, made at the end of backward (see
+        # ``prepare_outputs``): (the stream current then, its table, the launch's
+        # arguments, {clip: (finish config, the Finished it hands back)})
+        self._ready: tuple[Any, tables.TensorTable, tuple, dict] | None = None
 
     # --- during backward ---------------------------------------------------------------
 

@@ -269,9 +269,9 @@ def fused(
     same single read), filling ``Fused.histogram`` and ``Fused.zero_count``.
 
     The steady state reads ``.grad``, then checks the cached plan in one walk: every
-    gradient's address and, by one C++ check per run of 1,024 gradients, its dtype, shape
-    and strides (``Plan.matches``). A miss (or a ``None`` gradient) walks the addresses
-    once more to find or build the plan.
+    gradient's address and, by one C++ check per run of ``CHECK_CHUNK`` (1,024)
+    gradients, its dtype, shape and strides (``Plan.matches``). A miss (or a ``None``
+    gradient) walks the addresses once more to find or build the plan.
     """
     if not items or norm_type not in _FUSED_NORMS:
         return None

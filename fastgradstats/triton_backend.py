@@ -54,6 +54,8 @@ from .torch_backend import GroupStats
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_NORMS = (1.0, 2.0, math.inf)
 _DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_PLAIN = {Tensor, torch.nn.Parameter}  # the tensor types a plan is built for (_fusable)
 _DATA_PTR = Tensor.data_ptr
 CHECK_CHUNK = 1024  # gradients per run of Plan.matches (see there)
 _Chunk = tuple[int, int, tuple[int, ...], Any]  # start, stop, addresses, guard (or None)
@@ -380,8 +382,12 @@ class Plan:
         return True
 
     def _same_layout(self, part: list[Tensor], start: int, stop: int) -> bool:
+        # what the guard checks and the kernels need: plain tensors on the plan's device,
+        # the same sizes and dtypes, dense
         return (
-            tuple(map(Tensor.numel, part)) == self.numels[start:stop]
+            set(map(type, part)) <= _PLAIN
+            and set(map(_DEVICE, part)) == {self.device}
+            and tuple(map(Tensor.numel, part)) == self.numels[start:stop]
             and tuple(map(_DTYPE, part)) == self.dtypes[start:stop]
             and all(map(tables.is_dense, part))
         )
@@ -432,7 +438,7 @@ def _fusable(grads: list[Tensor]) -> bool:
     if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on())):
         return False
     for g in grads:
-        if type(g) not in (Tensor, torch.nn.Parameter) or g.device != device:
+        if type(g) not in _PLAIN or g.device != device:
             return False
         if g.dtype not in SUPPORTED_DTYPES or g.layout != torch.strided or not tables.is_dense(g):
             return False
@@ -536,13 +542,15 @@ def plan_for(ptrs: tuple[int, ...], grads: list[Tensor]) -> Plan | None:
     """
     head = _key(len(ptrs), ptrs[0], ptrs[-1])
     hit, plan = _lookup(head, ptrs, grads)
-    if not hit:  # hashing every address only when the head did not do
-        full = (*head, hash(ptrs))
-        hit, plan = _lookup(full, ptrs, grads)
-        if hit and plan is not None:
-            _plans.put(head, plan)  # the next steady call finds it by its head
     if hit:
         plan_stats["hits"] += 1
+        return plan
+    full = (*head, hash(ptrs))  # every address hashed only when the head did not do
+    hit, plan = _lookup(full, ptrs, grads)
+    if hit:
+        plan_stats["hits"] += 1
+        if plan is not None:
+            _plans.put(head, plan)  # the next steady call finds it by its head
         return plan
     plan = build_plan(grads)
     if plan is not None and tables.capturing(plan.device):
