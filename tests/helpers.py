@@ -6,6 +6,7 @@ import importlib
 import math
 import os
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -120,6 +121,30 @@ class GradStorageRecorder(OpRecorder):
                 break
         self.ops.append(str(func))
         return out
+
+
+def assert_same_stats(actual: Any, expected: Any) -> None:
+    """Two ``GradStats`` hold the same names, sizes, norm type and per-tensor results,
+    bit for bit."""
+    assert actual.names == expected.names
+    assert actual.numels == expected.numels
+    assert actual.norm_type == expected.norm_type
+    assert_same_tensors(
+        [actual.norms, actual.max_abs, actual.nan_count, actual.inf_count, actual.total_norm],
+        [expected.norms, expected.max_abs, expected.nan_count, expected.inf_count,
+         expected.total_norm],
+    )  # fmt: skip
+
+
+def params_with_grads(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """A zero parameter per tensor of ``grads`` (its shape, dtype and device), with that
+    tensor itself (not a copy) as its ``.grad``."""
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype, device=g.device))
+        p.grad = g
+        params.append(p)
+    return params
 
 
 def run_benchmark(

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_same_tensors
+from helpers import assert_same_stats, assert_same_tensors
 from torch.utils.checkpoint import checkpoint
 
 import fastgradstats as fgs
@@ -38,17 +38,6 @@ def _loss(model, seed=1, dtype=None):
     dtype = dtype or next(model.parameters()).dtype
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return model(x).float().pow(2).sum()
-
-
-def assert_same_stats(actual: fgs.GradStats, expected: fgs.GradStats) -> None:
-    assert actual.names == expected.names
-    assert actual.numels == expected.numels
-    assert actual.norm_type == expected.norm_type
-    assert_same_tensors(
-        [actual.norms, actual.max_abs, actual.nan_count, actual.inf_count, actual.total_norm],
-        [expected.norms, expected.max_abs, expected.nan_count, expected.inf_count,
-         expected.total_norm],
-    )  # fmt: skip
 
 
 def _reference(model, norm_type=2.0):

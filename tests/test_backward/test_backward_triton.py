@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import GradStorageRecorder, OpRecorder, assert_same_tensors
+from helpers import GradStorageRecorder, OpRecorder, assert_same_stats, assert_same_tensors
 
 from fastgradstats import dispatch
 
@@ -88,17 +88,6 @@ def _loss(model, seed=1):
 
 def _fused(model, norm_type=2.0):
     return fgs.grad_stats(model.named_parameters(), norm_type, backend="triton")
-
-
-def assert_same_stats(actual: fgs.GradStats, expected: fgs.GradStats) -> None:
-    assert actual.names == expected.names
-    assert actual.numels == expected.numels
-    assert actual.norm_type == expected.norm_type
-    assert_same_tensors(
-        [actual.norms, actual.max_abs, actual.nan_count, actual.inf_count, actual.total_norm],
-        [expected.norms, expected.max_abs, expected.nan_count, expected.inf_count,
-         expected.total_norm],
-    )  # fmt: skip
 
 
 def test_dispatch_picks_the_path_like_the_fused_call(monkeypatch):

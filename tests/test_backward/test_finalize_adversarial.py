@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_same_tensors
+from helpers import assert_same_stats, assert_same_tensors
 
 from fastgradstats import dispatch
 
@@ -63,13 +63,18 @@ def fused(model):
     return fgs.grad_stats(model.named_parameters(), backend="triton")
 
 
-def same(actual, expected):
-    assert actual.names == expected.names
-    assert_same_tensors(
-        [actual.norms, actual.max_abs, actual.nan_count, actual.inf_count, actual.total_norm],
-        [expected.norms, expected.max_abs, expected.nan_count, expected.inf_count,
-         expected.total_norm],
-    )  # fmt: skip
+def _twin_steps(bucket_bytes, steps=3):
+    """A model, a copy of it and a handle on the model; yields them after each step's
+    backward on both (the same batch)."""
+    model = Net()
+    twin = copy.deepcopy(model)
+    handle = fgs.backward_stats(model, bucket_bytes=bucket_bytes)
+    for step in range(steps):
+        model.zero_grad()
+        twin.zero_grad()
+        loss(model, step).backward()
+        loss(twin, step).backward()
+        yield model, twin, handle
 
 
 def outputs(stats):
@@ -94,61 +99,47 @@ def test_a_finalize_with_no_backward_catches_everything_up(bb):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     s = h.finalize()
-    same(s, fused(model))
+    assert_same_stats(s, fused(model))
     assert s.catchup_tensors == len(s)
     s2 = h.finalize()
-    same(s2, fused(model))
+    assert_same_stats(s2, fused(model))
     no_alias(s, s2)
 
 
 @pytest.mark.parametrize("bb", [1, 600, 10**9])
 def test_a_clip_after_a_finalize_equals_the_fused_clip_and_aliases_nothing(bb):
-    model = Net()
-    twin = copy.deepcopy(model)
-    h = fgs.backward_stats(model, bucket_bytes=bb)
-    for step in range(3):
-        model.zero_grad()
-        twin.zero_grad()
-        loss(model, step).backward()
-        loss(twin, step).backward()
+    for model, twin, h in _twin_steps(bb):
         s1 = h.finalize()
         assert s1.catchup_tensors == 0
         kept = [t.clone() for t in outputs(s1)]
-        same(s1, fused(model))
+        assert_same_stats(s1, fused(model))
         total, s2 = h.clip_grad_norm_(0.05)
         et, es = fgs.clip_grad_norm_(
             twin.named_parameters(), 0.05, return_stats=True, backend="triton"
         )
         assert s2.catchup_tensors == len(s2)
         assert_same_tensors([total], [et])
-        same(s2, es)
+        assert_same_stats(s2, es)
         assert_same_tensors(
             [p.grad for p in model.parameters()], [p.grad for p in twin.parameters()]
         )
         no_alias(s1, s2)
         assert_same_tensors(outputs(s1), kept)
         s3 = h.finalize()  # after the clip: the clipped gradients
-        same(s3, fused(model))
+        assert_same_stats(s3, fused(model))
         no_alias(s2, s3)
 
 
 @pytest.mark.parametrize("bb", [1, 600, 10**9])
 def test_two_clips_in_a_row_equal_two_fused_clips(bb):
-    model = Net()
-    twin = copy.deepcopy(model)
-    h = fgs.backward_stats(model, bucket_bytes=bb)
-    for step in range(3):
-        model.zero_grad()
-        twin.zero_grad()
-        loss(model, step).backward()
-        loss(twin, step).backward()
+    for model, twin, h in _twin_steps(bb):
         total, s = h.clip_grad_norm_(0.05)
         assert s.catchup_tensors == 0
         et, es = fgs.clip_grad_norm_(
             twin.named_parameters(), 0.05, return_stats=True, backend="triton"
         )
         assert_same_tensors([total, s.clip_coef], [et, es.clip_coef])
-        same(s, es)
+        assert_same_stats(s, es)
         total2, s2 = h.clip_grad_norm_(0.01)
         et2, es2 = fgs.clip_grad_norm_(
             twin.named_parameters(), 0.01, return_stats=True, backend="triton"
@@ -198,7 +189,7 @@ def test_any_change_after_backward_is_caught_up(change, bb):
         elif change == "foreach":
             torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], 3.0)
         s = h.finalize()
-        same(s, fused(model))
+        assert_same_stats(s, fused(model))
         if prev is not None and len(prev) and len(s):
             no_alias(prev, s)
         prev = s
@@ -252,7 +243,7 @@ def test_a_direct_scaler_unscale_is_caught_up():
         scaler.scale(loss(model, step)).backward()
         scaler.unscale_(opt)
         s = h.finalize()
-        same(s, fused(model))
+        assert_same_stats(s, fused(model))
         scaler.step(opt)
         scaler.update()
 
@@ -267,7 +258,7 @@ def test_accumulation_with_an_accumulating_micro_step():
         with h.accumulating():
             loss(model, step + 20).backward()
         s = h.finalize()
-        same(s, fused(model))
+        assert_same_stats(s, fused(model))
 
 
 def test_each_steps_stats_survive_the_next_steps():
@@ -292,4 +283,4 @@ def test_a_write_through_data_after_backward_is_not_seen():
     loss(model).backward()
     model.b.weight.grad.data.mul_(5.0)
     s = h.finalize()
-    same(s, fused(model))
+    assert_same_stats(s, fused(model))

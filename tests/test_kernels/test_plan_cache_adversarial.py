@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import params_with_grads
 
 from fastgradstats import dispatch
 
@@ -40,15 +41,6 @@ def check(grads, p=2.0):
     expected = torch.nn.utils.get_total_norm([g.clone() for g in grads], p)
     got = fgs.get_total_norm(grads, norm_type=p, backend="triton")
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-
-
-def params_on(grads):
-    ps = []
-    for g in grads:
-        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype, device=g.device))
-        p.grad = g
-        ps.append(p)
-    return ps
 
 
 class Sub(torch.Tensor):
@@ -103,8 +95,8 @@ def test_a_gradient_changed_at_its_address_in_any_run_is_seen(chunk, where, chan
     total = fgs.get_total_norm(changed, backend="triton")
     torch.testing.assert_close(total, torch.nn.utils.get_total_norm(ref_views), rtol=1e-6, atol=0)
     torch.testing.assert_close(buf, sentinel, rtol=0, atol=0)
-    ref_total = torch.nn.utils.clip_grad_norm_(params_on(ref_views), 1.0, foreach=False)
-    total = fgs.clip_grad_norm_(params_on(changed), 1.0, backend="triton")
+    ref_total = torch.nn.utils.clip_grad_norm_(params_with_grads(ref_views), 1.0, foreach=False)
+    total = fgs.clip_grad_norm_(params_with_grads(changed), 1.0, backend="triton")
     torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
     if change != "negview":
         torch.testing.assert_close(buf, twin, rtol=1e-6, atol=1e-7)
@@ -112,7 +104,7 @@ def test_a_gradient_changed_at_its_address_in_any_run_is_seen(chunk, where, chan
 
 @pytest.mark.parametrize("pos", ["start", "middle", "end", "all"])
 def test_none_gradients_anywhere_are_left_out(pos):
-    ps = params_on([torch.randn(n, device=DEVICE) for n in (30, 200, 7, 90)])
+    ps = params_with_grads([torch.randn(n, device=DEVICE) for n in (30, 200, 7, 90)])
     extra = torch.nn.Parameter(torch.zeros(5, device=DEVICE))
     order = {
         "start": [extra, *ps],

@@ -15,6 +15,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import params_with_grads
 
 from fastgradstats import dispatch
 
@@ -34,15 +35,6 @@ def small_blocks(small_kernel_blocks):
     """Every test here runs with the small blocks (tests/conftest.py)."""
 
 
-def _params_on(views: list[torch.Tensor]) -> list[torch.nn.Parameter]:
-    params = []
-    for v in views:
-        p = torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype, device=v.device))
-        p.grad = v
-        params.append(p)
-    return params
-
-
 # --- item 7: every dtype is compared -------------------------------------------------------
 
 
@@ -54,16 +46,16 @@ def test_a_middle_gradient_that_became_bf16_at_the_same_address_is_read_as_bf16(
     a, b, c = 40, 64, 24
     buf = torch.randn(a + b + c, generator=gen).to(DEVICE)
     fp32 = [buf[:a], buf[a : a + b], buf[a + b :]]
-    fgs.clip_grad_norm_(_params_on(fp32), 1e9)  # caches the all-fp32 plan
+    fgs.clip_grad_norm_(params_with_grads(fp32), 1e9)  # caches the all-fp32 plan
     middle = buf[a : a + b].view(torch.bfloat16)[:b]  # same address, same numel
     assert middle.data_ptr() == fp32[1].data_ptr() and middle.numel() == fp32[1].numel()
     middle.copy_(torch.randn(b, generator=gen).mul(30).to(torch.bfloat16))
     beyond = buf[a + b // 2 : a + b].clone()  # fp32 elements after the bf16 tensor's bytes
     mixed = [buf[:a], middle, buf[a + b :]]
     reference = [g.detach().clone() for g in mixed]
-    ref_params = _params_on(reference)
+    ref_params = params_with_grads(reference)
     ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
-    total = fgs.clip_grad_norm_(_params_on(mixed), 1.0)
+    total = fgs.clip_grad_norm_(params_with_grads(mixed), 1.0)
     torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
     for g, r in zip(mixed, reference):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
@@ -120,7 +112,7 @@ def test_lists_that_share_length_and_end_gradients_each_get_their_own_result():
 def test_parameters_without_gradient_keep_hitting_the_plan():
     """A ``None`` gradient makes the one-walk check miss; the second walk (``None``s left
     out) still finds the cached plan and builds nothing."""
-    params = _params_on(_grads((40, 9, 60), seed=8))
+    params = params_with_grads(_grads((40, 9, 60), seed=8))
     params.insert(1, torch.nn.Parameter(torch.zeros(5, device=DEVICE)))  # no .grad
     reference = [p.grad.clone() if p.grad is not None else None for p in params]
     for _ in range(3):
@@ -178,8 +170,8 @@ def test_a_parameter_passed_twice_is_scaled_twice_in_turn_as_torch_does(
     bad = _scale_launches_touching_memory_twice(monkeypatch)
     gen = torch.Generator().manual_seed(1)
     values = [torch.randn(n, generator=gen).mul(3).to(DEVICE, dtype) for n in (150, 20, 7)]
-    ours = _params_on([v.clone() for v in values])
-    theirs = _params_on([v.clone() for v in values])
+    ours = params_with_grads([v.clone() for v in values])
+    theirs = params_with_grads([v.clone() for v in values])
     # the first parameter three times, the second twice
     ours_list = [ours[0], ours[1], ours[0], ours[2], ours[1], ours[0]]
     theirs_list = [theirs[0], theirs[1], theirs[0], theirs[2], theirs[1], theirs[0]]
@@ -201,8 +193,8 @@ def test_overlapping_gradient_views_are_scaled_as_torch_scales_them(backend, mon
     def views(buf):  # [0, 200) and [130, 300) share 70 elements; [40, 60) sits in both
         return [buf[:200], buf[130:], buf[40:60]]
 
-    total = fgs.clip_grad_norm_(_params_on(views(flat)), 0.5)
-    ref_total = torch.nn.utils.clip_grad_norm_(_params_on(views(twin)), 0.5)
+    total = fgs.clip_grad_norm_(params_with_grads(views(flat)), 0.5)
+    ref_total = torch.nn.utils.clip_grad_norm_(params_with_grads(views(twin)), 0.5)
     torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
     torch.testing.assert_close(flat, twin, rtol=0, atol=0)
     assert not bad, bad
@@ -283,7 +275,7 @@ def test_a_plan_used_under_capture_outlives_eviction_and_clear_plans(monkeypatch
     fgs.get_total_norm(grads, backend="triton")  # the eager warm-up builds the plan
     plan = _the_plan()
     monkeypatch.setattr(tables, "capturing", lambda device: True, raising=False)
-    fgs.clip_grad_norm_(_params_on(grads), 1.0, backend="triton")  # "captured"
+    fgs.clip_grad_norm_(params_with_grads(grads), 1.0, backend="triton")  # "captured"
     monkeypatch.setattr(tables, "capturing", lambda device: False, raising=False)
     alive = [weakref.ref(plan), weakref.ref(plan.table.data)]
     alive += [weakref.ref(ws.partials) for ws in plan.workspaces.values()]
@@ -365,7 +357,7 @@ def test_another_stream_waits_for_the_table_copy_once_and_keeps_it_alive(fake_st
     """Item 13: the table is copied on the stream that built it; the first call on another
     stream waits for that copy (an event) and marks the memory as used by it."""
     grads = _grads((50, 200, 7))
-    params = _params_on(grads)
+    params = params_with_grads(grads)
     fgs.clip_grad_norm_(params, 1e9, backend="triton")  # built on stream 1
     assert fake_streams["log"] == []  # the building stream is ordered by itself
     fake_streams["stream"] = fake_streams["streams"][2]
@@ -377,7 +369,7 @@ def test_another_stream_waits_for_the_table_copy_once_and_keeps_it_alive(fake_st
 
 def test_another_stream_waits_for_the_write_rounds_and_generic_tables(fake_streams):
     grads = _grads((50, 200, 7))
-    params = _params_on(grads)
+    params = params_with_grads(grads)
     twice = [params[0], params[1], params[0]]  # write rounds: tables of their own
     fgs.clip_grad_norm_(twice, 0.5, backend="triton")
     triton_backend.group_norms(grads, 2.0)  # the generic path's cached table
