@@ -146,9 +146,9 @@ class TritonSlots:
         self._cuda = self.device.type == "cuda"
         self._finalize_tables: dict[tuple | None, tuple[tables.TensorTable, torch.dtype]] = {}
         # the next finalize of every tensor, made at the end of backward (see
-        # ``prepare_outputs``): (the stream current then, its table, the launch's
-        # arguments, {clip: (finish config, the Finished it hands back)})
-        self._ready: tuple[Any, tables.TensorTable, tuple, dict] | None = None
+        # ``prepare_outputs``): (the stream current then, its table, the launch's grid
+        # and arguments, {clip: (finish config, the Finished it hands back)})
+        self._ready: tuple[Any, tables.TensorTable, tuple[tuple[int], tuple], dict] | None = None
 
     # --- during backward ---------------------------------------------------------------
 
@@ -306,7 +306,7 @@ class TritonSlots:
             floats, counts, total, (exact, coef), rows = _outputs(
                 len(self.numels), result, self.device
             )
-        args = stats_kernels.finalize_args(
+        launch = stats_kernels.finalize_args(
             table, self.partials, floats, counts, total, exact, coef, self.ticket
         )
         finished = {  # clip or not: (the finish's config, what finalize hands back)
@@ -319,7 +319,7 @@ class TritonSlots:
             )
             for clip in (False, True)
         }  # fmt: skip
-        self._ready = (stream, table, args, finished)
+        self._ready = (stream, table, launch, finished)
 
     def finalize(self, listed: list[int] | None, max_norm: float | None) -> Finished:
         """ONE finalize launch over the partials of every tensor (``listed``: of those
@@ -331,16 +331,16 @@ class TritonSlots:
         ready, self._ready = self._ready, None
         clip = max_norm is not None
         if ready is not None and listed is None:
-            stream, table, args, finished = ready
+            stream, table, launch, finished = ready
             if not self._cuda:  # the CPU (interpreter): no stream, no capture
                 config, done = finished[clip]
-                stats_kernels.replay_finalize(args, max_norm if clip else 0.0, config)
+                stats_kernels.replay_finalize(launch, max_norm if clip else 0.0, config)
                 return done
             if stream == tables.current_stream(self.device):
                 config, done = finished[clip]
                 with _on_device(self.device):
                     tables.ready_for_launch(table)
-                    stats_kernels.replay_finalize(args, max_norm if clip else 0.0, config)
+                    stats_kernels.replay_finalize(launch, max_norm if clip else 0.0, config)
                 return done
         table, result = self._finalize_table(listed)
         floats, counts, total, (exact, coef), rows = _outputs(table.n_tensors, result, self.device)

@@ -446,9 +446,9 @@ def launch_finalize(
     max_norm: float = 0.0,
 ) -> None:
     """The :func:`finalize_kernel` launch (grid: one program per tensor)."""
-    args = finalize_args(table, partials, floats, counts, total, exact_total, coef, ticket)
+    launch = finalize_args(table, partials, floats, counts, total, exact_total, coef, ticket)
     result = total.dtype if total is not None else torch.float32
-    replay_finalize(args, max_norm, finalize_config(norm_type, stats, finish, result))
+    replay_finalize(launch, max_norm, finalize_config(norm_type, stats, finish, result))
 
 
 def finalize_args(
@@ -460,11 +460,11 @@ def finalize_args(
     exact_total: Tensor | None = None,
     coef: Tensor | None = None,
     ticket: Tensor | None = None,
-) -> tuple:
-    """The positional arguments of a :func:`finalize_kernel` launch but ``max_norm`` (see
-    :func:`launch_finalize`): a caller that finalizes into the same outputs again makes
-    them once and launches with :func:`replay_finalize`."""
-    return (
+) -> tuple[tuple[int], tuple]:
+    """The grid and the positional arguments but ``max_norm`` of a :func:`finalize_kernel`
+    launch (see :func:`launch_finalize`): a caller that finalizes into the same outputs
+    again makes them once and launches with :func:`replay_finalize`."""
+    return (table.n_tensors,), (
         table.data,
         partials,
         floats,
@@ -478,10 +478,11 @@ def finalize_args(
     )
 
 
-def replay_finalize(args: tuple, max_norm: float, config: dict) -> None:
-    """The :func:`finalize_kernel` launch of :func:`finalize_args`' ``args``, with
-    ``config`` from :func:`finalize_config`."""
-    settings.launch(finalize_kernel, (args[8],), *args, float(max_norm), **config)
+def replay_finalize(launch: tuple[tuple[int], tuple], max_norm: float, config: dict) -> None:
+    """The :func:`finalize_kernel` launch of :func:`finalize_args`' grid and arguments,
+    with ``config`` from :func:`finalize_config`."""
+    grid, args = launch
+    settings.launch(finalize_kernel, grid, *args, float(max_norm), **config)
 
 
 def group_stats(table: TensorTable, norm_type: float) -> tuple[Tensor, Tensor]:
