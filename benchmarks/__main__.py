@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from .ops import OP_NAMES
+from .provenance import REPO_ROOT
 from .suite import (
-    REPO_ROOT,
     Settings,
     default_device,
     format_table,

@@ -54,6 +54,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import fastgradstats as fgs
 from benchmarks import suite, timing
+from benchmarks.provenance import REPO_ROOT
 from benchmarks.workloads import DTYPES, grad_holders, make_grads, make_workload
 from fastgradstats import constants as C
 from fastgradstats import histogram as H
@@ -325,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget", type=float, default=60.0, help="seconds of rounds (CUDA: of timed calls)"
     )
     parser.add_argument("--quick", action="store_true", help="1/32-scale shapes, a smoke run")
-    parser.add_argument("--out", type=Path, default=suite.REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--no-write", action="store_true")
     return parser.parse_args(argv)
 

@@ -44,6 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .provenance import short_commit
+
 TARGETS = {"gpt2-124m": 4.0, "tiny10k": 2.0}  # clip_grad_norm_ (+ return_stats) / floor
 # backward_stats (issue 18), Triton path, launches stubbed: Python per tensor during
 # backward, and the after-backward finalize against the floor
@@ -170,6 +172,7 @@ def run(device_name: str | None, quick: bool) -> dict[str, Any]:
             "fastgradstats": getattr(fastgradstats, "__version__", "?"),
             "python": platform.python_version(),
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": short_commit(),
             "rounds": rounds,
             "batch": batch,
             "quick": quick,
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--quick", action="store_true", help="a few rounds (CI); no verdict")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for host-<device>-<date>.json (default {RESULTS}; "
+                        help=f"folder for host-<device>-<date>-<commit>.json (default {RESULTS}; "
                              "--quick writes only with --out)")  # fmt: skip
     args = parser.parse_args(sys.argv[2:] if argv is None else argv)
     import torch
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         meta = result["meta"]
-        path = out / f"host-{meta['device'].split(':')[0]}-{meta['date_utc'][:10]}.json"
+        device = meta["device"].split(":")[0]
+        path = out / f"host-{device}-{meta['date_utc'][:10]}-{meta['commit']}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"results written to {path}")
     if args.quick:

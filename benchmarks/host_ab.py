@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .host import RESULTS, calls
+from .provenance import short_commit
 
 BASELINE = "fastgradstats_baseline"
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = short_commit()
     with tempfile.TemporaryDirectory() as folder:
         baseline = _import_baseline(args.baseline, Path(folder))
         import fastgradstats as ours

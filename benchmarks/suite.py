@@ -14,7 +14,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,9 +46,9 @@ from .ops import (
 )
 from .ops import make_case as _make_case
 from .progress import progress, write_line
+from .provenance import git
 from .workloads import WORKLOAD_NAMES, Workload, grad_holders, make_grads, make_workload
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_SCALE = 1 / 32
 # Issue 2 (CPU, GPT-2-124M fp32, ratios of times to torch foreach in the same run).
 CPU_TARGETS = {"clip_noclip": 0.75, "clip": 1.05, "grad_stats_vs_torch_clip": 1.5}
@@ -103,16 +102,6 @@ def default_device() -> torch.device:
 # ----------------------------------------------------------------------------- metadata
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -154,12 +143,12 @@ def device_slug(device: torch.device) -> str:
 def metadata(settings: Settings) -> dict[str, Any]:
     """Device, versions, date, git commit and host facts recorded with every result."""
     device = settings.device
-    status = _git("status", "--porcelain", "--", "fastgradstats", "benchmarks")
+    status = git("status", "--porcelain", "--", "fastgradstats", "benchmarks")
     meta: dict[str, Any] = {
         "device_type": device.type,
         "device_name": device_name(device),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
